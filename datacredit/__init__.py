@@ -1,0 +1,32 @@
+"""datacredit: which training examples made a PyTorch model behave as it does, and by how much.
+
+Sign convention everywhere: ``score[i, j] > 0`` means training example i helps query j (lowers its loss).
+"""
+
+from . import capture, data
+from .capture import Capture, ExampleGrads
+from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
+from .methods import GradDot
+from .scores import Scores
+from .store import Store
+from .task import ClassificationTask, LanguageModelingTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "ClassificationTask",
+    "DataCreditError",
+    "DataError",
+    "ExampleGrads",
+    "GradDot",
+    "LanguageModelingTask",
+    "NonFiniteError",
+    "Scores",
+    "Store",
+    "StoreError",
+    "Task",
+    "UnsupportedModuleError",
+    "capture",
+    "data",
+]

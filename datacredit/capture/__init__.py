@@ -1,0 +1,20 @@
+"""Capture engine: factored per-example gradients of tracked modules, and products between them."""
+
+from .engine import Capture, check_finite_losses, example_grads, resolve_modules
+from .grads import ExampleGrads
+from .pieces import Dense, Outer
+from .registry import LayerRule, register, registered, rule_for
+
+__all__ = [
+    "Capture",
+    "Dense",
+    "ExampleGrads",
+    "LayerRule",
+    "Outer",
+    "check_finite_losses",
+    "example_grads",
+    "register",
+    "registered",
+    "resolve_modules",
+    "rule_for",
+]

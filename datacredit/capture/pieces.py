@@ -1,0 +1,187 @@
+"""Factored per-example gradients ("pieces") and the dot products between them.
+
+Every rule turns one call of one module into pieces, one per trainable parameter it uses:
+
+* :class:`Outer` — the per-example gradient of a parameter viewed as an ``(m, n)`` matrix (row-major view of the
+  parameter) is a sum of outer products ``G_i = Σ_t u_{i,t} v_{i,t}ᵀ``. Linear (``u`` = output gradient, ``v`` = input),
+  Conv2d (``v`` = unfolded input), Conv1D (``u`` = input, ``v`` = output gradient), Embedding (``u`` = one-hot of the
+  token, stored as an index), and biases (``v`` = 1) all take this form.
+* :class:`Dense` — the per-example gradient itself, flattened: ``(N, numel)`` (LayerNorm, small parameters).
+
+Three ways to use an :class:`Outer` piece, chosen by cost (DESIGN.md, "Capture engine"):
+
+* **materialize** ``G_i`` — ``O(N·T·m·n)`` time and ``O(N·m·n)`` memory;
+* **ghost dot** ``⟨G_i, G'_j⟩ = Σ_{t,s} (u_t·u'_s)(v_t·v'_s)`` — ``O(N·N'·T·T'·(m+n))``, no ``m×n`` tensor per example;
+* **val-first dot** ``⟨G_i, V⟩ = Σ_t u_tᵀ V v_t`` for a fixed ``V`` — ``O(N·T·m·n)`` per ``V``.
+
+Pieces of the same parameter from different modules (tied weights) are summed, so their cross terms are included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Elements of the largest temporary a ghost/val-first product may create before it is split into chunks.
+CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class Outer:
+    """``G_i = Σ_t u_{i,t} v_{i,t}ᵀ`` in a parameter's ``(m, n)`` view.
+
+    u: ``(N, T, m)`` dense, or ``(N, T)`` int64 indices of one-hot rows of width ``m`` (Embedding).
+    v: ``(N, T, n)``.
+    """
+
+    u: Tensor
+    v: Tensor
+    m: int
+    n: int
+
+    @property
+    def n_examples(self) -> int:
+        return self.v.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.v.shape[1]
+
+    @property
+    def indexed(self) -> bool:
+        return self.u.dim() == 2
+
+    def dense_u(self) -> Tensor:
+        """``u`` as a dense ``(N, T, m)`` tensor (one-hot rows for an indexed piece)."""
+        if not self.indexed:
+            return self.u
+        out = torch.zeros(*self.u.shape, self.m, dtype=self.v.dtype, device=self.v.device)
+        return out.scatter_(-1, self.u.unsqueeze(-1), 1.0)
+
+    def materialize(self) -> Tensor:
+        """Per-example gradients ``(N, m·n)`` (row-major view of the parameter)."""
+        n_ex, t = self.u.shape[:2]
+        if self.indexed:
+            # Σ_t e_{idx_t} v_tᵀ: add each v_t into row idx_t.
+            out = torch.zeros(n_ex, self.m, self.n, dtype=self.v.dtype, device=self.v.device)
+            out.scatter_add_(1, self.u.unsqueeze(-1).expand(-1, -1, self.n), self.v)
+            return out.reshape(n_ex, -1)
+        return torch.bmm(self.u.transpose(1, 2), self.v).reshape(n_ex, -1)
+
+    def select(self, index: Tensor | slice) -> Outer:
+        return Outer(self.u[index], self.v[index], self.m, self.n)
+
+
+@dataclass
+class Dense:
+    """Per-example gradients already materialized: ``g`` has shape ``(N, numel)``."""
+
+    g: Tensor
+
+    @property
+    def n_examples(self) -> int:
+        return self.g.shape[0]
+
+    def materialize(self) -> Tensor:
+        return self.g
+
+    def select(self, index: Tensor | slice) -> Dense:
+        return Dense(self.g[index])
+
+
+Piece = Outer | Dense
+
+
+def _u_gram(a: Outer, b: Outer) -> Tensor:
+    """``(u_{i,t}·u'_{j,s})`` as ``(N, T, N', T')``."""
+    if a.indexed and b.indexed:
+        return (a.u[:, :, None, None] == b.u[None, None, :, :]).to(a.v.dtype)
+    if a.indexed:  # one-hot · dense = the dense vector's entry at the index
+        return _u_gram(b, a).permute(2, 3, 0, 1)
+    if b.indexed:
+        # a.u[i, t, b.u[j, s]] for every (i, t, j, s)
+        nb, tb = b.u.shape
+        picked = a.u[:, :, b.u.reshape(-1)]  # (N, T, N'·T')
+        return picked.reshape(*a.u.shape[:2], nb, tb)
+    return torch.einsum("itm,jsm->itjs", a.u, b.u)
+
+
+def ghost_cost(a: Outer, b: Outer) -> int:
+    """Multiply-adds of the ghost dot between all examples of ``a`` and ``b``."""
+    return a.n_examples * b.n_examples * a.length * b.length * (a.m + a.n)
+
+
+def materialize_cost(a: Outer, b: Outer) -> int:
+    """Multiply-adds of materializing both sides and multiplying."""
+    mn = a.m * a.n
+    return (a.n_examples * a.length + b.n_examples * b.length) * mn + a.n_examples * b.n_examples * mn
+
+
+def ghost_gram(a: Outer, b: Outer) -> Tensor:
+    """``⟨G_i, G'_j⟩`` for all pairs, ``(N, N')``, without forming any ``m×n`` per-example tensor.
+
+    Cost ``O(N·N'·T·T'·(m+n))``; split over ``b``'s examples so the ``(N, T, N', T')`` temporaries stay bounded.
+    """
+    per_example = a.n_examples * a.length * b.length
+    step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+    blocks = []
+    for start in range(0, b.n_examples, step):
+        bb = b.select(slice(start, start + step))
+        uu = _u_gram(a, bb)
+        vv = torch.einsum("itn,jsn->itjs", a.v, bb.v)
+        blocks.append((uu * vv).sum(dim=(1, 3)))
+    return torch.cat(blocks, dim=1)
+
+
+def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
+    """``Σ_t u_{i,t}ᵀ V_q v_{i,t}`` for ``weights`` ``(Q, m, n)``; returns ``(N, Q)``.
+
+    Cost ``O(N·T·m·n·Q)`` time, temporaries ``O(N·T·n)`` per query chunk.
+    """
+    n_ex, t = a.v.shape[:2]
+    q_total = weights.shape[0]
+    v_flat = a.v.reshape(n_ex * t, a.n)
+    step = max(1, CHUNK_ELEMENTS // max(n_ex * t * a.n, 1))
+    cols = []
+    for start in range(0, q_total, step):
+        w = weights[start : start + step]  # (q, m, n)
+        if a.indexed:
+            rows = w[:, a.u.reshape(-1), :]  # (q, N·T, n): V_q[idx_t]
+        else:
+            rows = torch.einsum("pm,qmn->qpn", a.u.reshape(n_ex * t, a.m), w)
+        cols.append((rows * v_flat).sum(-1).reshape(-1, n_ex, t).sum(-1).T)
+    return torch.cat(cols, dim=1)
+
+
+def piece_gram(a: Piece, b: Piece) -> Tensor:
+    """``⟨g_i, g'_j⟩`` between two pieces of the same parameter, ``(N, N')``, by the cheaper exact route."""
+    if isinstance(a, Outer) and isinstance(b, Outer):
+        if ghost_cost(a, b) <= materialize_cost(a, b):
+            return ghost_gram(a, b)
+        if b.n_examples <= a.n_examples:  # materialize the smaller side, val-first dots with the larger
+            return val_first_dot(a, b.materialize().reshape(-1, b.m, b.n))
+        return val_first_dot(b, a.materialize().reshape(-1, a.m, a.n)).T
+    return a.materialize() @ b.materialize().T
+
+
+def piece_dot(a: Piece, weights: Tensor) -> Tensor:
+    """``⟨g_i, V_q⟩`` for ``weights`` ``(Q, numel)`` in the parameter's row-major layout; returns ``(N, Q)``."""
+    if isinstance(a, Outer):
+        return val_first_dot(a, weights.reshape(-1, a.m, a.n))
+    return a.g @ weights.T
+
+
+def piece_sq_norms(a: Piece) -> Tensor:
+    """``‖g_i‖²`` of each example's own piece, ``(N,)`` (diagonal of the self-Gram, computed per example)."""
+    if isinstance(a, Dense):
+        return (a.g * a.g).sum(-1)
+    if a.length * a.length * (a.m + a.n) < a.length * a.m * a.n:
+        if a.indexed:
+            uu = (a.u[:, :, None] == a.u[:, None, :]).to(a.v.dtype)
+        else:
+            uu = a.u @ a.u.transpose(1, 2)
+        return (uu * (a.v @ a.v.transpose(1, 2))).sum(dim=(1, 2))
+    g = a.materialize()
+    return (g * g).sum(-1)

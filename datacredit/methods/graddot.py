@@ -1,0 +1,162 @@
+"""Grad-Dot and Grad-Cos: ``score(i, q) = ⟨∇ℓ_i(θ), ∇f_q(θ)⟩`` (or its cosine).
+
+Sign: a positive score means one gradient step on training example i lowers the query measurement ``f_q`` (by default
+its loss) to first order, i.e. i helps q. Two routes:
+
+* exact (``projection=None``): nothing is cached at ``fit`` but the training ids (and norms for Grad-Cos); ``score``
+  computes query gradients once, then streams training batches and takes ghost / val-first dots layer by layer —
+  ``O(n_train)`` backward passes per ``score`` call, no per-example ``d_in × d_out`` tensors.
+* projected (``projection=k``): ``fit`` stores the ``(n_train, k)`` projected training gradients (resumable, in the
+  store when one is given); ``score`` is then one projected backward over the queries and a matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture.projection import Projector
+from ..errors import DataError
+from ..scores import Scores
+from ..store import Store
+from ..task import Task
+from .base import Data, GradientMethod
+
+
+@dataclass(frozen=True)
+class GradDotConfig:
+    """normalize: Grad-Cos instead of Grad-Dot. projection: None (exact) or the projected dimension k.
+    projection_kind: ``"kronecker"`` (per layer, LoGra-style), ``"gaussian"`` or ``"rademacher"`` (dense)."""
+
+    normalize: bool = False
+    projection: int | None = None
+    projection_kind: str = "kronecker"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.projection is not None and self.projection < 1:
+            raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
+
+
+class GradDot(GradientMethod):
+    """Grad-Dot / Grad-Cos attribution. ``GradDot(model, task).fit(train).score(queries) -> Scores``.
+
+    Cost: exact ``score`` = one backward over queries + one over the training set; projected ``fit`` = one backward
+    over the training set, ``score`` = one over the queries + an ``(n_train × k) · (k × n_query)`` product.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, *, normalize: bool = False, projection: int | None = None,
+                 projection_kind: str = "kronecker", seed: int = 0, store: Store | str | None = None,
+                 batch_size: int = 64, progress: bool = True):
+        super().__init__(model, task, batch_size=batch_size, progress=progress)
+        self.config = GradDotConfig(normalize, projection, projection_kind, seed)
+        self.name = "grad-cos" if normalize else "grad-dot"
+        self.store = Store(store) if isinstance(store, str) else store
+        self.projector = None
+        if projection is not None:
+            shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+            self.projector = Projector(shapes, projection, projection_kind, seed)
+        self._train = None
+        self.train_ids: np.ndarray | None = None
+        self.train_features: np.ndarray | None = None  # (n_train, k), projected route
+        self.train_norms: np.ndarray | None = None  # (n_train,), Grad-Cos
+
+    # -- fit ---------------------------------------------------------------------------------------------------
+    def fit(self, train: Data) -> GradDot:
+        """Cache what depends only on the training data; resumes from the store after an interruption."""
+        self._train = train
+        if self.projector is None:
+            if self.config.normalize:
+                norms = []
+                ids, it = self.grads(train, desc=f"{self.name} fit")
+                for _, g in it:
+                    norms.append(_np(g.sq_norms().sqrt()))
+                self.train_ids, self.train_norms = ids, np.concatenate(norms)
+            else:
+                ids, _ = self.grads(train)
+                self.train_ids = ids
+            return self
+        self.train_ids, self.train_features = self._features(train)
+        if self.config.normalize:
+            self.train_norms = np.linalg.norm(self.train_features, axis=1)
+        return self
+
+    def _features(self, train: Data) -> tuple[np.ndarray, np.ndarray]:
+        ids, it = self.grads(train, desc=f"{self.name} fit")
+        shape = (len(ids), self.projector.out_dim)
+        n_chunks = -(-len(ids) // self.batch_size)
+        if self.store is None:
+            out = np.zeros(shape, dtype=np.float32)
+            for batch, g in it:
+                out[batch.rows] = self.projector.project(g).detach().cpu().numpy()
+            return ids, out
+        meta = {"config": asdict(self.config), "batch_size": self.batch_size, "n": len(ids)}
+        chunked = self.store.chunked("train_features", shape, np.float32, n_chunks, meta=meta)
+        if not chunked.complete:
+            ids_match = self.store.has("train_ids") and np.array_equal(self.store.load_array("train_ids"), ids)
+            if not ids_match:
+                self.store.save_array("train_ids", ids)
+            for k, (batch, g) in enumerate(it):
+                if chunked.done(k):
+                    continue
+                chunked.write(k, batch.rows, self.projector.project(g).detach().cpu().numpy())
+        elif not np.array_equal(self.store.load_array("train_ids"), ids):
+            raise DataError("the store's cached training features belong to other training ids; use a new store")
+        return ids, np.asarray(chunked.array)
+
+    # -- score -------------------------------------------------------------------------------------------------
+    def _require_fit(self) -> None:
+        if self.train_ids is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(train) before scoring")
+
+    def score(self, queries: Data) -> Scores:
+        """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
+        self._require_fit()
+        if self.projector is not None:
+            query_ids, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
+            q = np.concatenate([self.projector.project(g).detach().cpu().numpy() for _, g in it])
+            values = self.train_features.astype(np.float64) @ q.T.astype(np.float64)
+            if self.config.normalize:
+                values /= _safe(self.train_norms)[:, None] * _safe(np.linalg.norm(q, axis=1))[None, :]
+            return self._scores(values, query_ids)
+        query_ids, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
+        query_grads = [(b.rows, g) for b, g in it]  # computed once, reused for every training batch
+        values = np.zeros((len(self.train_ids), len(query_ids)))
+        _, train_it = self.grads(self._train, desc=f"{self.name} score")
+        for batch, g in train_it:
+            for rows, qg in query_grads:
+                values[batch.rows, rows] = _np(g.gram(qg))
+        if self.config.normalize:
+            q_norms = np.concatenate([_np(qg.sq_norms().sqrt()) for _, qg in query_grads])
+            values /= _safe(self.train_norms)[:, None] * _safe(q_norms)[None, :]
+        return self._scores(values, query_ids)
+
+    def self_scores(self, train: Data | None = None) -> Scores:
+        """``⟨∇ℓ_i, ∇ℓ_i⟩`` (self-influence), ``(n_train, 1)``; all ones for Grad-Cos."""
+        if train is not None:
+            self.fit(train)
+        self._require_fit()
+        if self.config.normalize:
+            values = np.ones(len(self.train_ids))
+        elif self.train_features is not None:
+            values = (self.train_features.astype(np.float64) ** 2).sum(1)
+        else:
+            _, it = self.grads(self._train, desc=f"{self.name} self")
+            values = np.concatenate([_np(g.sq_norms()) for _, g in it])
+        return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", asdict(self.config))
+
+    def _scores(self, values: np.ndarray, query_ids: np.ndarray) -> Scores:
+        return Scores(values, self.train_ids, query_ids, self.name, asdict(self.config))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _safe(norms: np.ndarray) -> np.ndarray:
+    # A zero gradient has no direction: its cosine is defined as 0, not NaN.
+    return np.where(norms > 0, norms, np.inf)
+

@@ -1,0 +1,42 @@
+"""Slow, obviously-correct references shared by the tests: torch.func per-example gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from datacredit.task import Task
+
+TOL = {"rtol": 1e-9, "atol": 1e-10}  # float64 everywhere in the twins
+
+
+class SquashTask(Task):
+    """Per-example loss ``Σ tanh(module(x)) ⊙ C``: nonlinear, so every position's gradient differs."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        out = torch.tanh(model(x))
+        return (out * self.weights).reshape(out.shape[0], -1).sum(1)
+
+
+def torch_func_grads(model: nn.Module, task: Task, batch, measurement: bool = False) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: (N, *shape)}`` by ``vmap(grad(...))`` over single examples (tied weights tied)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    fn = task.measurement if measurement else task.loss
+    items = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+    def single(p, *example):
+        one = tuple(e.unsqueeze(0) for e in example)
+        call = lambda *a, **kw: functional_call(model, p, a, kw)  # noqa: E731
+        return fn(call, one if isinstance(batch, (tuple, list)) else one[0])[0]
+
+    return vmap(grad(single), in_dims=(None, *([0] * len(items))))(params, *items)
+
+
+def flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    n = next(iter(grads.values())).shape[0]
+    return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)
