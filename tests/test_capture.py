@@ -16,14 +16,23 @@ from datacredit.task import LanguageModelingTask
 
 from .helpers import TOL, SquashTask, flat, torch_func_grads
 
-torch.set_default_dtype(torch.float64)
 SETTINGS = settings(max_examples=12, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The twins compare in float64; the default dtype is restored after each test (no global switch left flipped)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def build(kind: str, d_in: int, d_out: int, bias: bool) -> tuple[nn.Module, callable]:
     """A one-layer model and a sampler of inputs ``(N, T)`` for it."""
     if kind == "linear":
-        return nn.Linear(d_in, d_out, bias=bias), lambda n, t: torch.randn(n, t, d_in) if t > 1 else torch.randn(n, d_in)
+        linear = nn.Linear(d_in, d_out, bias=bias)
+        return linear, lambda n, t: torch.randn(n, t, d_in) if t > 1 else torch.randn(n, d_in)
     if kind == "conv2d":
         conv = nn.Conv2d(d_in, d_out, kernel_size=2, stride=1, padding=1, bias=bias)
         return conv, lambda n, t: torch.randn(n, d_in, t + 1, 3)

@@ -1,0 +1,135 @@
+"""Grad-Dot / Grad-Cos against torch.func, sign convention, batch invariance, resumable cached features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datacredit import ClassificationTask, DataError, GradDot, Store
+from datacredit.data import ArrayDataset
+from datacredit.models import mlp
+
+from .helpers import flat, torch_func_grads
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    model = mlp(6, 8, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    train = ArrayDataset(x[:30], y[:30], ids=np.arange(100, 130))
+    test = ArrayDataset(x[30:], y[30:], ids=np.arange(10))
+    return model, train, test
+
+
+def reference(model, task, train, test):
+    names = [n for n, _ in model.named_parameters()]
+    g_train = flat(torch_func_grads(model, task, train.tensors), names)
+    g_test = flat(torch_func_grads(model, task, test.tensors, measurement=True), names)
+    return g_train, g_test
+
+
+@pytest.mark.parametrize("measurement", ["loss", "margin"])
+def test_exact_grad_dot_equals_torch_func(setup, measurement):
+    model, train, test = setup
+    task = ClassificationTask(measurement=measurement)
+    scores = GradDot(model, task, batch_size=7, progress=False).fit(train).score(test)
+    g_train, g_test = reference(model, task, train, test)
+    np.testing.assert_allclose(scores.values, (g_train @ g_test.T).numpy(), rtol=1e-9, atol=1e-12)
+    assert scores.train_ids.tolist() == list(range(100, 130)) and scores.query_ids.tolist() == list(range(10))
+    assert scores.method == "grad-dot"
+
+
+def test_grad_cos_and_self_scores(setup):
+    model, train, test = setup
+    task = ClassificationTask()
+    g_train, g_test = reference(model, task, train, test)
+    cos = GradDot(model, task, normalize=True, progress=False).fit(train).score(test)
+    want = (g_train @ g_test.T) / g_train.norm(dim=1)[:, None] / g_test.norm(dim=1)[None, :]
+    np.testing.assert_allclose(cos.values, want.numpy(), rtol=1e-9, atol=1e-12)
+    self_dot = GradDot(model, task, progress=False).self_scores(train)
+    np.testing.assert_allclose(self_dot.values[:, 0], (g_train**2).sum(1).numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["kronecker", "gaussian"])
+def test_projected_grad_dot(setup, kind):
+    model, train, test = setup
+    task = ClassificationTask()
+    exact = GradDot(model, task, progress=False).fit(train).score(test).values
+    numel = sum(p.numel() for p in model.parameters())
+    big = GradDot(model, task, projection=4 * numel, projection_kind=kind, progress=False).fit(train).score(test)
+    if kind == "kronecker":  # every layer fits: exact
+        np.testing.assert_allclose(big.values, exact, rtol=1e-5, atol=1e-6)
+    else:  # a dense JL estimate: close, not equal
+        assert np.corrcoef(big.values.ravel(), exact.ravel())[0, 1] > 0.95
+
+
+def test_duplicated_query_is_its_own_top_proponent(setup):
+    """Sign convention: a copy of the query in the training set helps it most (cosine 1) and has a positive dot."""
+    model, train, test = setup
+    x, y = train.tensors
+    qx, qy = test.tensors
+    with_copy = ArrayDataset(torch.cat([x, qx[3:4]]), torch.cat([y, qy[3:4]]), ids=np.arange(31))
+    task = ClassificationTask()
+    cos = GradDot(model, task, normalize=True, progress=False).fit(with_copy).score(test)
+    assert cos.topk(1, query=3)[0][0] == 30
+    assert cos.topk(1, query=3)[0][1] == pytest.approx(1.0)
+    dot = GradDot(model, task, progress=False).fit(with_copy).score(test)
+    assert dot.values[30, 3] > 0
+
+
+def test_scores_do_not_depend_on_batch_size(setup):
+    model, train, test = setup
+    task = ClassificationTask()
+    a = GradDot(model, task, batch_size=1, progress=False).fit(train).score(test).values
+    b = GradDot(model, task, batch_size=64, progress=False).fit(train).score(test).values
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_cached_features_resume_after_a_crash(setup, tmp_path, monkeypatch):
+    model, train, test = setup
+    task = ClassificationTask()
+    full = GradDot(model, task, projection=16, batch_size=4, progress=False).fit(train).train_features
+
+    from datacredit.capture import projection
+
+    calls = {"n": 0}
+    original = projection.Projector.project
+
+    def flaky(self, grads):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the fourth batch
+        return original(self, grads)
+
+    monkeypatch.setattr(projection.Projector, "project", flaky)
+    store = Store(tmp_path / "gd")
+    with pytest.raises(KeyboardInterrupt):
+        GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
+    assert calls["n"] == 4
+    calls["n"] = 10  # no more failures; count the batches the resumed fit recomputes
+    resumed = GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
+    assert calls["n"] - 10 == 8 - 3  # 8 batches of 4 (30 examples), 3 were done before the crash
+    np.testing.assert_allclose(resumed.train_features, full, rtol=1e-6)
+    again = GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
+    assert calls["n"] - 10 == 5  # complete: nothing recomputed
+    np.testing.assert_allclose(again.score(test).values, resumed.score(test).values)
+
+
+def test_bad_input(setup):
+    model, train, test = setup
+    task = ClassificationTask()
+    method = GradDot(model, task, progress=False)
+    with pytest.raises(DataError, match="sequential"):
+        method.fit(DataLoader(train, batch_size=4, shuffle=True))
+    with pytest.raises(DataError, match="empty"):
+        method.fit(train.subset([]))
+    with pytest.raises(RuntimeError, match="fit"):
+        GradDot(model, task, progress=False).score(test)
