@@ -86,7 +86,8 @@ class ExampleGrads:
             for k, a in enumerate(ps):
                 term = piece_sq_norms(a)
                 for b in ps[k + 1 :]:  # tied parameter: 2⟨a_i, b_i⟩, one example at a time
-                    term = term + 2 * torch.stack([piece_gram(a.select([i]), b.select([i]))[0, 0] for i in range(self.n)])
+                    cross = [piece_gram(a.select([i]), b.select([i]))[0, 0] for i in range(self.n)]
+                    term = term + 2 * torch.stack(cross)
                 total = term if total is None else total + term
         return total
 

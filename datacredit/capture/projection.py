@@ -1,4 +1,4 @@
-"""Seeded random projections of per-example gradients: ``φ(g) = P g`` with ``E[PᵀP] = I``, so ``E⟨φ(g), φ(h)⟩ = ⟨g, h⟩``.
+"""Seeded random projections of per-example gradients: ``φ(g) = P g``, ``E[PᵀP] = I``, so ``E⟨φ(g), φ(h)⟩ = ⟨g, h⟩``.
 
 Kinds:
 
