@@ -52,7 +52,11 @@ class Block(nn.Module):
         n, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (z.reshape(n, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # explicit attention, not F.scaled_dot_product_attention: its CPU kernel has no double backward (which
+        # second-order In-Run Shapley needs for Hessian-vector products) and no vmap rule (torch.func twins)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.n_heads)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        att = logits.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(n, t, d)))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 

@@ -49,6 +49,10 @@ class ExampleGrads:
         """Per-example gradients flattened and concatenated in parameter order, ``(n, numel)``."""
         return torch.cat([sum(p.materialize() for p in ps) for ps in self.pieces.values()], dim=1)
 
+    def total(self) -> dict[str, Tensor]:
+        """``Σ_i g_i`` per parameter ``{name: shape}`` (the batch gradient), without per-example tensors."""
+        return {name: sum(p.total() for p in ps).reshape(self.shapes[name]) for name, ps in self.pieces.items()}
+
     def gram(self, other: ExampleGrads) -> Tensor:
         """``⟨g_i, g'_j⟩`` summed over shared parameters, ``(n, other.n)``; ghost dots where cheaper."""
         out = None

@@ -73,6 +73,14 @@ class Outer:
     def select(self, index: Tensor | slice) -> Outer:
         return Outer(self.u[index], self.v[index], self.m, self.n)
 
+    def total(self) -> Tensor:
+        """``Σ_i G_i`` flattened, ``(m·n,)``: one matmul over all examples and positions."""
+        v = self.v.reshape(-1, self.n)
+        if self.indexed:
+            out = torch.zeros(self.m, self.n, dtype=v.dtype, device=v.device)
+            return out.index_add_(0, self.u.reshape(-1), v).reshape(-1)
+        return (self.u.reshape(-1, self.m).T @ v).reshape(-1)
+
 
 @dataclass
 class Dense:
@@ -89,6 +97,9 @@ class Dense:
 
     def select(self, index: Tensor | slice) -> Dense:
         return Dense(self.g[index])
+
+    def total(self) -> Tensor:
+        return self.g.sum(0)
 
 
 Piece = Outer | Dense

@@ -1,0 +1,183 @@
+"""Run retraining jobs — serially, in local processes, or as Ray tasks — and hand each result to the caller.
+
+A job is ``(positions, seed)``: train ``recipe`` on the training examples at ``positions`` with training seed
+``seed``, then evaluate every query. Its result is a float64 array ``(n_measures, n_query)`` in the order of
+``recipe.measures``. Every backend calls the same job function (``run_job``); results come back to the calling
+process, which alone writes them anywhere (``on_result``), in completion order.
+
+Backends:
+
+* ``"serial"``: in this process, one job after another.
+* ``"process"``: ``concurrent.futures.ProcessPoolExecutor`` with ``workers`` spawned processes, each limited to one
+  torch thread. The recipe and both datasets are sent once per worker (pickled in memory for the hand-over only —
+  nothing is pickled to disk), so the recipe must be a top-level, importable class. ``workers=1`` runs serially.
+* ``"ray"``: one Ray task per job (``num_cpus=1``); connects to the cluster named by ``RAY_ADDRESS`` or starts a
+  local one. Needs ``pip install ray``.
+
+Ctrl-C (or any error) cancels the jobs not yet started; results already handed to ``on_result`` stay handed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from ..data.dataset import example_ids
+from ..errors import DataError, NonFiniteError
+
+__all__ = ["BACKENDS", "Job", "run_job", "run_jobs", "take"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("serial", "process", "ray")
+Job = tuple[np.ndarray, int]  # (positions of the training examples to train on, training seed)
+OnResult = Callable[[int, np.ndarray, float], None]  # (job index, outputs (n_measures, n_query), seconds)
+
+_WORKER: dict[str, Any] = {}  # per worker process: the recipe and datasets, set once by _init_worker
+
+
+def take(dataset: Dataset, positions: np.ndarray) -> Dataset:
+    """The examples of ``dataset`` at ``positions`` (not ids), keeping their ids: ``.subset`` or a ``Subset``."""
+    if hasattr(dataset, "subset"):
+        return dataset.subset(positions)
+    return Subset(dataset, positions.tolist())
+
+
+def run_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Train on ``train[positions]`` with ``seed``, evaluate ``queries``.
+
+    Returns ``(outputs, seconds)``: outputs ``(n_measures, n_query)`` float64 in ``recipe.measures`` order, and
+    the wall time of training plus evaluation. Raises DataError for missing or misshapen measures and
+    NonFiniteError for NaN/inf outputs (naming the query ids).
+    """
+    start = time.perf_counter()
+    model = recipe.train(take(train, positions), int(seed))
+    got = recipe.evaluate(model, queries)
+    seconds = time.perf_counter() - start
+    n_query = len(queries)
+    missing = [m for m in recipe.measures if m not in got]
+    if missing:
+        raise DataError(f"{type(recipe).__name__}.evaluate returned {sorted(got)}, missing measures {missing}")
+    rows = []
+    for name in recipe.measures:
+        row = np.asarray(got[name], dtype=np.float64)
+        if row.shape != (n_query,):
+            raise DataError(f"{type(recipe).__name__}.evaluate: measure {name!r} has shape {row.shape}, "
+                            f"expected ({n_query},)")
+        if not np.isfinite(row).all():
+            bad = example_ids(queries)[~np.isfinite(row)][:5].tolist()
+            raise NonFiniteError(f"measure {name!r} is not finite for query ids {bad} after training on "
+                                 f"{len(positions)} examples with seed {seed} (did training diverge?)")
+        rows.append(row)
+    return np.stack(rows), seconds
+
+
+def _init_worker(payload: bytes) -> None:
+    torch.set_num_threads(1)
+    _WORKER["recipe"], _WORKER["train"], _WORKER["queries"] = pickle.loads(payload)
+
+
+def _worker_job(positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    return run_job(_WORKER["recipe"], _WORKER["train"], _WORKER["queries"], positions, seed)
+
+
+def _ray_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int
+             ) -> tuple[np.ndarray, float]:
+    torch.set_num_threads(1)
+    return run_job(recipe, train, queries, positions, seed)
+
+
+def run_jobs(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], on_result: OnResult, *,
+             todo: Sequence[int] | None = None, workers: int = 1, backend: str = "process",
+             progress: bool = True, desc: str = "retrain") -> None:
+    """Run ``jobs[j]`` for each ``j`` in ``todo`` (default: all) and call ``on_result(j, outputs, seconds)``
+    in this process as each finishes. The progress bar counts jobs not in ``todo`` as already done."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    todo = list(range(len(jobs))) if todo is None else [int(j) for j in todo]
+    if not todo:
+        return
+    logger.info("%d of %d retraining jobs to run (backend=%s, workers=%d)", len(todo), len(jobs), backend, workers)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not progress,
+               dynamic_ncols=True)
+
+    def done(j: int, result: tuple[np.ndarray, float]) -> None:
+        on_result(j, *result)
+        bar.update(1)
+
+    try:
+        if backend == "serial" or (backend == "process" and workers == 1):
+            for j in todo:
+                done(j, _guard(j, jobs, lambda j=j: run_job(recipe, train, queries, *jobs[j])))
+        elif backend == "process":
+            _run_processes(recipe, train, queries, jobs, todo, done, int(workers))
+        else:
+            _run_ray(recipe, train, queries, jobs, todo, done)
+    finally:
+        bar.close()
+
+
+def _guard(j: int, jobs: Sequence[Job], call: Callable[[], Any]) -> Any:
+    """``call()``, logging which job failed before the error propagates."""
+    try:
+        return call()
+    except Exception:
+        logger.error("retraining job %d (%d examples, seed %d) failed", j, len(jobs[j][0]), jobs[j][1])
+        raise
+
+
+def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], todo: list[int],
+                   done: Callable[[int, tuple[np.ndarray, float]], None], workers: int) -> None:
+    try:
+        payload = pickle.dumps((recipe, train, queries), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise DataError(f"backend='process' sends the recipe and datasets to worker processes, but they cannot "
+                        f"be pickled ({exc}); define the recipe class at the top level of an importable module, "
+                        "or use backend='serial'") from exc
+    pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker, initargs=(payload,))
+    try:
+        futures = {pool.submit(_worker_job, *jobs[j]): j for j in todo}
+        for future in cf.as_completed(futures):
+            j = futures[future]
+            done(j, _guard(j, jobs, future.result))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], todo: list[int],
+             done: Callable[[int, tuple[np.ndarray, float]], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray, which is not installed: pip install ray "
+                          "(or pip install 'datacredit[ray]'), or use backend='process'") from None
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster in RAY_ADDRESS if set, else starts a local one
+    task = ray.remote(num_cpus=1)(_ray_job)
+    shared = (ray.put(recipe), ray.put(train), ray.put(queries))
+    pending = {task.remote(*shared, *jobs[j]): j for j in todo}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                j = pending.pop(ref)
+                done(j, _guard(j, jobs, lambda ref=ref: ray.get(ref)))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise

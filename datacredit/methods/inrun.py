@@ -1,0 +1,266 @@
+"""In-Run Data Shapley (Wang, Mittal, Song, Jia; ICLR 2025), computed while the model trains.
+
+At step t the optimizer moves ``θ_{t+1} = θ_t − D`` with ``D = c + Σ_{z∈B_t} x_z``: ``x_z = s ⊙ g_z`` is example z's
+share (``g_z`` its gradient contribution to the batch loss, ``s`` the learning rate times the optimizer's diagonal
+preconditioner) and ``c`` the part no example of the batch caused (momentum, weight decay, untracked terms). The
+utility of a subset S of the batch is the drop of the validation loss ``L`` when only S's shares are applied, relative
+to applying none. Its second-order Taylor expansion is a quadratic game whose Shapley values are (Eq. 4–5 of the paper,
+extended to a baseline ``c`` and a preconditioner):
+
+    φ_z = ⟨g_val, x_z⟩ − x_zᵀ H_val (c + ½ Σ_{j∈B_t} x_j)  =  ⟨g_z, s ⊙ (g_val − H_val w)⟩,  w = c + ½ Σ_j x_j
+
+The first term alone is first-order In-Run Shapley. Per step this costs one validation forward/backward (first order),
+one Hessian-vector product (second order), and one val-gradient-first dot per tracked layer; the training backward is
+the user's own (hooks read it, no extra backward). Values add over the steps in which z appears. Positive = z lowered
+the validation loss. ``Σ_z φ_z`` over a step equals the Taylor utility of the whole batch (efficiency).
+
+Momentum: z's share is what z put into *this* step's update; what the momentum buffer carries into later steps is part
+of those steps' baseline ``c``, so it is not credited to z. Gradient clipping between ``backward`` and ``step`` would
+rescale shares we cannot see: clip with :meth:`InRunShapley.clip_grad_norm_` so the factor is applied to the shares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..capture import Capture, ExampleGrads, example_grads
+from ..data.dataset import example_ids
+from ..errors import DataError
+from ..optimizers import affine_step
+from ..scores import Scores
+from ..task import Task
+from .base import batches, eval_mode
+
+log = logging.getLogger(__name__)
+
+
+class InRunShapley:
+    """Per-example In-Run Data Shapley values, accumulated while training.
+
+    ::
+
+        shapley = InRunShapley(model, task, validation=val_batch, optimizer=opt, order=2)
+        for ids, batch in loader:
+            with shapley.step(ids):
+                task.loss(model, batch).mean().backward()
+            opt.step(); opt.zero_grad()          # values of this step are computed right before the update
+        scores = shapley.values()               # Scores (n_seen, 1), or (n_seen, n_val) when targeted
+
+    validation: a batch (anything ``task.measurement`` accepts) or a Dataset (iterated in ``validation_batch_size``).
+    order: 1 or 2. targeted: one value per (training example, validation example) instead of the summed validation
+    loss; costs one HVP per validation example per step when ``order=2``. keep_history: keep per-step values.
+    Several ``step`` blocks before one ``optimizer.step()`` are micro-batches of one step (gradient accumulation).
+    Under DistributedDataParallel each rank values its own examples; :meth:`values` gathers them.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, validation: Any, optimizer: torch.optim.Optimizer, *,
+                 order: int = 1, targeted: bool = False, keep_history: bool = False,
+                 validation_batch_size: int = 256):
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        self.model, self.task, self.optimizer = model, task, optimizer
+        self.order, self.targeted, self.keep_history = order, targeted, keep_history
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.inner = inner
+        self.capture = Capture(inner, task.tracked_modules(inner))
+        self._names = {p: name for name, p in inner.named_parameters()}
+        self.validation, self.validation_batch_size = validation, validation_batch_size
+        self.query_ids = self._validation_ids(validation)
+        self.world = torch.distributed.get_world_size() if _ddp(model) else 1
+        self._pending: list[tuple[np.ndarray, ExampleGrads]] = []
+        self._clip = 1.0
+        self._rows: dict[int, int] = {}
+        self._sums = np.zeros((0, len(self.query_ids)))
+        self.history: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, ids, values (B, Q))
+        self.steps = 0
+        self._warned = False
+        self._hook = optimizer.register_step_pre_hook(self._on_step)
+
+    # -- recording ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, ids: Sequence[int] | Tensor | np.ndarray, batch: Any = None) -> Iterator[None]:
+        """Record the per-example gradients of the forward + backward run inside the block (``batch`` is unused,
+        accepted for symmetry with the design sketch). ``ids`` are the batch's stable example ids, ``(B,)``."""
+        ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
+        with self.capture:
+            yield
+            grads = self.capture.collect(ids)
+        if grads.n != len(ids):
+            raise DataError(f"step got {len(ids)} ids for a batch of {grads.n} examples")
+        self._pending.append((ids, grads if self.world == 1 else grads.scale(1.0 / self.world)))
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` on the model's parameters that also scales this step's shares."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        self._clip = float(min(1.0, max_norm / (float(total) + 1e-6)))
+        return total
+
+    def close(self) -> None:
+        """Stop listening to the optimizer (values stay available)."""
+        self._hook.remove()
+
+    # -- the value of one step ---------------------------------------------------------------------------------
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        clip, self._clip = self._clip, 1.0
+        with torch.enable_grad(), eval_mode(self.inner):
+            values = self._step_values(pending, clip)
+        start = 0
+        for ids, grads in pending:
+            part = values[start : start + grads.n]
+            self._add(ids, part)
+            if self.keep_history:
+                self.history.append((self.steps, ids, part))
+            start += grads.n
+        self.steps += 1
+
+    def _step_values(self, pending: list[tuple[np.ndarray, ExampleGrads]], clip: float) -> np.ndarray:
+        affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
+        total = _sum_totals([g for _, g in pending])
+        if self.world > 1:
+            for t in total.values():
+                torch.distributed.all_reduce(t)
+        shares, w = {}, {}  # per parameter: s (scalar or tensor), and w = c + ½ Σ x
+        residual, norm = 0.0, 0.0
+        for p, (s, c0) in affine.items():
+            name = self._names[p]
+            g_batch = total.get(name, torch.zeros_like(p)) * clip
+            rest = p.grad.detach() - g_batch  # gradient no tracked example explains: part of the baseline
+            residual += float(rest.square().sum())
+            norm += float(p.grad.square().sum())
+            c = s * rest + (0 if c0 is None else c0)
+            shares[name] = s * clip
+            w[name] = c + 0.5 * s * g_batch
+        if residual > 1e-6 * max(norm, 1e-30) and not self._warned:
+            self._warned = True
+            log.warning("%.2g%% of the update's gradient norm² is not explained by per-example losses of tracked "
+                        "modules (a regularizer, an untracked module, or clipping done outside clip_grad_norm_); "
+                        "it is treated as the baseline of each step", 100 * residual / norm)
+        weights = self._validation_weights(affine, shares, w)
+        out = None
+        for _, grads in pending:
+            part = grads.dot(weights).detach().cpu().double().numpy()
+            out = part if out is None else np.concatenate([out, part])
+        return out
+
+    def _validation_weights(self, affine: dict, shares: dict, w: dict) -> dict[str, Tensor]:
+        """``V = s ⊙ (g_val − H_val w)`` per parameter, ``(Q, *shape)``."""
+        params = list(affine)
+        names = [self._names[p] for p in params]
+        if self.targeted:
+            per_query = self._query_terms(params, names, w)
+        else:
+            per_query = [self._summed_terms(params, w)]
+        return {name: torch.stack([q[k] for q in per_query]) * _expand(shares[name])
+                for k, name in enumerate(names)}
+
+    def _val_batches(self) -> Iterator[Any]:
+        if isinstance(self.validation, Dataset):
+            device = next(self.inner.parameters()).device
+            _, it = batches(self.validation, self.validation_batch_size, device, progress=False)
+            for batch in it:
+                yield batch.data
+        else:
+            yield self.validation
+
+    def _summed_terms(self, params: list[Tensor], w: dict) -> list[Tensor]:
+        """``g_val − H_val w`` for the validation loss summed over the validation set."""
+        out = [torch.zeros_like(p) for p in params]
+        for batch in self._val_batches():
+            loss = self.task.measurement(self.inner, batch).sum()
+            self._accumulate(out, loss, params, w)
+        return out
+
+    def _query_terms(self, params: list[Tensor], names: list[str], w: dict) -> list[list[Tensor]]:
+        """``g_q − H_q w`` for every validation example q (one HVP each when order = 2)."""
+        terms = []
+        for batch in self._val_batches():
+            if self.order == 1:  # all query gradients from one backward, via the capture engine
+                with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
+                    grads = example_grads(cap, self.task.measurement(self.inner, batch)).materialize()
+                n = next(iter(grads.values())).shape[0]
+                terms += [[grads[nm][q] if nm in grads else torch.zeros_like(p) for nm, p in zip(names, params)]
+                          for q in range(n)]
+                continue
+            losses = self.task.measurement(self.inner, batch)
+            for q in range(len(losses)):
+                out = [torch.zeros_like(p) for p in params]
+                self._accumulate(out, losses[q], params, w, retain=True)
+                terms.append(out)
+        return terms
+
+    def _accumulate(self, out: list[Tensor], loss: Tensor, params: list[Tensor], w: dict, retain: bool = False):
+        second = self.order == 2
+        grads = torch.autograd.grad(loss, params, create_graph=second, retain_graph=retain or second,
+                                    allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        for o, g in zip(out, grads):
+            o += g.detach()
+        if second:
+            direction = sum((g * w[self._names[p]]).sum() for p, g in zip(params, grads))
+            hv = torch.autograd.grad(direction, params, retain_graph=retain, allow_unused=True)
+            for o, h in zip(out, hv):
+                if h is not None:
+                    o -= h
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def _add(self, ids: np.ndarray, values: np.ndarray) -> None:
+        new = [int(i) for i in dict.fromkeys(ids.tolist()) if int(i) not in self._rows]
+        if new:
+            for i in new:
+                self._rows[i] = len(self._rows)
+            self._sums = np.concatenate([self._sums, np.zeros((len(new), self._sums.shape[1]))])
+        np.add.at(self._sums, [self._rows[int(i)] for i in ids], values)
+
+    def values(self) -> Scores:
+        """Accumulated values ``(n_seen, Q)`` (Q = 1 summed validation, query id −1; else the validation ids),
+        sorted by training id; gathered over ranks under DDP. Positive = lowered the validation loss."""
+        ids = np.fromiter(self._rows, dtype=np.int64, count=len(self._rows))
+        sums = self._sums
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, (ids, sums))
+            ids = np.concatenate([g[0] for g in gathered])
+            sums = np.concatenate([g[1] for g in gathered])
+        unique, inverse = np.unique(ids, return_inverse=True)
+        merged = np.zeros((len(unique), sums.shape[1]))
+        np.add.at(merged, inverse, sums)
+        config = {"order": self.order, "targeted": self.targeted, "steps": self.steps,
+                  "optimizer": type(self.optimizer).__name__}
+        return Scores(merged, unique, self.query_ids, f"inrun-shapley-{self.order}", config)
+
+    def _validation_ids(self, validation: Any) -> np.ndarray:
+        if not self.targeted:
+            return np.array([-1])
+        if isinstance(validation, Dataset):
+            return example_ids(validation)
+        with torch.no_grad():
+            n = len(self.task.measurement(self.inner, validation))
+        return np.arange(n)
+
+
+def _ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()
+
+
+def _sum_totals(all_grads: list[ExampleGrads]) -> dict[str, Tensor]:
+    total: dict[str, Tensor] = {}
+    for grads in all_grads:
+        for name, t in grads.total().items():
+            total[name] = total[name] + t if name in total else t.detach().clone()
+    return total
+
+
+def _expand(s: Tensor | float) -> Tensor | float:
+    return s.unsqueeze(0) if isinstance(s, Tensor) else s
