@@ -100,12 +100,18 @@ class ExampleGrads:
         n = next(iter(pieces.values()))[0].n_examples if pieces else 0
         return ExampleGrads(pieces, self.shapes, n)
 
-    def scale(self, factor: float) -> ExampleGrads:
-        """Gradients multiplied by ``factor`` (e.g. ``1/B`` for a batch-mean loss): scales one factor of each piece."""
-        def mul(p: Piece) -> Piece:
-            return Outer(p.u, p.v * factor, p.m, p.n) if isinstance(p, Outer) else Dense(p.g * factor)
-
-        return ExampleGrads({k: [mul(p) for p in ps] for k, ps in self.pieces.items()}, self.shapes, self.n)
+    def scale(self, factor: float | dict[str, float | Tensor]) -> ExampleGrads:
+        """Gradients multiplied elementwise by ``factor``: one number for all, or per parameter a number or a tensor
+        of the parameter's shape (a diagonal preconditioner). A number scales one factor of each piece; a tensor
+        materializes the parameter's pieces into one Dense piece (``n × numel`` memory)."""
+        pieces: dict[str, list[Piece]] = {}
+        for name, ps in self.pieces.items():
+            f = factor.get(name, 1.0) if isinstance(factor, dict) else factor
+            if isinstance(f, Tensor):
+                pieces[name] = [Dense(sum(p.materialize() for p in ps) * f.reshape(1, -1))]
+            else:
+                pieces[name] = [Outer(p.u, p.v * f, p.m, p.n) if isinstance(p, Outer) else Dense(p.g * f) for p in ps]
+        return ExampleGrads(pieces, self.shapes, self.n)
 
 
 def _dtype(p: Piece) -> torch.dtype:

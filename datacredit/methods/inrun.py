@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..capture import Capture, ExampleGrads, example_grads
+from ..capture.pieces import Outer, ghost_cost, piece_dot, piece_gram
 from ..data.dataset import example_ids
 from ..errors import DataError
 from ..optimizers import affine_step
@@ -127,6 +128,8 @@ class InRunShapley:
 
     def _step_values(self, pending: list[tuple[np.ndarray, ExampleGrads]], clip: float) -> np.ndarray:
         affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
+        if self.order == 1 and self.steps > 0:  # the batch total is only needed for w, and once for the check
+            return self._first_order(pending, {self._names[p]: s * clip for p, (s, _) in affine.items()})
         total = _sum_totals([g for _, g in pending])
         if self.world > 1:
             for t in total.values():
@@ -139,27 +142,51 @@ class InRunShapley:
             rest = p.grad.detach() - g_batch  # gradient no tracked example explains: part of the baseline
             residual += float(rest.square().sum())
             norm += float(p.grad.square().sum())
-            c = s * rest + (0 if c0 is None else c0)
             shares[name] = s * clip
-            w[name] = c + 0.5 * s * g_batch
+            w[name] = s * rest + (0 if c0 is None else c0) + 0.5 * s * g_batch
         if residual > 1e-6 * max(norm, 1e-30) and not self._warned:
             self._warned = True
             log.warning("%.2g%% of the update's gradient norm² is not explained by per-example losses of tracked "
                         "modules (a regularizer, an untracked module, or clipping done outside clip_grad_norm_); "
                         "it is treated as the baseline of each step", 100 * residual / norm)
+        if self.order == 1:
+            return self._first_order(pending, shares)
         weights = self._validation_weights(affine, shares, w)
-        out = None
+        return np.concatenate([_np(grads.dot(weights)) for _, grads in pending])
+
+    def _first_order(self, pending: list[tuple[np.ndarray, ExampleGrads]], shares: dict) -> np.ndarray:
+        """``⟨g_z, s ⊙ g_val⟩`` per layer by the cheaper exact route: ghost dots with the validation examples' pieces,
+        or a val-first dot with their sum (the only route when ``s`` is a tensor, as for Adam)."""
+        val = []
+        for batch in self._val_batches():
+            with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
+                grads = example_grads(cap, self.task.measurement(self.inner, batch))
+            kept = {k: v for k, v in grads.pieces.items() if k in shares}
+            val.append(ExampleGrads(kept, grads.shapes, grads.n).scale(shares))
+        if self.targeted:
+            return np.concatenate([_np(torch.cat([g.gram(v) for v in val], dim=1)) for _, g in pending])
+        summed = _sum_totals(val)  # s ⊙ g_val per parameter
+        out = []
         for _, grads in pending:
-            part = grads.dot(weights).detach().cpu().double().numpy()
-            out = part if out is None else np.concatenate([out, part])
-        return out
+            phi = torch.zeros(grads.n, 1, dtype=grads.flat_dtype, device=summed[next(iter(summed))].device)
+            for name, train_pieces in grads.pieces.items():
+                if name not in summed:
+                    continue
+                val_pieces = [b for v in val for b in v.pieces[name]]
+                for a in train_pieces:
+                    if _ghost_is_cheaper(a, val_pieces):
+                        phi += sum(piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
+                    else:
+                        phi += piece_dot(a, summed[name].reshape(1, -1))
+            out.append(_np(phi))
+        return np.concatenate(out)
 
     def _validation_weights(self, affine: dict, shares: dict, w: dict) -> dict[str, Tensor]:
         """``V = s ⊙ (g_val − H_val w)`` per parameter, ``(Q, *shape)``."""
         params = list(affine)
         names = [self._names[p] for p in params]
         if self.targeted:
-            per_query = self._query_terms(params, names, w)
+            per_query = self._query_terms(params, w)
         else:
             per_query = [self._summed_terms(params, w)]
         return {name: torch.stack([q[k] for q in per_query]) * _expand(shares[name])
@@ -182,17 +209,10 @@ class InRunShapley:
             self._accumulate(out, loss, params, w)
         return out
 
-    def _query_terms(self, params: list[Tensor], names: list[str], w: dict) -> list[list[Tensor]]:
-        """``g_q − H_q w`` for every validation example q (one HVP each when order = 2)."""
+    def _query_terms(self, params: list[Tensor], w: dict) -> list[list[Tensor]]:
+        """``g_q − H_q w`` for every validation example q: one gradient and one HVP each."""
         terms = []
         for batch in self._val_batches():
-            if self.order == 1:  # all query gradients from one backward, via the capture engine
-                with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
-                    grads = example_grads(cap, self.task.measurement(self.inner, batch)).materialize()
-                n = next(iter(grads.values())).shape[0]
-                terms += [[grads[nm][q] if nm in grads else torch.zeros_like(p) for nm, p in zip(names, params)]
-                          for q in range(n)]
-                continue
             losses = self.task.measurement(self.inner, batch)
             for q in range(len(losses)):
                 out = [torch.zeros_like(p) for p in params]
@@ -260,6 +280,17 @@ def _sum_totals(all_grads: list[ExampleGrads]) -> dict[str, Tensor]:
         for name, t in grads.total().items():
             total[name] = total[name] + t if name in total else t.detach().clone()
     return total
+
+
+def _ghost_is_cheaper(a, val_pieces: list) -> bool:
+    """Ghost dots with every validation piece vs one val-first dot with their sum (``N·T·m·n``)."""
+    if not isinstance(a, Outer) or not all(isinstance(b, Outer) for b in val_pieces):
+        return False
+    return sum(ghost_cost(a, b) for b in val_pieces) < a.n_examples * a.length * a.m * a.n
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
 
 
 def _expand(s: Tensor | float) -> Tensor | float:
