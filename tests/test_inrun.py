@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +243,28 @@ def test_unsupported_optimizer_and_bad_ids():
     with pytest.raises(DataError, match="3 ids for a batch of 6"):
         with shapley.step([0, 1, 2]):
             task.loss(model, train).mean().backward()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """(d) torchrun, gloo, 2 processes: each rank values its shard; gathered values equal the single-process run."""
+    import subprocess
+    import sys
+
+    from . import ddp_inrun_worker as worker
+
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(Path(worker.__file__)), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    for order in (1, 2):
+        ids, values = worker.run(rank=0, world=1, order=order)
+        assert got[f"order{order}_ids"].tolist() == ids.tolist()
+        np.testing.assert_allclose(got[f"order{order}_values"], values, rtol=1e-9, atol=1e-13)
