@@ -69,18 +69,29 @@ class LanguageModelingTask(Task):
     """Batches are token ids ``(N, T+1)`` (or a 1-tuple of them); loss = next-token cross-entropy per sequence.
 
     reduction: ``"mean"`` over a sequence's predicted tokens (default) or ``"sum"``. Targets equal to ``ignore_index``
-    are skipped.
+    are skipped. position_ids: pass ``position_ids`` of shape ``(N, T)`` to the model (transformers models), so the
+    position embedding sees a batch dimension; their default ``(1, T)`` ids are shared by the batch and have no
+    per-example gradient. A dict batch uses ``batch["input_ids"]``.
     """
 
-    def __init__(self, reduction: str = "mean", ignore_index: int = -100, modules: list[str] | None = None):
+    def __init__(self, reduction: str = "mean", ignore_index: int = -100, modules: list[str] | None = None,
+                 position_ids: bool = False):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction, self.ignore_index, self.modules = reduction, ignore_index, modules
+        self.position_ids = position_ids
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
-        tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(batch, dict):
+            tokens = batch["input_ids"]
+        else:
+            tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = _logits(model(inputs))
+        if self.position_ids:
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+            logits = _logits(model(input_ids=inputs, position_ids=positions))
+        else:
+            logits = _logits(model(inputs))
         per_token = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=self.ignore_index
         ).reshape(targets.shape)

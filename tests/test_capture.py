@@ -136,18 +136,13 @@ def test_conv_net_matches_torch_func():
 def test_transformers_gpt2_conv1d_matches_torch_func():
     transformers = pytest.importorskip("transformers")
 
-    class GPT2Task(LanguageModelingTask):
-        def loss(self, model, batch):
-            # per-example position ids: GPT-2's default (1, T) ids are shared by the batch (see capture errors)
-            pos = torch.arange(batch.shape[1] - 1).expand(batch.shape[0], -1)
-            return super().loss(lambda x: model(input_ids=x, position_ids=pos[: x.shape[0]]), batch)
-
     config = transformers.GPT2Config(vocab_size=17, n_positions=16, n_embd=8, n_layer=1, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(2)
     model = transformers.GPT2LMHeadModel(config).double().eval()
     assert rule_for(model.transformer.h[0].attn.c_attn).name == "conv1d"
-    check_against_reference(model, GPT2Task(), torch.randint(0, 17, (3, 6)), torch.randint(0, 17, (2, 6)))
+    task = LanguageModelingTask(position_ids=True)  # GPT-2's default (1, T) position ids are shared by the batch
+    check_against_reference(model, task, torch.randint(0, 17, (3, 6)), torch.randint(0, 17, (2, 6)))
 
 
 def test_shared_position_ids_raise_a_clear_error():

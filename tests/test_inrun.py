@@ -247,12 +247,11 @@ def test_unsupported_optimizer_and_bad_ids():
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """(d) torchrun, gloo, 2 processes: each rank values its shard; gathered values equal the single-process run."""
+    import socket
     import subprocess
     import sys
 
     from . import ddp_inrun_worker as worker
-
-    import socket
 
     with socket.socket() as sock:  # a free loopback port for the rendezvous
         sock.bind(("127.0.0.1", 0))

@@ -77,6 +77,7 @@ class InRunShapley:
         self.query_ids = self._validation_ids(validation)
         self.world = torch.distributed.get_world_size() if _ddp(model) else 1
         self._pending: list[tuple[np.ndarray, ExampleGrads]] = []
+        self._open: np.ndarray | None = None  # ids of the micro-batch being recorded
         self._clip = 1.0
         self._rows: dict[int, int] = {}
         self._sums = np.zeros((0, len(self.query_ids)))
@@ -90,10 +91,31 @@ class InRunShapley:
     def step(self, ids: Sequence[int] | Tensor | np.ndarray, batch: Any = None) -> Iterator[None]:
         """Record the per-example gradients of the forward + backward run inside the block (``batch`` is unused,
         accepted for symmetry with the design sketch). ``ids`` are the batch's stable example ids, ``(B,)``."""
-        ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
-        with self.capture:
+        self.begin(ids)
+        try:
             yield
+        except BaseException:
+            self.capture.__exit__(None, None, None)
+            self._open = None
+            raise
+        self.finish()
+
+    def begin(self, ids: Sequence[int] | Tensor | np.ndarray) -> None:
+        """Start recording a micro-batch (the forward + backward that follow). :meth:`step` wraps begin/finish."""
+        if self._open is not None:
+            raise RuntimeError("a micro-batch is already being recorded; call finish() first")
+        self._open = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
+        self.capture.__enter__()
+
+    def finish(self) -> None:
+        """Stop recording and keep the micro-batch's per-example gradients for the next ``optimizer.step()``."""
+        ids, self._open = self._open, None
+        if ids is None:
+            return
+        try:
             grads = self.capture.collect(ids)
+        finally:
+            self.capture.__exit__(None, None, None)
         if grads.n != len(ids):
             raise DataError(f"step got {len(ids)} ids for a batch of {grads.n} examples")
         self._pending.append((ids, grads if self.world == 1 else grads.scale(1.0 / self.world)))
@@ -111,6 +133,7 @@ class InRunShapley:
 
     # -- the value of one step ---------------------------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.finish()  # a micro-batch still open (integrations that record without a with-block)
         if not self._pending:
             return
         pending, self._pending = self._pending, []
