@@ -3,10 +3,11 @@
 Sign convention everywhere: ``score[i, j] > 0`` means training example i helps query j (lowers its loss).
 """
 
-from . import capture, data
+from . import capture, curvature, data
 from .capture import Capture, ExampleGrads
+from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
-from .methods import GradDot
+from .methods import GradDot, Influence, InRunShapley
 from .scores import Scores
 from .store import Store
 from .task import ClassificationTask, LanguageModelingTask, Task
@@ -17,9 +18,12 @@ __all__ = [
     "Capture",
     "ClassificationTask",
     "DataCreditError",
+    "Damping",
     "DataError",
     "ExampleGrads",
     "GradDot",
+    "InRunShapley",
+    "Influence",
     "LanguageModelingTask",
     "NonFiniteError",
     "Scores",
@@ -28,5 +32,6 @@ __all__ = [
     "Task",
     "UnsupportedModuleError",
     "capture",
+    "curvature",
     "data",
 ]

@@ -146,6 +146,10 @@ class Curvature:
         tracked parameter names; a no-op for the others."""
         return self
 
+    def to(self, device: torch.device | str) -> Curvature:
+        """Move the fitted state to ``device`` (e.g. after loading from a store onto a GPU run)."""
+        return self
+
     # -- using ---------------------------------------------------------------------------------------------------
     def apply_inverse(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
         """``(H + δI)⁻¹ w`` for ``weights[name]`` of shape ``(Q, *shape)``; returns the same keys and shapes."""

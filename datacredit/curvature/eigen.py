@@ -79,6 +79,9 @@ class EigenBlock:
         basis = self.unrotate(eye.reshape(-1, self.m, self.n)).reshape(self.m * self.n, -1).T  # columns Q e_k
         return basis @ torch.diag(self.eigenvalues.reshape(-1)) @ basis.T
 
+    def to(self, device: torch.device | str) -> EigenBlock:
+        return EigenBlock(*(None if t is None else t.to(device) for t in (self.eigenvalues, self.q_u, self.q_v)))
+
     def state(self, prefix: str) -> dict[str, Tensor]:
         out = {f"{prefix}:eigenvalues": self.eigenvalues}
         for key, q in (("q_u", self.q_u), ("q_v", self.q_v)):
@@ -93,9 +96,9 @@ class EigenBlock:
 
 def eigen(factor: Tensor) -> tuple[Tensor, Tensor | None]:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, in float64; a 1-D factor is diagonal
-    (its own eigenvalues, identity basis)."""
-    if factor.dim() == 1:
-        return factor.clamp(min=0), None
+    (its own eigenvalues, identity basis), and so is a ``1 × 1`` one."""
+    if factor.dim() == 1 or factor.shape[0] == 1:
+        return factor.reshape(-1).clamp(min=0), None
     lam, q = torch.linalg.eigh(factor.double())
     return lam.clamp(min=0).to(factor.dtype), q.to(factor.dtype)
 
@@ -130,16 +133,21 @@ def rotate_piece(piece: Outer, q_u: Tensor | None, q_v: Tensor | None) -> Outer:
 def sum_of_squares(pieces: list[Piece], m: int, n: int) -> Tensor:
     """``Σ_i G_i ⊙ G_i`` ``(m, n)`` where ``G_i`` is example i's gradient summed over ``pieces``.
 
-    One position per example (T = 1, one piece): ``Σ_i (u_i²)(v_i²)ᵀ``, a single ``(m × N)·(N × n)`` product. Otherwise
-    the gradients are materialized in chunks of examples bounded by ``CHUNK_ELEMENTS``.
+    One piece with one position per example: ``Σ_i (u_i²)(v_i²)ᵀ``, a single ``(m × N)·(N × n)`` product. One indexed
+    piece (Embedding): the rows each example touches, summed per (example, index), squared. Otherwise the gradients
+    are materialized in chunks of examples bounded by ``CHUNK_ELEMENTS``.
     """
     first = pieces[0]
-    if len(pieces) == 1 and isinstance(first, Outer) and first.length == 1 and (first.m, first.n) == (m, n):
-        v2 = first.v[:, 0] ** 2
-        if first.indexed:
-            out = torch.zeros(m, n, dtype=v2.dtype, device=v2.device)
-            return out.index_add_(0, first.u[:, 0], v2)
-        return (first.u[:, 0] ** 2).T @ v2
+    if len(pieces) == 1 and isinstance(first, Outer) and (first.m, first.n) == (m, n):
+        if first.indexed:  # rows of G_i = Σ of v_t over the positions with that index; never a (m, n) per example
+            keys = first.u + m * torch.arange(first.n_examples, device=first.u.device)[:, None]
+            uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+            rows = torch.zeros(len(uniq), n, dtype=first.v.dtype, device=first.v.device)
+            rows.index_add_(0, inverse, first.v.reshape(-1, n))
+            out = torch.zeros(m, n, dtype=first.v.dtype, device=first.v.device)
+            return out.index_add_(0, uniq % m, rows**2)
+        if first.length == 1:
+            return (first.u[:, 0] ** 2).T @ first.v[:, 0] ** 2
     n_ex = first.n_examples
     step = max(1, CHUNK_ELEMENTS // max(m * n, 1))
     total = None

@@ -1,0 +1,283 @@
+"""Influence functions with a pluggable curvature: identity, diagonal, KFAC, EK-FAC, and the exact explicit / CG twins.
+
+``score(i, q) = ∇f_q(θ)ᵀ (H + δI)⁻¹ ∇ℓ_i(θ)``
+
+Sign: Koh & Liang (2017) define ``I_up,loss(z_i, z_q) = −∇L_qᵀ H⁻¹ ∇ℓ_i``, the derivative of the query loss when
+example i is upweighted; we return its negation, so a positive score means upweighting i *lowers* the query
+measurement ``f_q`` (its loss by default): i helps q, the convention of every datacredit score.
+
+Scale: ``H`` is the curvature of the *mean* training loss ``(1/N) Σ_j ℓ_j``, and the ``1/N`` of removing one example
+is *not* included (as in kronfluence and dattri). Removing example i changes the parameters by about
+``Δθ ≈ (1/N) (H + δI)⁻¹ ∇ℓ_i`` and the query loss by about ``score(i, q) / N``. An L2 penalty ``(λ/2)‖θ‖²`` in the
+training objective belongs in the curvature: pass ``damping=λ``.
+
+Work (query-side preconditioning, the "val-first" route): query gradients are computed once, materialized per
+parameter ``(Q, *shape)``, and the inverse curvature is applied to them; every training batch is then scored with
+``ExampleGrads.dot`` (``Σ_t u_tᵀ V v_t`` per example), never materializing a training example's gradient. Queries are
+handled in rounds of ``query_batch`` (each round one pass over the training data), so memory is
+``query_batch × (number of parameters)``. With a store, the curvature is cached (and a two-pass fit resumes at its
+second pass) and the ``(n_train, n_query)`` scores are filled into a memmap chunk by chunk (one chunk per round and
+training batch), so an interrupted ``score`` resumes and a matrix larger than RAM lives on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..capture import Capture, ExampleGrads, example_grads
+from ..curvature import Curvature, Damping, as_damping, curvature_class, curvature_names, tracked_parameters
+from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
+from ..errors import DataError, StoreError
+from ..scores import Scores
+from ..store import ChunkedArray, Store
+from ..task import Task
+from .base import Batch, Data, GradientMethod, as_loader, batches, eval_mode
+
+logger = logging.getLogger(__name__)
+
+QUERY_ELEMENTS = 2**26  # default bound on query_batch × numel (preconditioned queries held at once)
+DEFAULT_DAMPING = Damping(relative=0.1)  # kronfluence's heuristic: 0.1 × the mean eigenvalue of each block
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """curvature: a registered name (see ``datacredit.curvature.curvature_names()``). damping: added to the curvature
+    before inverting. query_batch: queries preconditioned per pass over the training data (None: as many as fit in
+    ``QUERY_ELEMENTS`` entries). fisher: what the factored curvatures are fitted on, ``"empirical"`` (observed labels)
+    or ``"true"`` (labels sampled from the model with ``seed``; see :mod:`datacredit.curvature.fisher`)."""
+
+    curvature: str = "ekfac"
+    damping: Damping = DEFAULT_DAMPING
+    query_batch: int | None = None
+    fisher: str = "empirical"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.curvature not in curvature_names():
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {curvature_names()}")
+        if self.query_batch is not None and self.query_batch < 1:
+            raise ValueError(f"query_batch must be None or positive, got {self.query_batch}")
+        if self.fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {self.fisher!r}")
+        if self.curvature == "cg" and self.damping.relative:
+            raise ValueError("curvature='cg' takes absolute damping only: pass damping=<float> (e.g. 1e-3)")
+
+
+class Influence(GradientMethod):
+    """Influence functions: ``Influence(model, task, curvature="ekfac").fit(train).score(queries) -> Scores``.
+
+    curvature: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"``, ``"identity"``, ``"explicit"`` (dense true Hessian,
+    small models) or ``"cg"`` (true Hessian through conjugate gradients), or a :class:`Curvature` instance.
+    damping: a float (absolute) or :class:`Damping` (absolute + relative × mean eigenvalue per block); the default is
+    0.1 × the mean eigenvalue. store: a :class:`Store` (or its path) caching the curvature and the scores.
+    fisher: ``"empirical"`` (default) or ``"true"`` (sampled labels, ``seed``) for the curvatures fitted from
+    gradients; ``"explicit"`` and ``"cg"`` always use the true Hessian of the training loss.
+    See the module docstring for the sign and the scale.
+    """
+
+    name = "influence"
+
+    def __init__(self, model: nn.Module, task: Task, *, curvature: str | Curvature = "ekfac",
+                 damping: float | Damping = DEFAULT_DAMPING, store: Store | str | None = None,
+                 batch_size: int = 64, query_batch: int | None = None, fisher: str = "empirical", seed: int = 0,
+                 progress: bool = True):
+        super().__init__(model, task, batch_size=batch_size, progress=progress)
+        name = curvature.name if isinstance(curvature, Curvature) else curvature
+        self.config = InfluenceConfig(name, as_damping(damping), query_batch, fisher, seed)
+        check_fisher(fisher, task)
+        self._given = curvature if isinstance(curvature, Curvature) else None
+        self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
+        self.params = tracked_parameters(model, self.modules)
+        self.numel = sum(p.numel() for p in self.params.values())
+        self.curvature: Curvature | None = None
+        self.train_ids: np.ndarray | None = None
+        self._train: Data | None = None
+        self._fit_meta: dict = {}
+
+    # -- data --------------------------------------------------------------------------------------------------
+    def _grads(self, data: Data, *, measurement: bool = False, fisher: bool = False, desc: str = "",
+               skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, Batch, ExampleGrads]]:
+        """(batch index, batch, per-example gradients) for every batch not in ``skip``: of the measurement, of the
+        loss at sampled labels (``fisher``), or of the training loss.
+
+        Recording is switched off while the consumer works on a batch, so model calls made then (CG's
+        Hessian-vector products) never leak into the capture.
+        """
+        _, it = batches(data, self.batch_size, self.device, f"{self.name} {desc}".strip(), self.progress)
+        fn = self.task.measurement if measurement else self.task.loss
+        with eval_mode(self.model), Capture(self.model, self.modules) as cap:
+            for k, batch in enumerate(it):
+                if k in skip:
+                    continue
+                cap.enabled = True
+                if fisher:
+                    losses = sampled_loss(self.task, self.model, batch.data, batch.ids, self.config.seed)
+                else:
+                    losses = fn(self.model, batch.data)
+                grads = example_grads(cap, losses, batch.ids)
+                cap.enabled = False
+                yield k, batch, grads
+
+    def _raw_batches(self, data: Data) -> Iterator:
+        _, it = batches(data, self.batch_size, self.device, f"{self.name} hessian", self.progress)
+        return (b.data for b in it)
+
+    # -- fit ---------------------------------------------------------------------------------------------------
+    def fit(self, train: Data) -> Influence:
+        """Fit the curvature on ``train`` (its per-example training-loss gradients); cached in the store, where a
+        partly fitted curvature (EK-FAC after its first pass) resumes."""
+        _, ids = as_loader(train, self.batch_size)
+        self._train, self.train_ids = train, ids
+        meta = {"n_train": len(ids), "train_ids_sha256": _digest(ids), "fisher": self.config.fisher,
+                "seed": self.config.seed, "model_sha256": self._model_digest()}
+        self._fit_meta = meta
+        curvature = self._cached_curvature(meta) or self._new_curvature()
+        if curvature.source == "data":
+            curvature.bind(self.model, self.task.loss, list(self.params))
+            feed = lambda: self._raw_batches(train)  # noqa: E731
+        else:
+            true_fisher = self.config.fisher == "true"
+            feed = lambda: (g for _, _, g in self._grads(train, fisher=true_fisher, desc=f"{curvature.name} fit"))  # noqa: E731
+        save = None if self.store is None else (lambda c: c.save(self.store, "curvature", meta))
+        with eval_mode(self.model):
+            curvature.fit(feed, on_pass=save)
+        self.curvature = curvature.to(self.device)
+        return self
+
+    def _new_curvature(self) -> Curvature:
+        if self._given is not None:  # a copy: fitting twice (other data) must not refit the user's object in place
+            return copy.deepcopy(self._given)
+        return curvature_class(self.config.curvature)()
+
+    def _model_digest(self) -> str:
+        """sha256 of the tracked parameters' values: a cached curvature or score belongs to one model state."""
+        sha = hashlib.sha256()
+        for name, p in self.params.items():
+            sha.update(name.encode())
+            sha.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return sha.hexdigest()
+
+    def _cached_curvature(self, meta: dict) -> Curvature | None:
+        if self.store is None:
+            return None
+        try:
+            info = Curvature.stored_meta(self.store, "curvature")
+        except StoreError:
+            info = None
+        if info is None or info["kind"] != self.config.curvature or info.get("meta") != meta:
+            return None
+        if self._given is not None and info.get("config") != self._given.config():
+            return None
+        curvature = Curvature.load(self.store, "curvature")
+        logger.info("curvature %r loaded from %s (%d/%d passes done)", curvature.name, self.store.root,
+                    curvature.passes_done, curvature.n_passes)
+        return curvature
+
+    def _require_fit(self) -> None:
+        if self.curvature is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(train) before scoring")
+
+    # -- score -------------------------------------------------------------------------------------------------
+    def _round_size(self) -> int:
+        want = self.config.query_batch or max(1, QUERY_ELEMENTS // max(self.numel, 1))
+        return max(1, -(-want // self.batch_size)) * self.batch_size  # whole query batches per round
+
+    def precondition(self, grads: list[ExampleGrads]) -> dict[str, Tensor]:
+        """``(H + δI)⁻¹ ∇f_q`` per parameter, ``{name: (Q, *shape)}``, for the queries of ``grads`` (in order)."""
+        mats = [g.materialize() for g in grads]
+        names = [name for name in self.params if any(name in m for m in mats)]
+        weights = {}
+        for name in names:
+            shape = self.params[name].shape
+            parts = [m[name] if name in m else torch.zeros(g.n, *shape, dtype=g.flat_dtype, device=self.device)
+                     for m, g in zip(mats, grads)]
+            weights[name] = torch.cat(parts)
+        with eval_mode(self.model):
+            return self.curvature.apply_inverse(weights, self.config.damping)
+
+    def score(self, queries: Data) -> Scores:
+        """Scores ``(n_train, n_query)``; positive = upweighting the training example lowers the query's
+        measurement (see the module doc for sign and scale)."""
+        self._require_fit()
+        _, query_ids = as_loader(queries, self.batch_size)
+        n_train_batches = len(as_loader(self._train, self.batch_size)[0])
+        round_size = self._round_size()
+        n_query_batches = len(as_loader(queries, self.batch_size)[0])
+        per_round = max(1, round_size // self.batch_size)
+        n_rounds = -(-n_query_batches // per_round)
+        out = self._output(query_ids, n_rounds * n_train_batches, round_size)
+        array = out.array if isinstance(out, ChunkedArray) else out
+        if isinstance(out, ChunkedArray) and out.complete:
+            return self._scores(np.asarray(array), query_ids)
+
+        def rounds() -> Iterator[tuple[int, slice, list[ExampleGrads]]]:
+            group, start, stop = [], None, 0
+            for k, batch, g in self._grads(queries, measurement=True, desc="queries"):
+                start = batch.rows.start if start is None else start
+                group.append(g)
+                stop = batch.rows.stop
+                if (k + 1) % per_round == 0:
+                    yield k // per_round, slice(start, stop), group
+                    group, start = [], None
+            if group:
+                yield n_rounds - 1, slice(start, stop), group
+
+        for r, cols, group in rounds():
+            chunk = {b: r * n_train_batches + b for b in range(n_train_batches)}
+            done = frozenset(b for b, c in chunk.items() if isinstance(out, ChunkedArray) and out.done(c))
+            if len(done) == n_train_batches:
+                continue
+            pre = self.precondition(group)
+            del group
+            for b, batch, g in self._grads(self._train, desc="score", skip=done):
+                values = g.dot(pre).detach().double().cpu().numpy()
+                array[batch.rows, cols] = values
+                if isinstance(out, ChunkedArray):
+                    out.mark_done(chunk[b])
+        return self._scores(np.asarray(array), query_ids)
+
+    def _output(self, query_ids: np.ndarray, n_chunks: int, round_size: int) -> np.ndarray | ChunkedArray:
+        shape = (len(self.train_ids), len(query_ids))
+        if self.store is None:
+            return np.zeros(shape)
+        name = f"scores-{_digest(query_ids)[:16]}"
+        meta = {"config": asdict(self.config), "curvature": self._fit_meta,
+                "query_ids_sha256": _digest(query_ids), "batch_size": self.batch_size, "round_size": round_size}
+        try:
+            return self.store.chunked(name, shape, np.float64, n_chunks, meta=meta)
+        except StoreError:  # the same queries scored under other settings: start afresh
+            return self.store.chunked(name, shape, np.float64, n_chunks, meta=meta, overwrite=True)
+
+    def self_scores(self, train: Data | None = None) -> Scores:
+        """``∇ℓ_iᵀ (H + δI)⁻¹ ∇ℓ_i`` per training example, ``(n_train, 1)`` (self-influence; ≥ 0 for a PSD
+        curvature). Materializes one training batch's gradients at a time."""
+        if train is not None:
+            self.fit(train)
+        self._require_fit()
+        values = np.zeros(len(self.train_ids))
+        with eval_mode(self.model):
+            for _, batch, g in self._grads(self._train, desc="self"):
+                values[batch.rows] = self.curvature.self_products(g, self.config.damping).detach().double().cpu()
+        return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self._method}:self", asdict(self.config))
+
+    @property
+    def _method(self) -> str:
+        return f"{self.name}-{self.config.curvature}"
+
+    def _scores(self, values: np.ndarray, query_ids: np.ndarray) -> Scores:
+        if values.shape[0] != len(self.train_ids):
+            raise DataError("the training data changed size since fit; call fit again")
+        return Scores(values, self.train_ids, query_ids, self._method, asdict(self.config))
+
+
+def _digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
