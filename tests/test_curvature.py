@@ -349,3 +349,23 @@ def test_true_fisher_draws_are_fixed_per_example_and_follow_the_model():
     torch.testing.assert_close(freq, logits[0].softmax(0), atol=0.01, rtol=0)
     with pytest.raises(ValueError, match="sampled_loss"):
         check_fisher("true", SquashTask(torch.ones(3)))
+
+
+def test_apply_function_is_f_of_the_dense_matrix(tokens):
+    """``apply_function(w, f)`` equals ``f(H) w`` with ``f(H)`` built from the dense block by an eigendecomposition;
+    with ``f = 1/(λ+δ)`` it is ``apply_inverse``. SOURCE builds on this with ``exp(−ηKλ)``."""
+    model, task, idx = tokens
+    w = {k: torch.randn(2, *p.shape) for k, p in model.named_parameters()}
+    for name in ("identity", "diagonal", "kfac", "ekfac"):
+        curv = make_curvature(name).fit(stream(model, task, idx, 4))
+        got = curv.apply_function(w, lambda lam: torch.exp(-3.0 * lam))
+        inv = curv.apply_function(w, lambda lam: 1.0 / (lam + 0.5))
+        want_inv = curv.apply_inverse(w, 0.5)
+        for k, wk in w.items():
+            torch.testing.assert_close(inv[k], want_inv[k], rtol=1e-10, atol=1e-12)
+            if name == "identity":
+                torch.testing.assert_close(got[k], wk * torch.exp(torch.tensor(-3.0)), rtol=1e-12, atol=0)
+                continue
+            dense = curv.matrix(k)
+            expected = (torch.linalg.matrix_exp(-3.0 * dense) @ wk.reshape(2, -1).T).T.reshape(wk.shape)
+            torch.testing.assert_close(got[k], expected, rtol=1e-9, atol=1e-11)

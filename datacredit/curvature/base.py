@@ -155,6 +155,13 @@ class Curvature:
         """``(H + δI)⁻¹ w`` for ``weights[name]`` of shape ``(Q, *shape)``; returns the same keys and shapes."""
         raise NotImplementedError
 
+    def apply_function(self, weights: dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        """``f(H) w`` for an elementwise function ``fn`` of the eigenvalues, ``weights[name]`` ``(Q, *shape)``.
+
+        Defined for the eigen-based curvatures (identity, diagonal, KFAC, EK-FAC, explicit); CG has no eigenbasis.
+        """
+        raise NotImplementedError(f"curvature {self.name!r} has no eigendecomposition to apply a function through")
+
     def self_products(self, grads: ExampleGrads, damping: float | Damping = 0.0) -> Tensor:
         """``g_iᵀ (H + δI)⁻¹ g_i`` per example, ``(N,)``. Materializes the batch's gradients (memory ``N × numel``)."""
         mats = grads.materialize()

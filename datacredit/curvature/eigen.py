@@ -73,6 +73,14 @@ class EigenBlock:
         block = EigenBlock(lam, *(None if q is None else q.to(w.device, dtype) for q in (self.q_u, self.q_v)))
         return block.unrotate(block.rotate(w.to(dtype)) / denominator).to(w.dtype)
 
+    def apply_function(self, w: Tensor, fn) -> Tensor:
+        """``f(H_p) W = Q_u [ f(Λ) ⊙ (Q_uᵀ W Q_v) ] Q_vᵀ`` for ``w`` ``(Q, m, n)`` and an elementwise ``fn`` of the
+        eigenvalues (SOURCE's ``exp(−ηKλ)`` and ``(1 − e^{−ηKλ})/λ``)."""
+        dtype = torch.promote_types(w.dtype, self.eigenvalues.dtype)
+        lam = self.eigenvalues.to(device=w.device, dtype=dtype)
+        block = EigenBlock(lam, *(None if q is None else q.to(w.device, dtype) for q in (self.q_u, self.q_v)))
+        return block.unrotate(block.rotate(w.to(dtype)) * fn(lam)).to(w.dtype)
+
     def matrix(self) -> Tensor:
         """The dense ``(m·n, m·n)`` matrix ``H_p`` (row-major vec); for tests and small blocks only."""
         eye = torch.eye(self.m * self.n, dtype=self.eigenvalues.dtype, device=self.eigenvalues.device)

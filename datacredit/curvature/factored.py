@@ -81,8 +81,14 @@ class _BlockCurvature(Curvature):
         self._sums = _Sums()
 
     def apply_inverse(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
-        self._require_fit()
         damping = as_damping(damping)
+        return self._per_block(weights, lambda block, w: block.apply_inverse(w, damping))
+
+    def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
+        return self._per_block(weights, lambda block, w: block.apply_function(w, fn))
+
+    def _per_block(self, weights: dict[str, Tensor], op) -> dict[str, Tensor]:
+        self._require_fit()
         out = {}
         for name, w in weights.items():
             block = self.blocks.get(name)
@@ -92,7 +98,7 @@ class _BlockCurvature(Curvature):
             if w.numel() % (block.m * block.n):
                 raise ValueError(f"weights for {name!r} of shape {tuple(w.shape)} are not (Q, *shape) for a "
                                  f"parameter of {block.m * block.n} entries")
-            out[name] = block.apply_inverse(w.reshape(-1, block.m, block.n), damping).reshape(w.shape)
+            out[name] = op(block, w.reshape(-1, block.m, block.n)).reshape(w.shape)
         return out
 
     def to(self, device: torch.device | str) -> _BlockCurvature:
@@ -204,6 +210,10 @@ class IdentityCurvature(Curvature):
     def apply_inverse(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
         scale = self._scale(damping)
         return {name: w * scale for name, w in weights.items()}
+
+    def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
+        value = fn(torch.ones((), dtype=torch.float64))
+        return {name: w * value.to(w.dtype) for name, w in weights.items()}
 
     def self_products(self, grads: ExampleGrads, damping: float | Damping = 0.0) -> Tensor:
         return grads.sq_norms() * self._scale(damping)

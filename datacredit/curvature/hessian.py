@@ -160,6 +160,11 @@ class ExplicitHessian(_HessianCurvature):
         flat = flatten(weights, self.layout)
         return unflatten(self.block.apply_inverse(flat[:, :, None], as_damping(damping))[:, :, 0], self.layout)
 
+    def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
+        self._require_fit()
+        flat = flatten(weights, self.layout)
+        return unflatten(self.block.apply_function(flat[:, :, None], fn)[:, :, 0], self.layout)
+
     def config(self) -> dict[str, Any]:
         return {"layout": self.layout, "chunk": self.chunk}
 
