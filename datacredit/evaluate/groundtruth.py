@@ -33,6 +33,7 @@ from ..store import Store
 from .align import positions
 from .jobstore import OUTPUTS, SECONDS, check_config, expect_equal, fingerprint, run_stored, train_seed
 from .recipes import check_recipe, measure_sign, recipe_config
+from .runner import JobList
 from .stats import spearman_columns
 
 __all__ = ["GroundTruth", "LOOResult", "build_groundtruth", "build_loo", "load_groundtruth", "load_loo"]
@@ -125,7 +126,7 @@ def _check_data(recipe: Any, train: Dataset, queries: Dataset, workers: int, see
 
 
 def subset_masks(n_train: int, m: int, alpha: float, seed: int) -> np.ndarray:
-    """``(m, n_train)`` bool: ``m`` subsets of exactly ``round(alpha · n_train)`` examples from ``default_rng(seed)``."""
+    """``(m, n_train)`` bool: ``m`` subsets of exactly ``round(alpha · n_train)`` examples, ``default_rng(seed)``."""
     size = int(round(alpha * n_train))
     if not 0 < alpha < 1 or not 1 <= size < n_train:
         raise ValueError(f"alpha={alpha} gives subsets of {size} of {n_train} examples; need 1 <= size < n_train")
@@ -145,8 +146,11 @@ def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: st
         recipe: a Recipe (``train``, ``evaluate``, ``measures``); picklable for ``backend="process"``/``"ray"``.
         train, queries: map-style datasets with stable ids (``ArrayDataset`` for the built-in recipes).
         out_dir: store directory; rerunning with the same arguments resumes there.
-        workers, backend: ``"process"`` (``workers`` local processes), ``"serial"`` or ``"ray"``.
-    Returns the complete GroundTruth (as ``load_groundtruth(out_dir)`` would).
+        m, alpha, seeds, seed: ``m`` subsets of ``round(alpha · n_train)`` examples, each trained ``seeds`` times.
+        workers, backend: ``"process"`` (``workers`` spawned local processes, one torch thread each; ``workers=1``
+            runs in this process), ``"serial"`` (this process) or ``"ray"`` (one Ray task per job). Backends give
+            the same outputs up to float rounding from torch's thread count.
+    Returns the complete GroundTruth (as ``load_groundtruth(out_dir)`` would). Cost: ``m · seeds`` retrainings.
     """
     measures = _check_data(recipe, train, queries, workers, seeds)
     m, seeds, seed = int(m), int(seeds), int(seed)
@@ -159,13 +163,15 @@ def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: st
               "measures": list(measures), "recipe": recipe_config(recipe), "n_train": n_train,
               "n_query": len(queries), "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
     seeds_ = np.array([train_seed(seed, k, r) for k in range(m) for r in range(seeds)], dtype=np.int64)
-    jobs = [(np.flatnonzero(masks[j // seeds]), int(seeds_[j])) for j in range(m * seeds)]
+    jobs = JobList(m * seeds, lambda j: (np.flatnonzero(masks[j // seeds]), int(seeds_[j])))
     store = Store(out_dir)
     arrays = {"train_ids": example_ids(train), "query_ids": example_ids(queries), "masks": masks,
               "train_seeds": seeds_}
     resuming = _prepare(store, config, arrays)
     outputs, seconds = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming,
                                   workers=workers, backend=backend, progress=progress, desc="ground truth")
+    logger.info("%s: ground truth complete, %d retrainings, median %.3g s each", store.root, len(jobs),
+                float(np.median(seconds)))
     return _groundtruth(store, config, outputs, seconds)
 
 
@@ -272,9 +278,13 @@ def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.P
               "seed": int(seed), "measures": list(measures), "recipe": recipe_config(recipe), "n_train": n_train,
               "n_query": len(queries), "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
     everything = np.arange(n_train)
-    rows = [everything] + [np.delete(everything, i) for i in idx]
     seeds_ = np.array([train_seed(seed, r) for r in range(seeds)], dtype=np.int64)
-    jobs = [(rows[j // seeds], int(seeds_[j % seeds])) for j in range(len(rows) * seeds)]
+
+    def job(j: int) -> tuple[np.ndarray, int]:
+        row = j // seeds  # 0 = full data, 1 + r = without idx[r]
+        return (everything if row == 0 else np.delete(everything, idx[row - 1])), int(seeds_[j % seeds])
+
+    jobs = JobList((len(idx) + 1) * seeds, job)
     store = Store(out_dir)
     arrays = {"train_ids": train_ids, "query_ids": example_ids(queries), "removed_ids": train_ids[idx],
               "train_seeds": seeds_}

@@ -20,6 +20,7 @@ Ctrl-C (or any error) cancels the jobs not yet started; results already handed t
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import multiprocessing
 import pickle
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import example_ids
 from ..errors import DataError, NonFiniteError
 
-__all__ = ["BACKENDS", "Job", "run_job", "run_jobs", "take"]
+__all__ = ["BACKENDS", "Job", "JobList", "run_job", "run_jobs", "take"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,24 @@ BACKENDS = ("serial", "process", "ray")
 Job = tuple[np.ndarray, int]  # (positions of the training examples to train on, training seed)
 OnResult = Callable[[int, np.ndarray, float], None]  # (job index, outputs (n_measures, n_query), seconds)
 
+_IN_FLIGHT_PER_WORKER = 2
 _WORKER: dict[str, Any] = {}  # per worker process: the recipe and datasets, set once by _init_worker
+
+
+class JobList(Sequence[Job]):
+    """``n`` jobs built on access by ``make(j) -> (positions, seed)``, so a long job list (leave-one-out over a
+    large training set) never holds every job's positions in memory at once."""
+
+    def __init__(self, n: int, make: Callable[[int], Job]) -> None:
+        self._n, self._make = int(n), make
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, j: int) -> Job:  # type: ignore[override]
+        if not 0 <= j < self._n:
+            raise IndexError(f"job {j} out of range [0, {self._n})")
+        return self._make(j)
 
 
 def take(dataset: Dataset, positions: np.ndarray) -> Dataset:
@@ -53,7 +71,8 @@ def take(dataset: Dataset, positions: np.ndarray) -> Dataset:
     return Subset(dataset, positions.tolist())
 
 
-def run_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+def run_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int
+            ) -> tuple[np.ndarray, float]:
     """Train on ``train[positions]`` with ``seed``, evaluate ``queries``.
 
     Returns ``(outputs, seconds)``: outputs ``(n_measures, n_query)`` float64 in ``recipe.measures`` order, and
@@ -146,13 +165,21 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
         raise DataError(f"backend='process' sends the recipe and datasets to worker processes, but they cannot "
                         f"be pickled ({exc}); define the recipe class at the top level of an importable module, "
                         "or use backend='serial'") from exc
-    pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+    workers = min(workers, len(todo))
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(payload,))
+    queue, running = iter(todo), {}
     try:
-        futures = {pool.submit(_worker_job, *jobs[j]): j for j in todo}
-        for future in cf.as_completed(futures):
-            j = futures[future]
-            done(j, _guard(j, jobs, future.result))
+        while True:
+            # keep 2 jobs per worker in flight, so job arguments are built as needed, not all up front
+            for j in itertools.islice(queue, _IN_FLIGHT_PER_WORKER * workers - len(running)):
+                running[pool.submit(_worker_job, *jobs[j])] = j
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                j = running.pop(future)
+                done(j, _guard(j, jobs, future.result))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -170,14 +197,19 @@ def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
         ray.init()  # joins the cluster in RAY_ADDRESS if set, else starts a local one
     task = ray.remote(num_cpus=1)(_ray_job)
     shared = (ray.put(recipe), ray.put(train), ray.put(queries))
-    pending = {task.remote(*shared, *jobs[j]): j for j in todo}
+    window = _IN_FLIGHT_PER_WORKER * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    queue, running = iter(todo), {}
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+        while True:
+            for j in itertools.islice(queue, window - len(running)):
+                running[task.remote(*shared, *jobs[j])] = j
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
-                j = pending.pop(ref)
+                j = running.pop(ref)
                 done(j, _guard(j, jobs, lambda ref=ref: ray.get(ref)))
     except BaseException:
-        for ref in pending:
+        for ref in running:
             ray.cancel(ref)
         raise

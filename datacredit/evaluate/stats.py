@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = ["bootstrap_mean_ci", "pearson_columns", "spearman_columns"]
 
@@ -27,6 +26,8 @@ def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation per column (ties get average ranks): ``(k, Q), (k, Q) -> (Q,)``."""
+    from scipy.stats import rankdata  # imported here: scipy.stats is slow to import in every worker process
+
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"need two equal 2-D shapes, got {a.shape} and {b.shape}")
