@@ -1,6 +1,6 @@
 """Benchmark: train-batch × validation-set gradient dot products, datacredit's capture engine vs ``torch.func``.
 
-For every case it computes the ``(B_train, B_val)`` matrix ``⟨∇ℓ_i, ∇ℓ_j⟩`` over all parameters three ways:
+For every case it computes the ``(B_train, B_val)`` matrix ``⟨∇ℓ_i, ∇ℓ_j⟩`` over all parameters two ways:
 
 * ``datacredit``  — :func:`~datacredit.capture.example_grads` on both batches, then ``train.gram(val)``
   (ghost dots or val-first, chosen per layer by cost);
@@ -11,11 +11,16 @@ and the val-first column ``⟨∇ℓ_i, Σ_j ∇ℓ_j⟩`` ``(B_train, 1)`` (the
 * ``datacredit val-first`` — summed validation gradient ``V`` by ordinary autograd, then ``train.dot(V)``;
 * ``torch.func val-first`` — ``vmap(grad)`` on the train batch only, flatten, times the flattened ``V``.
 
-Each method runs in its own fresh process (a fork server that has only imported torch), which builds the model and the
-data from fixed seeds, times one warm-up call and the median of ``--repeats`` calls (``time.perf_counter``, the whole
-pipeline: forwards, backwards and products), and reports its peak RSS (``resource.getrusage``). Peak memory is that
-peak minus the peak of a baseline process that only builds the model and the data (torch's CPU allocator is invisible
-to ``tracemalloc``). The gram matrices are sent back and checked against ``torch.func`` in float32.
+``plain fwd+bwd`` (one ordinary forward + backward per batch) is timed too, as the floor for anything that runs a
+backward.
+
+Each method runs in its own fresh process (forked from a server that has only imported torch, torch._dynamo and
+datacredit), which first runs every method once on a tiny MLP (so one-time costs count for none), builds the model
+and the data from fixed seeds, times one warm-up call and the median of ``--repeats`` calls (``time.perf_counter``,
+the whole pipeline: forwards, backwards and products), and reports its peak RSS after that one call
+(``resource.getrusage``). Peak memory is that peak minus the peak of a baseline process that does the same except the
+method (torch's CPU allocator is invisible to ``tracemalloc``). The gram matrices are sent back and checked against
+``torch.func`` in float32.
 
 Usage: ``python benchmarks/capture.py [--quick] [--repeats N] [--out benchmarks/results/capture.json]``.
 Exits 1 if a datacredit result differs from torch.func by more than ``--tol`` (max relative error).
@@ -43,7 +48,7 @@ from torch.func import functional_call, grad, vmap
 from datacredit.capture import Capture, example_grads
 from datacredit.models import Block, TinyGPT, mlp
 
-METHODS = ("datacredit", "torch.func", "datacredit val-first", "torch.func val-first")
+METHODS = ("datacredit", "torch.func", "datacredit val-first", "torch.func val-first", "plain fwd+bwd")
 BASELINE_OF = {"datacredit": "torch.func", "datacredit val-first": "torch.func val-first"}
 
 
@@ -171,11 +176,18 @@ def func_val_first(model: nn.Module, loss: Callable, train: tuple, val: tuple) -
     return func_grads(model, loss, train) @ v[:, None]
 
 
+def plain_backward(model: nn.Module, loss: Callable, train: tuple, val: tuple) -> None:
+    """Reference floor, not a method: one ordinary forward + backward of each batch (summed gradients only)."""
+    summed_grad(model, loss, train)
+    summed_grad(model, loss, val)
+
+
 RUNNERS = {
     "datacredit": ours_gram,
     "torch.func": func_gram,
     "datacredit val-first": ours_val_first,
     "torch.func val-first": func_val_first,
+    "plain fwd+bwd": plain_backward,
 }
 
 
@@ -186,8 +198,16 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(case: Case, method: str | None, repeats: int) -> dict:
+def measure(case: Case, method: str | None, repeats: int, threads: int) -> dict:
     """Run in a fresh process. ``method=None``: only build the model and the data (the memory baseline)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    # One-time costs (torch.func's lazy imports of torch._dynamo and sympy, thread pools, kernel setup) count for no
+    # method: every process, the baseline included, first runs every method once on a tiny model.
+    tiny = build(QUICK[0])
+    for runner in RUNNERS.values():
+        runner(*tiny)
+    del tiny
     model, loss, train, val = build(case)
     if method is None:
         return {"peak_rss_mb": _max_rss_mb()}
@@ -201,23 +221,46 @@ def measure(case: Case, method: str | None, repeats: int) -> dict:
         start = time.perf_counter()
         run(model, loss, train, val)
         times.append(time.perf_counter() - start)
-    return {"result": result.detach(), "first_s": first, "median_s": statistics.median(times), "times_s": times,
-            "peak_rss_mb": peak}
+    # plain lists: torch's tensor pickling shares memory through the sending process, which is about to exit
+    return {"result": None if result is None else result.detach().tolist(), "first_s": first,
+            "median_s": statistics.median(times), "times_s": times, "peak_rss_mb": peak}
 
 
 def _context() -> mp.context.BaseContext:
     # A fork server that has imported torch once starts each measuring process in a fraction of a second; every
     # process still starts from the same clean state (nothing has run in the server), so RSS deltas are comparable.
+    # torch._dynamo is what torch.func imports on first use (with sympy: ~800 modules, seconds).
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.func", "datacredit.capture", "datacredit.models"])
+        ctx.set_forkserver_preload(["torch", "torch.func", "torch._dynamo", "datacredit.capture", "datacredit.models"])
         return ctx
     return mp.get_context("spawn")
 
 
-def in_fresh_process(ctx: mp.context.BaseContext, case: Case, method: str | None, repeats: int) -> dict:
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(measure, (case, method, repeats))
+def _child(conn, case: Case, method: str | None, repeats: int, threads: int) -> None:
+    try:
+        conn.send(("ok", measure(case, method, repeats, threads)))
+    except BaseException as exc:  # report it in the parent rather than hang
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        conn.close()
+
+
+def in_fresh_process(ctx: mp.context.BaseContext, case: Case, method: str | None, repeats: int, threads: int) -> dict:
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, case, method, repeats, threads))
+    proc.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:  # died without a word (e.g. killed for memory)
+        status, payload = "error", None
+    proc.join()
+    payload = f"process died with exit code {proc.exitcode}" if payload is None else payload
+    if status != "ok":
+        raise RuntimeError(f"{case.name} / {method or 'baseline'}: {payload}")
+    return payload
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:
@@ -225,9 +268,11 @@ def rel_err(ours: Tensor, ref: Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_case(ctx: mp.context.BaseContext, case: Case, repeats: int) -> dict:
-    base = in_fresh_process(ctx, case, None, repeats)["peak_rss_mb"]
-    out = {name: in_fresh_process(ctx, case, name, repeats) for name in METHODS}
+def run_case(ctx: mp.context.BaseContext, case: Case, repeats: int, threads: int) -> dict:
+    base = in_fresh_process(ctx, case, None, repeats, threads)["peak_rss_mb"]
+    out = {name: in_fresh_process(ctx, case, name, repeats, threads) for name in METHODS}
+    for r in out.values():
+        r["result"] = None if r["result"] is None else torch.tensor(r["result"])
     ref = out["torch.func"]["result"]
     errors = {
         "datacredit": rel_err(out["datacredit"]["result"], ref),
@@ -241,7 +286,9 @@ def run_case(ctx: mp.context.BaseContext, case: Case, repeats: int) -> dict:
                       "peak_mb": max(r["peak_rss_mb"] - base, 0.0), "max_rel_err": errors.get(name)}
     for ours, theirs in BASELINE_OF.items():
         rows[ours]["speedup"] = rows[theirs]["median_s"] / rows[ours]["median_s"]
-        rows[ours]["memory_ratio"] = rows[theirs]["peak_mb"] / max(rows[ours]["peak_mb"], 1e-9)
+        # below 1 MB the RSS delta is noise (page granularity, allocator caches): no ratio
+        small = rows[ours]["peak_mb"] < 1.0
+        rows[ours]["memory_ratio"] = None if small else rows[theirs]["peak_mb"] / rows[ours]["peak_mb"]
     model = build(case)[0]
     n_params = sum(p.numel() for p in model.parameters())
     return {"case": asdict(case), "description": case.describe(), "n_params": n_params,
@@ -249,6 +296,9 @@ def run_case(ctx: mp.context.BaseContext, case: Case, repeats: int) -> dict:
 
 
 # -- reporting -------------------------------------------------------------------------------------------------------
+
+
+REF_NOTE = {"torch.func": "(reference)", "plain fwd+bwd": "(floor: no per-example work)"}
 
 
 def table(results: list[dict]) -> str:
@@ -261,8 +311,8 @@ def table(results: list[dict]) -> str:
         for name in METHODS:
             r = res["methods"][name]
             speed = f"{r['speedup']:.2f}×" if "speedup" in r else ""
-            mem = f"{r['memory_ratio']:.1f}×" if "memory_ratio" in r else ""
-            err = f"{r['max_rel_err']:.1e}" if r["max_rel_err"] is not None else "(reference)"
+            mem = "" if "memory_ratio" not in r else "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.1f}×"
+            err = f"{r['max_rel_err']:.1e}" if r["max_rel_err"] is not None else REF_NOTE.get(name, "")
             lines.append(f"| {res['description']} ({res['n_params']:,} params) | {name} | {1000 * r['median_s']:.1f} "
                          f"| {r['peak_mb']:.1f} | {speed} | {mem} | {err} |")
     return "\n".join(lines)
@@ -271,8 +321,11 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, one repeat: a smoke run of a few seconds")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5; 1 quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats after a warm-up (default 5; quick 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "capture.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each measuring process (default 1: stable on a shared machine, where "
+                             "OpenMP barriers on busy cores dominate; 0 = torch's default)")
     parser.add_argument("--tol", type=float, default=1e-4, help="max relative error allowed vs torch.func (float32)")
     args = parser.parse_args(argv)
     cases = QUICK if args.quick else FULL
@@ -281,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         print(f"[{case.name}] {case.describe()} ...", file=sys.stderr, flush=True)
-        results.append(run_case(ctx, case, repeats))
+        results.append(run_case(ctx, case, repeats, args.threads))
     print(table(results))
     report = {
         "benchmark": "train × validation gradient dot products",
@@ -289,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeats": repeats,
         "tolerance": args.tol,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "torch_threads": args.threads if args.threads > 0 else torch.get_num_threads(),
                     "cpu_count": mp.cpu_count(), "start_method": ctx.get_start_method()},
         "results": results,
     }

@@ -199,3 +199,15 @@ def test_registry_lookup_walks_subclasses_and_rejects_duplicates():
     assert registered()[nn.Linear] == "linear"
     with pytest.raises(ValueError, match="already registered"):
         register(nn.Linear)(type("Dup", (LayerRule,), {}))
+
+
+def test_non_finite_gradient_with_finite_loss_names_example_ids():
+    """An infinite output gradient (d/dx √x at 0) with a finite loss is caught too, not only NaN losses."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(NonFiniteError, match=r"gradients for example ids \[21\]"):
+        with Capture(model) as cap:
+            out = model(torch.randn(3, 3))
+            # √|o − o| is 0 in value but has an infinite derivative; only example 1 gets it
+            spike = (out[1] - out[1].detach()).abs().sqrt().sum()
+            losses = out.sum(1) + torch.stack([out.new_zeros(()), spike, out.new_zeros(())])
+            example_grads(cap, losses, ids=[20, 21, 22])

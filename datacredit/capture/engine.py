@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError, UnsupportedModuleError
 from . import conv1d, conv2d, embedding, layernorm, linear  # noqa: F401  (registers the rules)
 from .grads import ExampleGrads
-from .pieces import Piece
+from .pieces import Outer, Piece
 from .registry import LayerRule, rule_for
 
 
@@ -153,10 +153,13 @@ def _example_ids(ids: Sequence[int] | None, n: int) -> np.ndarray:
 
 
 def _check_finite(grads: ExampleGrads, ids: Sequence[int] | None) -> None:
+    """Both factors of every piece: the output gradient and the input side (an inf in either gives a NaN/inf
+    gradient; an indexed ``u`` is an integer index and cannot be)."""
     bad = torch.zeros(grads.n, dtype=torch.bool)
     for ps in grads.pieces.values():
         for p in ps:
-            for t in (p.v,) if hasattr(p, "v") else (p.g,):
+            factors = (p.v,) if isinstance(p, Outer) and p.indexed else (p.u, p.v) if isinstance(p, Outer) else (p.g,)
+            for t in factors:
                 bad |= ~torch.isfinite(t.reshape(grads.n, -1)).all(1).cpu()
     if bad.any():
         raise NonFiniteError(f"NaN/inf gradients for example ids {_example_ids(ids, grads.n)[bad.numpy()].tolist()}")

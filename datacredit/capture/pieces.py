@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 # Elements of the largest temporary a ghost/val-first product may create before it is split into chunks.
-CHUNK_ELEMENTS = 2**24
+CHUNK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -162,19 +162,27 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
             rows = w[:, a.u.reshape(-1), :]  # (q, N·T, n): V_q[idx_t]
         else:
             rows = torch.einsum("pm,qmn->qpn", a.u.reshape(n_ex * t, a.m), w)
-        cols.append((rows * v_flat).sum(-1).reshape(-1, n_ex, t).sum(-1).T)
+        cols.append(torch.einsum("qpn,pn->qp", rows, v_flat).reshape(-1, n_ex, t).sum(-1).T)
     return torch.cat(cols, dim=1)
+
+
+def materialized_gram(a: Piece, b: Piece) -> Tensor:
+    """``G_a G_bᵀ`` with ``b``'s per-example gradients materialized once and ``a``'s in chunks of examples.
+
+    Cost ``(N·T + N'·T')·m·n + N·N'·m·n``: what :func:`materialize_cost` prices. (A val-first dot of ``a`` with the
+    materialized ``b`` would cost ``N·T·m·n·N'``, never less, so the gram does not use it.)
+    """
+    gb = b.materialize()
+    width = gb.shape[1]
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return torch.cat([a.select(slice(s, s + step)).materialize() @ gb.T for s in range(0, a.n_examples, step)])
 
 
 def piece_gram(a: Piece, b: Piece) -> Tensor:
     """``⟨g_i, g'_j⟩`` between two pieces of the same parameter, ``(N, N')``, by the cheaper exact route."""
-    if isinstance(a, Outer) and isinstance(b, Outer):
-        if ghost_cost(a, b) <= materialize_cost(a, b):
-            return ghost_gram(a, b)
-        if b.n_examples <= a.n_examples:  # materialize the smaller side, val-first dots with the larger
-            return val_first_dot(a, b.materialize().reshape(-1, b.m, b.n))
-        return val_first_dot(b, a.materialize().reshape(-1, a.m, a.n)).T
-    return a.materialize() @ b.materialize().T
+    if isinstance(a, Outer) and isinstance(b, Outer) and ghost_cost(a, b) <= materialize_cost(a, b):
+        return ghost_gram(a, b)
+    return materialized_gram(a, b)
 
 
 def piece_dot(a: Piece, weights: Tensor) -> Tensor:
