@@ -7,14 +7,16 @@ from . import capture, curvature, data, evaluate, report
 from .capture import Capture, ExampleGrads
 from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
-from .methods import GradDot, Influence, InRunShapley
+from .methods import TRAK, GradDot, Influence, InRunShapley, Source, TracIn
 from .scores import Scores
 from .store import Store
 from .task import ClassificationTask, LanguageModelingTask, Task
+from .trajectory import Trajectory, TrajectoryRecorder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRAK",
     "Capture",
     "ClassificationTask",
     "DataCreditError",
@@ -27,9 +29,13 @@ __all__ = [
     "LanguageModelingTask",
     "NonFiniteError",
     "Scores",
+    "Source",
     "Store",
     "StoreError",
     "Task",
+    "TracIn",
+    "Trajectory",
+    "TrajectoryRecorder",
     "UnsupportedModuleError",
     "capture",
     "curvature",

@@ -115,11 +115,9 @@ class Trajectory:
     def load(cls, path: str | os.PathLike[str] | Store) -> Trajectory:
         """The checkpoints recorded in ``path`` (a directory written by :class:`TrajectoryRecorder`), by step."""
         store = path if isinstance(path, Store) else Store(path, create=False)
-        found = []
-        for name in store.names():
-            if name.startswith(CHECKPOINT):
-                info = store.info(name)
-                found.append(_checkpoint(info["meta"], name, info.get("sha256")))
+        entries = store._read_manifest()  # one read for all checkpoints (store.info would re-read it per name)
+        found = [_checkpoint(entry.get("meta", {}), name, entry.get("sha256"))
+                 for name, entry in sorted(entries.items()) if name.startswith(CHECKPOINT)]
         if not found:
             raise StoreError(f"{store.root}: no checkpoints recorded there")
         found.sort(key=lambda c: c.step)
@@ -251,6 +249,7 @@ class TrajectoryRecorder:
 
     Reopening a directory that holds checkpoints continues after the last one: the step count restarts from its
     step. Call :meth:`resume` to load its weights (and optimizer state) back into ``model`` / ``optimizer``.
+    One process writes a directory at a time: under DDP, record on rank 0 only.
     """
 
     def __init__(self, model: nn.Module, out_dir: str | os.PathLike[str], *,
@@ -278,7 +277,7 @@ class TrajectoryRecorder:
             for name in self.store.names():
                 if name.startswith((CHECKPOINT, OPTIMIZER)):
                     self.store.remove(name)
-        last = self._last()
+        last = self._last_checkpoint = self._last()
         self.global_step = 0 if last is None else last.step
         self._interval_steps, self._interval_lr_sum = 0, 0.0
         self._last_lr: float | None = None
@@ -289,8 +288,8 @@ class TrajectoryRecorder:
 
     # -- state ------------------------------------------------------------------------------------------------------
     def _last(self) -> Checkpoint | None:
-        names = [n for n in self.store.names() if n.startswith(CHECKPOINT)]
-        if not names:
+        """The latest checkpoint on disk (read at construction; the recorder keeps track of it afterwards)."""
+        if not any(n.startswith(CHECKPOINT) for n in self.store.names()):
             return None
         return Trajectory.load(self.store)[-1]
 
@@ -301,7 +300,7 @@ class TrajectoryRecorder:
     def resume(self) -> int:
         """Load the last checkpoint's weights (and saved optimizer state) into the model (and optimizer); return
         the step count to continue from (0, touching nothing, when nothing is recorded yet)."""
-        last = self._last()
+        last = self._last_checkpoint = self._last()
         if last is None:
             return 0
         traj = Trajectory.load(self.store)
@@ -337,9 +336,9 @@ class TrajectoryRecorder:
     def save(self, epoch: float | None = None) -> Checkpoint:
         """Checkpoint the model now (a no-op returning the existing one if this step is already saved)."""
         name = f"{CHECKPOINT}{self.global_step:09d}"
-        if self.store.has(name):
-            return _checkpoint(self.store.info(name)["meta"], name, self.store.info(name)["sha256"])
-        last = self._last()
+        last = self._last_checkpoint
+        if last is not None and last.step == self.global_step:
+            return last
         if last is not None and last.step > self.global_step:
             raise StoreError(f"{self.store.root}: a checkpoint at step {last.step} exists after step "
                              f"{self.global_step}; call resume() or pass overwrite=True")
@@ -362,7 +361,8 @@ class TrajectoryRecorder:
             if self.store.has(old):
                 self.store.remove(old)
         self._interval_steps, self._interval_lr_sum = 0, 0.0
-        return replace(checkpoint, digest=self.store.info(name)["sha256"])
+        self._last_checkpoint = replace(checkpoint, digest=self.store.info(name)["sha256"])
+        return self._last_checkpoint
 
     def _save_optimizer(self, name: str) -> None:
         sd = self.optimizer.state_dict()

@@ -3,5 +3,8 @@
 from .graddot import GradDot, GradDotConfig
 from .influence import Influence, InfluenceConfig
 from .inrun import InRunShapley
+from .source import Source
+from .tracin import TracIn
+from .trak import TRAK
 
-__all__ = ["GradDot", "GradDotConfig", "InRunShapley", "Influence", "InfluenceConfig"]
+__all__ = ["TRAK", "GradDot", "GradDotConfig", "InRunShapley", "Influence", "InfluenceConfig", "Source", "TracIn"]

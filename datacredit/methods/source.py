@@ -1,0 +1,260 @@
+"""SOURCE: approximate unrolled differentiation (Bae, Lin, Lorraine, Grosse 2024), segment-wise with EK-FAC.
+
+The run is split into segments ℓ = 1..L (runs of consecutive checkpoints of a
+:class:`~datacredit.trajectory.Trajectory`).
+Segment ℓ takes ``K_ℓ`` steps at learning rates η (``η_ℓK_ℓ`` = the sum of its steps' learning rates, divided by
+``1 − β`` under SGD momentum β), has an averaged curvature ``H̄_ℓ`` (fitted over its checkpoints, eigenvalues λ) and
+averaged training gradients ``ḡ_ℓ(z)``. With the training loss a mean over the stage's N examples (paper, Eq. 13):
+
+    τ(z, q) = (1/N) Σ_ℓ  ∇f_q(θ_T)ᵀ [ Π_{ℓ'>ℓ} exp(−η_ℓ'K_ℓ' H̄_ℓ') ] · (I − exp(−η_ℓK_ℓ H̄_ℓ)) H̄_ℓ⁻¹ · ḡ_ℓ(z)
+
+Sign: τ = −d f_q(θ_T)/dε_z for the objective (1/N) Σ_i (1 + ε_i) ℓ_i, so a positive score means up-weighting z lowers
+the query measurement (z helps q), as everywhere in datacredit.
+
+Computed query side first: ``∇f_q`` is propagated backwards through the segments in each segment's eigenbasis
+(``exp(−ηKλ)`` per eigenvalue), picking up ``(1 − e^{−ηKλ})/λ`` at each segment, then dotted (val-first) with the
+segment's training gradients at each of its checkpoints. Cost ≈ (number of checkpoints) × EK-FAC influence.
+
+``time="discrete"`` replaces the gradient-flow factors by the exact ones of the recorded gradient-descent steps,
+``Π_c (1 − η_c λ)^{n_c}`` and ``Σ_c [(1 − (1 − η_c λ)^{n_c})/λ] Π_{c'>c} (1 − η_{c'} λ)^{n_{c'}}``; with stationary
+gradients and exact curvature this equals unrolled differentiation exactly (the tests' twin).
+
+Multi-stage pipelines (pretrain → fine-tune) are stages, each a trajectory with its own training data; scores are
+given for the examples of every stage, and a query is propagated back through all later segments, of any stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..capture import Capture, example_grads
+from ..curvature import Curvature, make_curvature
+from ..errors import DataError
+from ..scores import Scores
+from ..task import Task
+from ..trajectory import Trajectory
+from .base import Data, GradientMethod, batches, eval_mode
+
+
+@dataclass
+class _Segment:
+    stage: int
+    trajectory: Trajectory  # its checkpoints
+    intervals: list[tuple[float, int]]  # (effective lr η/(1−β), steps) per checkpoint interval
+    curvature: Curvature | None = None
+
+    @property
+    def eta_k(self) -> float:
+        return sum(lr * n for lr, n in self.intervals)
+
+
+def _intervals(traj: Trajectory) -> list[tuple[float, int]]:
+    out = []
+    for c in traj:
+        if c.steps and (c.lr_sum is None and c.lr is None):
+            raise DataError(f"checkpoint at step {c.step} has no learning rate; SOURCE needs η·K per segment")
+        lr_sum = c.lr_sum if c.lr_sum is not None else (c.lr or 0.0) * c.steps
+        beta = c.momentum or 0.0
+        out.append(((lr_sum / c.steps if c.steps else 0.0) / (1.0 - beta), int(c.steps)))
+    return out
+
+
+def _propagator(seg: _Segment, time: str) -> Callable[[Tensor], Tensor]:
+    """λ ↦ the factor that carries a perturbation through the whole segment."""
+    if time == "continuous":
+        return lambda lam: torch.exp(-seg.eta_k * lam)
+
+    def fn(lam: Tensor) -> Tensor:
+        out = torch.ones_like(lam)
+        for lr, n in seg.intervals:
+            out = out * (1 - lr * lam) ** n
+        return out
+
+    return fn
+
+
+def _accumulator(seg: _Segment, time: str) -> Callable[[Tensor], Tensor]:
+    """λ ↦ Σ_k η_k Π_{j>k} (propagation), the response of θ at the segment's end to a constant gradient in it;
+    ``(1 − e^{−ηKλ})/λ`` in continuous time, → ηK as λ → 0."""
+    small = 1e-12
+
+    def safe_div(num: Tensor, lam: Tensor, limit: Tensor | float) -> Tensor:
+        tiny = lam.abs() < small
+        return torch.where(tiny, limit if isinstance(limit, Tensor) else torch.full_like(lam, limit),
+                           num / torch.where(tiny, torch.ones_like(lam), lam))
+
+    if time == "continuous":
+        return lambda lam: safe_div(-torch.expm1(-seg.eta_k * lam), lam, seg.eta_k)
+
+    def fn(lam: Tensor) -> Tensor:
+        total = torch.zeros_like(lam)
+        for lr, n in seg.intervals:  # each interval: total ← total·(1−ηλ)^n + (1 − (1−ηλ)^n)/λ
+            decay = (1 - lr * lam) ** n
+            total = total * decay + safe_div(1 - decay, lam, lr * n)
+        return total
+
+    return fn
+
+
+class Source(GradientMethod):
+    """SOURCE attribution. ``Source(model, task, trajectory, segments=3).fit(train).score(queries) -> Scores``.
+
+    trajectory: the run's checkpoints (a :class:`Trajectory` or its directory); several stages: pass
+    ``stages=[(traj_pretrain, L1), (traj_finetune, L2)]`` and ``fit([pretrain_data, finetune_data])``.
+    segments: L (default 3, the paper's; 6 checkpoints give 2 per segment). curvature: any eigen-based curvature name
+    (``"ekfac"`` default, ``"kfac"``, ``"diagonal"``, ``"explicit"``). time: ``"continuous"`` (the paper) or
+    ``"discrete"``. The ``model`` is the final model θ_T; it is never modified (a private copy loads checkpoints).
+    """
+
+    name = "source"
+
+    def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory | str | None = None, *,
+                 segments: int = 3, stages: Sequence[tuple[Trajectory | str, int]] | None = None,
+                 curvature: str = "ekfac", time: str = "continuous", batch_size: int = 64, progress: bool = True):
+        if (trajectory is None) == (stages is None):
+            raise ValueError("give either a trajectory (with segments) or stages=[(trajectory, segments), ...]")
+        if time not in ("continuous", "discrete"):
+            raise ValueError(f"time must be 'continuous' or 'discrete', got {time!r}")
+        self.final = model
+        super().__init__(copy.deepcopy(model), task, batch_size=batch_size, progress=progress)
+        stages = [(trajectory, segments)] if stages is None else list(stages)
+        self.segments: list[_Segment] = []
+        for k, (traj, n) in enumerate(stages):
+            traj = traj if isinstance(traj, Trajectory) else Trajectory.load(traj)
+            for part in traj.segments(n):
+                self.segments.append(_Segment(k, part, _intervals(part)))
+        self.n_stages = len(stages)
+        self.curvature_name, self.time = curvature, time
+        self._train: list[Data] | None = None
+        self.train_ids: np.ndarray | None = None
+
+    # -- fit -----------------------------------------------------------------------------------------------------
+    def _load(self, traj: Trajectory, k: int) -> None:
+        traj.load_into(self.model, k)
+
+    def _checkpoint_grads(self, seg: _Segment, data: Data, desc: str) -> Iterator:
+        """Per-example training gradients at every checkpoint of ``seg`` in turn (what the curvature averages)."""
+        for k in range(len(seg.trajectory)):
+            self._load(seg.trajectory, k)
+            _, it = self.grads(data, desc=desc)
+            for _, g in it:
+                yield g
+
+    def _checkpoint_batches(self, seg: _Segment, data: Data) -> Iterator:
+        """Raw batches at every checkpoint (for curvatures that compute from the model, e.g. the explicit Hessian)."""
+        for k in range(len(seg.trajectory)):
+            self._load(seg.trajectory, k)
+            _, it = batches(data, self.batch_size, self.device, progress=False)
+            for batch in it:
+                yield batch.data
+
+    def fit(self, train: Data | Sequence[Data]) -> Source:
+        """Fit each segment's curvature over its checkpoints (averaged) on its stage's training data."""
+        data = list(train) if isinstance(train, (list, tuple)) else [train]
+        if len(data) != self.n_stages:
+            raise DataError(f"{self.n_stages} stage(s) but {len(data)} training set(s)")
+        ids = [batches(d, self.batch_size, self.device, progress=False)[0] for d in data]
+        all_ids = np.concatenate(ids)
+        if len(np.unique(all_ids)) != len(all_ids):
+            raise DataError("training ids must be unique across stages (give each stage's examples distinct ids)")
+        self._train, self._stage_ids, self.train_ids = data, ids, all_ids
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad and n in self._tracked_names()]
+        with eval_mode(self.model):
+            for ell, seg in enumerate(self.segments):
+                curv = make_curvature(self.curvature_name)
+                if curv.source == "data":
+                    curv.bind(self.model, self.task.loss, names)
+                seg.curvature = curv.fit(self._stream(curv, seg, data[seg.stage], ell), progress=self.progress)
+        return self
+
+    def _stream(self, curv: Curvature, seg: _Segment, data: Data, ell: int) -> Callable[[], Iterator]:
+        """A fresh iterator per curvature pass over all of the segment's checkpoints (the average)."""
+        if curv.source == "data":
+            return lambda: self._checkpoint_batches(seg, data)
+        return lambda: self._checkpoint_grads(seg, data, f"source segment {ell + 1}")
+
+    def _tracked_names(self) -> set[str]:
+        cap = Capture(self.model, self.modules)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)] for module, _ in cap.tracked.values() for p in module.parameters(recurse=False)
+                if p.requires_grad}
+
+    # -- score ---------------------------------------------------------------------------------------------------
+    def _query_vectors(self, queries: Data) -> tuple[np.ndarray, dict[str, Tensor]]:
+        """``∇f_q(θ_T)`` per tracked parameter, ``(Q, *shape)``, at the final model."""
+        self.model.load_state_dict(self.final.state_dict())
+        ids, it = self.grads(queries, measurement=True, desc="source queries")
+        parts = [g.materialize() for _, g in it]
+        return ids, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _segment_weights(self, v: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """``u_ℓ = A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] v`` for every segment, latest first then reversed to segment order."""
+        out: list[dict[str, Tensor]] = [{} for _ in self.segments]
+        for ell in range(len(self.segments) - 1, -1, -1):
+            seg = self.segments[ell]
+            out[ell] = seg.curvature.apply_function(v, _accumulator(seg, self.time))
+            v = seg.curvature.apply_function(v, _propagator(seg, self.time))
+        return out
+
+    def _require_fit(self) -> None:
+        if self.train_ids is None:
+            raise RuntimeError("call Source.fit(train) before scoring")
+
+    def score(self, queries: Data) -> Scores:
+        """``(n_train, n_query)`` scores τ(z, q); rows are the stages' examples in order. Positive = helps."""
+        self._require_fit()
+        with eval_mode(self.model):
+            query_ids, v = self._query_vectors(queries)
+            weights = self._segment_weights(v)
+            values = np.zeros((len(self.train_ids), len(query_ids)))
+            offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
+            for seg, u in zip(self.segments, weights):
+                n_stage = len(self._stage_ids[seg.stage])
+                scale = 1.0 / (len(seg.trajectory) * n_stage)  # average over checkpoints, 1/N of the mean loss
+                for k in range(len(seg.trajectory)):
+                    self._load(seg.trajectory, k)
+                    _, it = self.grads(self._train[seg.stage], desc="source score")
+                    for batch, g in it:
+                        rows = slice(offsets[seg.stage] + batch.rows.start, offsets[seg.stage] + batch.rows.stop)
+                        values[rows] += scale * g.dot(u).detach().cpu().double().numpy()
+        config = {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
+                  "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
+        return Scores(values, self.train_ids, query_ids, self.name, config)
+
+    def self_scores(self, train: Data | Sequence[Data] | None = None) -> Scores:
+        """τ(z, z) per training example, ``(n_train, 1)``: each example's own gradient at θ_T as the query."""
+        if train is not None:
+            self.fit(train)
+        self._require_fit()
+        out = []
+        with eval_mode(self.model):
+            for stage, data in enumerate(self._train):
+                n_stage = len(self._stage_ids[stage])
+                self.model.load_state_dict(self.final.state_dict())
+                _, it = self.grads(data, measurement=True, desc="source self")
+                queries = [(b, g.materialize()) for b, g in it]
+                for batch, v in queries:
+                    total = torch.zeros(batch.rows.stop - batch.rows.start, dtype=torch.float64)
+                    for seg, u in zip(self.segments, self._segment_weights(v)):
+                        if seg.stage != stage:
+                            continue
+                        for k in range(len(seg.trajectory)):
+                            self._load(seg.trajectory, k)
+                            with Capture(self.model, self.modules) as cap:
+                                g = example_grads(cap, self.task.loss(self.model, batch.data), batch.ids)
+                            total += g.dot(u).diagonal().detach().cpu().double() / (len(seg.trajectory) * n_stage)
+                    out.append(total.numpy())
+        return Scores(np.concatenate(out)[:, None], self.train_ids, np.array([-1]), "source:self",
+                      {"curvature": self.curvature_name, "time": self.time})
+
+
+def effective_horizon(trajectory: Trajectory) -> float:
+    """Σ η/(1−β) over all recorded steps: SOURCE's ``ηK`` of a single segment spanning the run."""
+    return math.fsum(lr * n for lr, n in _intervals(trajectory))

@@ -1,0 +1,305 @@
+"""TRAK (Park, Georgiev, Ilyas, Leclerc, Madry 2023, Algorithm 1): attribution through a linearised, projected model.
+
+For each of M models ``θ_m`` (checkpoints of one run, or independently trained models):
+
+* ``φ_i = P_m ∇_θ f(z_i; θ_m)`` — the projected gradient of the **margin** ``f = log(p / (1 − p))`` (p = probability
+  of the correct class), for training examples ``Φ_m = [φ_1 … φ_n]ᵀ`` ``(n_train, k)`` and for queries alike;
+* ``Q_m = diag(1 − p_i)`` — the one-minus-probability reweighting of the training examples;
+* ``τ(q, i) = [1/M Σ_m φ_{q,m}ᵀ (Φ_mᵀ Φ_m + λ_m I)⁻¹ φ_{i,m}] · [1/M Σ_m (1 − p_{i,m})]``.
+
+The last line is the paper's estimator (and traker's): the kernel part and Q are averaged over models *separately*.
+``average="per-model"`` averages the products ``φ_qᵀ K⁻¹ φ_i (1 − p_i)`` instead; both agree for M = 1. The paper's
+optional soft-thresholding (sparsification) of τ is not applied.
+
+Sign. :class:`~datacredit.task.ClassificationTask` ``(measurement="margin")`` returns ``−f`` (so that, as everywhere in
+datacredit, a positive score credits lowering the measurement). TRAK uses ``∇f`` on both sides of
+``φ_qᵀ K⁻¹ φ_i``; we use ``∇(−f)`` on both, and the two sign flips cancel: ``score[i, q] > 0`` means training on i
+raises q's margin, i.e. **helps** q (it is TRAK's τ unchanged). ``p`` is read off the measurement itself:
+``1 − p = sigmoid(−f) = sigmoid(measurement)``, so any task whose measurement is a negated margin (a log-odds of the
+right answer) works; a ClassificationTask measuring the loss is refused.
+
+Numerics (DESIGN "TRAK numerics"). Margin gradients of a linear softmax model are rank-deficient (they are orthogonal
+to the all-classes direction), so ``ΦᵀΦ`` can be singular: it is accumulated and solved in float64 with a ridge
+``λ_m = ridge · trace(Φ_mᵀΦ_m) / k`` (relative to the mean eigenvalue; default 1e-6). Each model's projection is built
+once from seed ``seed + m`` (the Projector caches it) and never regenerated per batch.
+
+Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (chunked, one chunk per batch: an interrupted fit resumes) and the
+Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) per model in the store; ``score`` then costs
+one projected backward over the queries per model, a ``(k × k)`` triangular solve per query and a chunked
+``(n_train × k)·(k × n_query)`` product written into a memmap in the store (resumable), so many query batches reuse
+the training side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..capture import ExampleGrads
+from ..capture.projection import Projector
+from ..scores import Scores
+from ..store import Store
+from ..task import ClassificationTask, Task
+from ..trajectory import Trajectory
+from .base import Data, GradientMethod, as_loader
+from .tracin import cached_rows, fill_scores, ids_digest, storage_dtype, to_np, tracked_shapes, working_copy
+
+AVERAGES = ("separate", "per-model")
+KERNEL_ROWS = 4096  # training rows per step when accumulating ΦᵀΦ
+
+
+@dataclass(frozen=True)
+class TRAKConfig:
+    """projection: the projected dimension k, or None for the exact (unprojected, ``k = numel``) features.
+    projection_kind: ``"gaussian"`` / ``"rademacher"`` (dense, as the paper) or ``"kronecker"`` (per layer; exact for
+    parameters with at most ``projection`` entries). ridge: ``λ / mean eigenvalue of ΦᵀΦ``. average: see module doc."""
+
+    projection: int | None = 2048
+    projection_kind: str = "gaussian"
+    seed: int = 0
+    ridge: float = 1e-6
+    average: str = "separate"
+
+    def __post_init__(self):
+        if self.projection is not None and self.projection < 1:
+            raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.average not in AVERAGES:
+            raise ValueError(f"average must be one of {AVERAGES}, got {self.average!r}")
+
+
+def _members(model: nn.Module, models: Any) -> Trajectory:
+    if models is None:
+        return Trajectory.from_states([model])
+    if isinstance(models, Trajectory):
+        return models
+    if isinstance(models, (str, os.PathLike)):
+        return Trajectory.load(models)
+    if isinstance(models, (nn.Module, Mapping)):
+        models = [models]
+    return Trajectory.from_states(list(models))
+
+
+class KernelSolver:
+    """``(ΦᵀΦ + λI)⁻¹`` applied without forming it: a Cholesky factor ``L`` (``K = LLᵀ``), or, where the kernel is not
+    numerically positive definite (ridge 0 on a singular kernel), an eigen-basis with pseudo-inverted eigenvalues.
+
+    Forming the inverse (``cholesky_inverse``) costs ~3× the factorisation and was the slowest step at ``k = 4096``.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], ridge: float):
+        self.tensors, self.ridge = tensors, ridge
+
+    @classmethod
+    def fit(cls, features: np.ndarray, ridge: float) -> KernelSolver:
+        """From ``features`` Φ ``(n, k)`` (may be a memmap, read in row blocks); λ = ``ridge`` · mean eigenvalue."""
+        k = features.shape[1]
+        kernel = torch.zeros(k, k, dtype=torch.float64)
+        for start in range(0, features.shape[0], KERNEL_ROWS):
+            block = torch.from_numpy(np.asarray(features[start : start + KERNEL_ROWS], dtype=np.float64))
+            kernel.addmm_(block.T, block)
+        scale = kernel.diagonal().mean().item()
+        lam = ridge * scale if scale > 0 else max(ridge, 1e-30)
+        kernel.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        if info.item() == 0:
+            return cls({"cholesky": chol}, lam)
+        vals, vecs = torch.linalg.eigh(kernel)
+        keep = vals > vals.max() * k * torch.finfo(torch.float64).eps
+        inv = torch.where(keep, 1.0 / vals.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(vals))
+        return cls({"eigvecs": vecs, "inv_eigvals": inv}, lam)
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``(ΦᵀΦ + λI)⁻¹ rhs`` for ``rhs`` ``(k, m)`` float64."""
+        if "cholesky" in self.tensors:
+            return torch.cholesky_solve(rhs, self.tensors["cholesky"])
+        vecs = self.tensors["eigvecs"]
+        return vecs @ (self.tensors["inv_eigvals"][:, None] * (vecs.T @ rhs))
+
+    def quadratic(self, phi: Tensor) -> Tensor:
+        """``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i`` for each row of ``phi`` ``(m, k)`` float64, ``(m,)``."""
+        if "cholesky" in self.tensors:
+            half = torch.linalg.solve_triangular(self.tensors["cholesky"], phi.T, upper=False)
+            return (half * half).sum(0)
+        proj = phi @ self.tensors["eigvecs"]
+        return (proj * proj * self.tensors["inv_eigvals"]).sum(1)
+
+    def matrix(self) -> Tensor:
+        """The inverse itself, ``(k, k)`` (for tests and small k)."""
+        k = next(iter(self.tensors.values())).shape[0]
+        return self.solve(torch.eye(k, dtype=torch.float64))
+
+
+class TRAK(GradientMethod):
+    """TRAK. ``TRAK(model, task, models=[...]).fit(train).score(queries) -> Scores``.
+
+    model: the architecture (and device); a private copy receives each member's weights.
+    task: its measurement must be a negated margin, e.g. ``ClassificationTask(measurement="margin")``.
+    models: the M members: None (``model`` itself), a list of state dicts or models of ``model``'s architecture,
+        a :class:`Trajectory` (its checkpoints) or a trajectory directory.
+    Cost: ``fit`` = M backward passes over the training set + M products ``ΦᵀΦ`` (``n·k²``) and inversions (``k³``);
+    ``score`` = M backward passes over the queries + ``M·n_train·k·n_query``. Stored: ``M·(n_train·k + k²)`` floats.
+    """
+
+    name = "trak"
+
+    def __init__(self, model: nn.Module, task: Task,
+                 models: Sequence[Mapping[str, Tensor] | nn.Module] | Trajectory | str | None = None, *,
+                 projection: int | None = 2048, projection_kind: str = "gaussian", seed: int = 0,
+                 ridge: float = 1e-6, average: str = "separate", store: Store | str | None = None,
+                 batch_size: int = 64, progress: bool = True):
+        if isinstance(task, ClassificationTask) and task.kind != "margin":
+            raise ValueError("TRAK needs the margin measurement: pass ClassificationTask(measurement='margin')")
+        self.config = TRAKConfig(projection, projection_kind, seed, ridge, average)
+        self.members = _members(model, models)
+        super().__init__(working_copy(model), task, batch_size=batch_size, progress=progress)
+        self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
+        shapes = tracked_shapes(self.model, self.modules)
+        self.numel = sum(s.numel() for s in shapes.values())
+        self.projectors = [None if projection is None else Projector(shapes, projection, projection_kind, seed + m)
+                           for m in range(len(self.members))]
+        self._digests: list[str] | None = None
+        self.train_ids: np.ndarray | None = None
+        self.train_features: list[np.ndarray] | None = None  # Φ_m (n_train, k) per member
+        self.one_minus_p: list[np.ndarray] | None = None  # (n_train,) per member
+        self._kernels: list[KernelSolver | None] = []  # per member (None: read from the store on demand)
+        self.ridges: list[float] = []  # λ_m
+
+    @property
+    def n_models(self) -> int:
+        return len(self.members)
+
+    def _dim(self, m: int) -> int:
+        return self.numel if self.projectors[m] is None else self.projectors[m].out_dim
+
+    def _load(self, m: int) -> None:
+        self.members.load_into(self.model, m)
+
+    def _phi(self, m: int, g: ExampleGrads) -> Tensor:
+        return g.flat() if self.projectors[m] is None else self.projectors[m].project(g)
+
+    def _meta(self, m: int) -> dict[str, Any]:
+        """What member m's cached features depend on (not the ridge: only the kernel does)."""
+        if self._digests is None:
+            self._digests = [self.members.digest(j) for j in range(self.n_models)]
+        return {"method": self.name, "projection": self.config.projection, "seed": self.config.seed + m,
+                "projection_kind": self.config.projection_kind, "member": self._digests[m]}
+
+    # -- fit -----------------------------------------------------------------------------------------------------
+    def fit(self, train: Data) -> TRAK:
+        """Φ_m, 1 − p and the inverse kernels of every member, resumed from the store when one is given."""
+        dtype = storage_dtype(self.model)
+        features, weights, kernels, ridges = [], [], [], []
+        for m in range(self.n_models):
+            self._load(m)
+            meta = self._meta(m)
+            names = {"phi": f"trak-features-{m:03d}", "q": f"trak-one-minus-p-{m:03d}"}
+
+            def compute(batch, g, values, m=m, names=names):
+                # measurement = -margin, so 1 - p = sigmoid(-margin) = sigmoid(measurement)
+                return {names["q"]: torch.sigmoid(values.double()).cpu().numpy()[:, None],
+                        names["phi"]: self._phi(m, g).detach().cpu().numpy()}
+
+            widths = {names["q"]: (1, np.dtype(np.float64)), names["phi"]: (self._dim(m), dtype)}
+            ids, arrays = cached_rows(self, train, measurement=True, desc=f"{self.name} fit {m + 1}/{self.n_models}",
+                                      store=self.store, arrays=widths, compute=compute, meta=meta)
+            phi = arrays[names["phi"]]
+            features.append(phi)
+            weights.append(np.asarray(arrays[names["q"]][:, 0]))
+            kernel, lam = self._kernel(m, phi, meta, ids)
+            kernels.append(kernel)
+            ridges.append(lam)
+        self.train_ids, self.train_features, self.one_minus_p = ids, features, weights
+        self._kernels, self.ridges = kernels, ridges
+        return self
+
+    def _kernel(self, m: int, phi: np.ndarray, meta: dict[str, Any], ids: np.ndarray
+                ) -> tuple[KernelSolver | None, float]:
+        """Member m's kernel solver (kept in memory without a store; with one, saved and read back on demand)."""
+        name = f"trak-kernel-{m:03d}"
+        meta = {**meta, "ridge": self.config.ridge, "train_ids": ids_digest(ids), "n": len(ids)}
+        if self.store is not None and self.store.has(name):
+            info = self.store.info(name)["meta"]
+            if {k: v for k, v in info.items() if k != "lambda"} == meta:
+                return None, info["lambda"]
+        solver = KernelSolver.fit(phi, self.config.ridge)
+        if self.store is None:
+            return solver, solver.ridge
+        self.store.save_tensors(name, solver.tensors, meta={**meta, "lambda": solver.ridge})  # replaces a stale one
+        return None, solver.ridge
+
+    def kernel(self, m: int) -> KernelSolver:
+        """Member m's ``(Φ_mᵀΦ_m + λ_m I)⁻¹`` as a :class:`KernelSolver`."""
+        self._require_fit()
+        solver = self._kernels[m]
+        if solver is None:
+            solver = KernelSolver(self.store.load_tensors(f"trak-kernel-{m:03d}"), self.ridges[m])
+        return solver
+
+    def _require_fit(self) -> None:
+        if self.train_ids is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(train) before scoring")
+
+    # -- score ---------------------------------------------------------------------------------------------------
+    def _train_weights(self) -> list[np.ndarray]:
+        """Per member, the factor multiplying its kernel scores (``1/M`` and Q as the average requires)."""
+        if self.config.average == "per-model":
+            return [q / self.n_models for q in self.one_minus_p]
+        mean_q = sum(self.one_minus_p) / self.n_models
+        return [mean_q / self.n_models] * self.n_models
+
+    def score(self, queries: Data) -> Scores:
+        """Scores ``(n_train, n_query)``: TRAK's τ; positive = the training example helps the query."""
+        self._require_fit()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        prepared: list[np.ndarray] = []  # per member (k, n_query): (ΦᵀΦ + λI)⁻¹ φ_q
+
+        def prepare() -> None:
+            for m in range(self.n_models):
+                self._load(m)
+                _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries {m + 1}/{self.n_models}")
+                phi_q = torch.from_numpy(np.concatenate([to_np(self._phi(m, g)) for _, g in it]))
+                prepared.append(self.kernel(m).solve(phi_q.T.contiguous()).numpy())
+
+        weights = self._train_weights()
+
+        def block(rows: slice) -> np.ndarray:
+            if not prepared:
+                prepare()
+            out = np.zeros((rows.stop - rows.start, len(query_ids)))
+            for m in range(self.n_models):
+                phi = np.asarray(self.train_features[m][rows], dtype=np.float64)
+                out += (phi @ prepared[m]) * weights[m][rows, None]
+            return out
+
+        meta = {"method": self.name, "config": asdict(self.config), "batch_size": self.batch_size,
+                "members": [self._meta(m)["member"] for m in range(self.n_models)],
+                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids)}
+        shape = (len(self.train_ids), len(query_ids))
+        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+
+    def self_scores(self, train: Data | None = None) -> Scores:
+        """TRAK's τ of each training example for itself, ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i)`` averaged as in
+        :meth:`score`, ``(n_train, 1)``."""
+        if train is not None:
+            self.fit(train)
+        self._require_fit()
+        values = np.zeros(len(self.train_ids))
+        for m, weight in enumerate(self._train_weights()):
+            solver, phi_all = self.kernel(m), self.train_features[m]
+            for start in range(0, len(values), KERNEL_ROWS):
+                phi = torch.from_numpy(np.asarray(phi_all[start : start + KERNEL_ROWS], dtype=np.float64))
+                rows = slice(start, start + KERNEL_ROWS)
+                values[rows] += solver.quadratic(phi).numpy() * weight[rows]
+        return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
+
+    def _config(self) -> dict[str, Any]:
+        return {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges)}
