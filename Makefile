@@ -5,15 +5,17 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS := $(VENV)/.peers
+CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-browser bench peers fmnist lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	echo "$(TORCH_SPEC)" | tr ' ' '\n' | grep '^torch' > $(VENV)/constraints.txt
+	echo "$(TORCH_SPEC)" | tr ' ' '\n' | grep '^torch' > $(CONSTRAINTS)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,transformers,report]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[test,transformers,report,lora]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,11 +24,35 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check datacredit tests benchmarks
+# The report in a real browser: Debian's chromium (root and the Debian registry needed), then the browser test.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	$(BIN)/python -m pytest -q -rs tests/test_report_browser.py
 
-bench: $(STAMP)
+# Peers for side-by-side benchmarks, kept on our CPU torch: kronfluence's metadata asks for torchvision (which would
+# pull another torch), so dattri and kronfluence go in with --no-deps plus their runtime deps, under the torch pin.
+$(PEERS): $(STAMP)
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-deps dattri kronfluence
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) traker accelerate einops einconv opt-einsum safetensors pyyaml
+	touch $(PEERS)
+
+peers: $(PEERS)
+
+# Debian's Fashion-MNIST (IDX files under /usr/share/datasets/fashion-mnist) for the fmnist benchmark cases.
+fmnist:
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
+
+# Slow checks and benchmarks: side-by-side ratios, tables in benchmarks/*.md.
+bench: $(PEERS) fmnist
 	$(BIN)/python benchmarks/capture.py
+	$(BIN)/python benchmarks/inrun_overhead.py
+	$(BIN)/python benchmarks/inrun_quality.py
+	$(BIN)/python benchmarks/lds.py
+	$(BIN)/python benchmarks/ensembles.py
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check datacredit tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache
