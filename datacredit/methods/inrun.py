@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from ..capture import Capture, ExampleGrads, example_grads
 from ..capture.pieces import Outer, ghost_cost, piece_dot, piece_gram
 from ..data.dataset import example_ids
-from ..errors import DataError
+from ..errors import DataError, NonFiniteError
 from ..optimizers import affine_step
 from ..scores import Scores
 from ..task import Task
@@ -84,6 +84,7 @@ class InRunShapley:
         self.history: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, ids, values (B, Q))
         self.steps = 0
         self._warned = False
+        self._explained = False  # set once a step shows that p.grad is exactly the examples' summed gradients
         self._hook = optimizer.register_step_pre_hook(self._on_step)
 
     # -- recording ---------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class InRunShapley:
         if ids is None:
             return
         try:
-            grads = self.capture.collect(ids)
+            grads = self.capture.collect(ids, check_finite=False)  # the step's values are checked instead
         finally:
             self.capture.__exit__(None, None, None)
         if grads.n != len(ids):
@@ -140,6 +141,10 @@ class InRunShapley:
         clip, self._clip = self._clip, 1.0
         with torch.enable_grad(), eval_mode(self.inner):
             values = self._step_values(pending, clip)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            ids = np.concatenate([i for i, _ in pending])
+            raise NonFiniteError(f"NaN/inf In-Run values at step {self.steps} for example ids {ids[bad].tolist()}")
         start = 0
         for ids, grads in pending:
             part = values[start : start + grads.n]
@@ -153,25 +158,34 @@ class InRunShapley:
         affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
         if self.order == 1 and self.steps > 0:  # the batch total is only needed for w, and once for the check
             return self._first_order(pending, {self._names[p]: s * clip for p, (s, _) in affine.items()})
-        total = _sum_totals([g for _, g in pending])
-        if self.world > 1:
-            for t in total.values():
-                torch.distributed.all_reduce(t)
+        if self._explained:  # checked on the first step: p.grad is the (clipped) sum of the examples' gradients
+            total = None
+        else:
+            total = _sum_totals([g for _, g in pending])
+            if self.world > 1:
+                for t in total.values():
+                    torch.distributed.all_reduce(t)
         shares, w = {}, {}  # per parameter: s (scalar or tensor), and w = c + ½ Σ x
         residual, norm = 0.0, 0.0
         for p, (s, c0) in affine.items():
             name = self._names[p]
+            c0 = 0 if c0 is None else c0
+            shares[name] = s * clip
+            if total is None:
+                w[name] = c0 + 0.5 * s * p.grad.detach()
+                continue
             g_batch = total.get(name, torch.zeros_like(p)) * clip
             rest = p.grad.detach() - g_batch  # gradient no tracked example explains: part of the baseline
             residual += float(rest.square().sum())
             norm += float(p.grad.square().sum())
-            shares[name] = s * clip
-            w[name] = s * rest + (0 if c0 is None else c0) + 0.5 * s * g_batch
-        if residual > 1e-6 * max(norm, 1e-30) and not self._warned:
-            self._warned = True
-            log.warning("%.2g%% of the update's gradient norm² is not explained by per-example losses of tracked "
-                        "modules (a regularizer, an untracked module, or clipping done outside clip_grad_norm_); "
-                        "it is treated as the baseline of each step", 100 * residual / norm)
+            w[name] = s * rest + c0 + 0.5 * s * g_batch
+        if total is not None:
+            self._explained = residual <= 1e-10 * max(norm, 1e-30)
+            if residual > 1e-6 * max(norm, 1e-30) and not self._warned:
+                self._warned = True
+                log.warning("%.2g%% of the update's gradient norm² is not explained by per-example losses of "
+                            "tracked modules (a regularizer, an untracked module, or clipping done outside "
+                            "clip_grad_norm_); it is treated as the baseline of each step", 100 * residual / norm)
         if self.order == 1:
             return self._first_order(pending, shares)
         weights = self._validation_weights(affine, shares, w)
@@ -184,23 +198,26 @@ class InRunShapley:
         for batch in self._val_batches():
             with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
                 grads = example_grads(cap, self.task.measurement(self.inner, batch))
-            kept = {k: v for k, v in grads.pieces.items() if k in shares}
-            val.append(ExampleGrads(kept, grads.shapes, grads.n).scale(shares))
+            val.append(ExampleGrads({k: v for k, v in grads.pieces.items() if k in shares}, grads.shapes, grads.n))
         if self.targeted:
+            val = [v.scale(shares) for v in val]
             return np.concatenate([_np(torch.cat([g.gram(v) for v in val], dim=1)) for _, g in pending])
-        summed = _sum_totals(val)  # s ⊙ g_val per parameter
+        summed: dict[str, Tensor] = {}  # s ⊙ g_val, built only for the layers that take the val-first route
         out = []
         for _, grads in pending:
-            phi = torch.zeros(grads.n, 1, dtype=grads.flat_dtype, device=summed[next(iter(summed))].device)
+            phi = torch.zeros(grads.n, 1, dtype=grads.flat_dtype, device=next(self.inner.parameters()).device)
             for name, train_pieces in grads.pieces.items():
-                if name not in summed:
+                if name not in shares:
                     continue
-                val_pieces = [b for v in val for b in v.pieces[name]]
+                s = shares[name]
+                val_pieces = [b for v in val for b in v.pieces.get(name, ())]
                 for a in train_pieces:
-                    if _ghost_is_cheaper(a, val_pieces):
-                        phi += sum(piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
-                    else:
-                        phi += piece_dot(a, summed[name].reshape(1, -1))
+                    if not isinstance(s, Tensor) and _ghost_is_cheaper(a, val_pieces):
+                        phi += s * sum(piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
+                        continue
+                    if name not in summed:
+                        summed[name] = s * sum(b.total() for b in val_pieces).reshape(grads.shapes[name])
+                    phi += piece_dot(a, summed[name].reshape(1, -1))
             out.append(_np(phi))
         return np.concatenate(out)
 
@@ -259,18 +276,20 @@ class InRunShapley:
 
     # -- results -----------------------------------------------------------------------------------------------
     def _add(self, ids: np.ndarray, values: np.ndarray) -> None:
-        new = [int(i) for i in dict.fromkeys(ids.tolist()) if int(i) not in self._rows]
-        if new:
-            for i in new:
-                self._rows[i] = len(self._rows)
-            self._sums = np.concatenate([self._sums, np.zeros((len(new), self._sums.shape[1]))])
+        for i in dict.fromkeys(ids.tolist()):
+            if int(i) not in self._rows:
+                self._rows[int(i)] = len(self._rows)
+        if len(self._rows) > len(self._sums):  # grow geometrically: amortised O(1) per new example
+            grown = np.zeros((max(len(self._rows), 2 * len(self._sums)), self._sums.shape[1]))
+            grown[: len(self._sums)] = self._sums
+            self._sums = grown
         np.add.at(self._sums, [self._rows[int(i)] for i in ids], values)
 
     def values(self) -> Scores:
         """Accumulated values ``(n_seen, Q)`` (Q = 1 summed validation, query id −1; else the validation ids),
         sorted by training id; gathered over ranks under DDP. Positive = lowered the validation loss."""
         ids = np.fromiter(self._rows, dtype=np.int64, count=len(self._rows))
-        sums = self._sums
+        sums = self._sums[: len(ids)]
         if self.world > 1:
             gathered = [None] * self.world
             torch.distributed.all_gather_object(gathered, (ids, sums))
