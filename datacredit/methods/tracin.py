@@ -237,7 +237,8 @@ class TracIn(GradientMethod):
     trajectory: a :class:`Trajectory` or the directory a :class:`TrajectoryRecorder` wrote.
     Cost: exact ``score`` = C backward passes over the queries and C over the training set (C = checkpoints);
     projected ``fit`` = C over the training set, ``score`` = C over the queries + C products
-    ``(n_train × k) · (k × n_query)``. Stored: C · n_train · k floats (projected).
+    ``(n_train × k) · (k × n_query)``. Stored: C · n_train · k floats (projected). Scores are float64 in memory; with
+    a store, a memmap in the model's float dtype.
     """
 
     name = "tracin"

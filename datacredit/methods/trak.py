@@ -20,10 +20,12 @@ right answer) works; a ClassificationTask measuring the loss is refused.
 
 Numerics (DESIGN "TRAK numerics"). Margin gradients of a linear softmax model are rank-deficient (they are orthogonal
 to the all-classes direction), so ``ΦᵀΦ`` can be singular: it is accumulated and solved in float64 with a ridge
-``λ_m = ridge · trace(Φ_mᵀΦ_m) / k`` (relative to the mean eigenvalue; default 1e-6). Each model's projection is built
+``λ_m = ridge · trace(Φ_mᵀΦ_m) / k`` (relative to the mean eigenvalue; default 1e-6, i.e. the paper's unregularised
+estimator made safe). The ridge is also a regulariser: on digits a relative ridge of 0.1–1 raised LDS markedly
+(logistic regression, k = 1024: 0.28 → 0.72); tune it with the evaluation tools. Each model's projection is built
 once from seed ``seed + m`` (the Projector caches it) and never regenerated per batch.
 
-Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (chunked, one chunk per batch: an interrupted fit resumes) and the
+Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (in chunks of ~2048 rows: an interrupted fit resumes) and the
 Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) per model in the store; ``score`` then costs
 one projected backward over the queries per model, a ``(k × k)`` triangular solve per query and a chunked
 ``(n_train × k)·(k × n_query)`` product written into a memmap in the store (resumable), so many query batches reuse
@@ -144,8 +146,10 @@ class TRAK(GradientMethod):
     task: its measurement must be a negated margin, e.g. ``ClassificationTask(measurement="margin")``.
     models: the M members: None (``model`` itself), a list of state dicts or models of ``model``'s architecture,
         a :class:`Trajectory` (its checkpoints) or a trajectory directory.
-    Cost: ``fit`` = M backward passes over the training set + M products ``ΦᵀΦ`` (``n·k²``) and inversions (``k³``);
-    ``score`` = M backward passes over the queries + ``M·n_train·k·n_query``. Stored: ``M·(n_train·k + k²)`` floats.
+    Cost: ``fit`` = M backward passes over the training set + M products ``ΦᵀΦ`` (``n·k²``) and Cholesky
+    factorisations (``k³/3``); ``score`` = M backward passes over the queries + ``M·(k² + n_train·k)·n_query``.
+    Stored: ``M·(n_train·k + k²)`` floats. Scores are float64 in memory; with a store, a memmap in the model's
+    float dtype (float32 for a float32 model).
     """
 
     name = "trak"
