@@ -11,13 +11,11 @@ the same optimizer settings:
   (:func:`datacredit.optimizers.affine_step`) and one dot product per example; the update uses the mean of the
   per-example gradients as ``.grad`` (so there is no second training backward).
 
-Extra variants, for evidence about where the time goes (not part of the library):
+Extra variants (MLP), for evidence about where the time goes (not part of the library):
 
-* ``inrun1-fix`` / ``inrun2-fix`` — :class:`ProposedInRun`, the library with the changes proposed in
-  benchmarks/INRUN.md (same values, checked against ``inrun1`` / ``inrun2``);
-* ``fused-bound`` (MLP) — plain training with the validation rows appended to the batch with zero loss weight: the
+* ``fused-bound`` — plain training with the validation rows appended to the batch with zero loss weight: the
   least a validation gradient computed inside the training pass would cost;
-* ``inrun1 val=N`` (MLP) — first order with another validation size (overhead vs validation size).
+* ``inrun1 val=N`` — first order with another validation size (overhead vs validation size).
 
 Every step of every variant is timed with ``time.perf_counter`` (forward, backward, values, update). The variants are
 interleaved step by step in a rotating order (ABCD, BCDA, ...) so that load from other processes on a shared machine
@@ -29,11 +27,8 @@ process only) and reports exclusive time per part: the user's forward/backward, 
 per-example pieces, the validation forward / backward, the Hessian-vector product, the dot products, the optimizer
 update and the rest.
 
-Capture leak: if the capture engine keeps the autograd graph of every captured call alive (``_Call.output`` ↔ the
-output tensor's grad hook form a reference cycle through C++ that Python's gc cannot see), the GPT case leaks hundreds
-of MB per step. The script probes for it, measures the leak in a subprocess, and — only if present — clears
-``_Call.output`` after ``Capture.collect`` in this process (the fix proposed in benchmarks/INRUN.md; values and
-compute are unchanged). ``--as-is`` disables the workaround.
+Regression check for the capture leak fixed in d14990e: the number of live tensors must not grow across the timed
+steps (by less than one per step; before the fix it grew by ~170 tensors, +318 MB, per GPT step).
 
 Usage: ``python benchmarks/inrun_overhead.py [--quick] [--threads N] [--out benchmarks/results/inrun_overhead.json]``
 """
@@ -41,16 +36,14 @@ Usage: ``python benchmarks/inrun_overhead.py [--quick] [--threads N] [--out benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import json
+import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,50 +57,22 @@ from torch.func import functional_call, grad, vmap
 
 import datacredit.methods.inrun as inrun_mod
 from datacredit import ClassificationTask, LanguageModelingTask
-from datacredit.capture import Capture, ExampleGrads, engine, example_grads
+from datacredit.capture import Capture, ExampleGrads, engine
 from datacredit.data import CharDataset, load_fashion_mnist, load_text_sample
-from datacredit.errors import NonFiniteError
 from datacredit.methods.inrun import InRunShapley
 from datacredit.models import TinyGPT, mlp
 from datacredit.optimizers import affine_step
 from datacredit.task import Task
 
-# -- the capture-engine leak: probe and (optional) in-process workaround ---------------------------------------------
 
-
-def capture_leaks() -> bool:
-    """True if a collected capture call outlives its ``collect`` (the engine keeps the graph of every call alive)."""
-    lin = nn.Linear(3, 2)
-    with Capture(lin) as cap:
-        out = lin(torch.randn(4, 3))
-        probe = weakref.ref(cap._calls[0])
-        example_grads(cap, out.sum(1))
-    del out
+def live_tensors() -> int:
     gc.collect()
-    return probe() is not None
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
-def apply_leak_workaround() -> None:
-    """Drop ``_Call.output`` when the calls are released (collect / clear / exit): breaks the cycle
-    ``_Call -> output tensor -> grad_fn -> hook dict -> _Call.set_grad -> _Call``."""
-    def release(fn):
-        @functools.wraps(fn)
-        def wrapper(self, *a, **k):
-            calls = list(self._calls)
-            try:
-                return fn(self, *a, **k)
-            finally:
-                for c in calls:
-                    c.output = None
-        return wrapper
-
-    for name in ("collect", "clear", "__exit__"):
-        setattr(Capture, name, release(getattr(Capture, name)))
-
-
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # -- cases -----------------------------------------------------------------------------------------------------------
@@ -151,7 +116,7 @@ def mlp_case(quick: bool) -> Case:
     return Case("mlp", f"MLP 784-512-256-10 on Fashion-MNIST, batch {b}, validation {b_val} test images",
                 make, ClassificationTask(), batches, _slice(pool, b_val),
                 {"SGD": lambda p: torch.optim.SGD(p, lr=0.05), "Adam": lambda p: torch.optim.Adam(p, lr=1e-3)},
-                warmup, steps, ["plain", "inrun1", "inrun2", "func", "inrun1-fix", "inrun2-fix", "fused-bound"],
+                warmup, steps, ["plain", "inrun1", "inrun2", "func", "fused-bound"],
                 val_sweep={} if quick else {"SGD": [8, 128], "Adam": [8]}, val_pool=pool,
                 profile_steps=2 if quick else 10)
 
@@ -177,8 +142,7 @@ def gpt_case(quick: bool) -> Case:
                 f"({n_params / 1e6:.2f} M params, tied), batch {b}, validation {b_val} held-out chunks",
                 make, LanguageModelingTask(), batches, _slice(pool, b_val),
                 {"SGD": lambda p: torch.optim.SGD(p, lr=0.1), "Adam": lambda p: torch.optim.Adam(p, lr=3e-4)},
-                warmup, steps, ["plain", "inrun1", "inrun2", "func", "inrun1-fix", "inrun2-fix"], val_pool=pool,
-                profile_steps=1)
+                warmup, steps, val_pool=pool, profile_steps=1)
 
 
 # -- the variants ----------------------------------------------------------------------------------------------------
@@ -197,102 +161,21 @@ class Plain:
 
 
 class InRun(Plain):
-    def __init__(self, model, opt, task, validation, order: int, proposed: bool = False):
+    def __init__(self, model, opt, task, validation, order: int):
         super().__init__(model, opt, task, validation)
-        cls = ProposedInRun if proposed else InRunShapley
-        self.proposed = proposed
-        self.shapley = cls(model, task, validation=validation, optimizer=opt, order=order)
+        self.shapley = InRunShapley(model, task, validation=validation, optimizer=opt, order=order)
 
     def step(self, ids, batch, region=None) -> None:
-        with _values_checked_instead() if self.proposed else _Null():
-            with _region(region, "train forward+backward (user)"):
-                with self.shapley.step(ids):
-                    self.task.loss(self.model, batch).mean().backward()
-            with _region(region, "optimizer update"):
-                self.opt.step()  # In-Run's pre-hook runs here (its parts are timed under their own labels)
+        with _region(region, "train forward+backward (user)"):
+            with self.shapley.step(ids):
+                self.task.loss(self.model, batch).mean().backward()
+        with _region(region, "optimizer update"):
+            self.opt.step()  # In-Run's pre-hook runs here (its parts are timed under their own labels)
         self.opt.zero_grad()
 
     def values(self) -> tuple[np.ndarray, np.ndarray]:
         s = self.shapley.values()
         return s.train_ids, s.values[:, 0]
-
-
-@contextlib.contextmanager
-def _values_checked_instead():
-    """The engine's finite check (``isfinite`` over both factors of every captured piece: tens of millions of elements
-    per GPT batch) switched off for one step; :class:`ProposedInRun` checks the per-example values instead (a NaN/inf
-    factor always makes that example's value NaN/inf)."""
-    original = engine._check_finite
-    engine._check_finite = lambda grads, ids: None
-    try:
-        yield
-    finally:
-        engine._check_finite = original
-
-
-class ProposedInRun(InRunShapley):
-    """``InRunShapley`` with the changes proposed in benchmarks/INRUN.md (benchmark-only subclass; the values are
-    the same, the work is less):
-
-    1. first order, summed validation: never materialize ``s ⊙ g_val`` per validation example (``ExampleGrads.scale``
-       with a tensor ``s`` — Adam — builds ``n_val × numel`` dense gradients); scale the validation *sum* instead, and
-       sum the validation pieces only for the layers that take the val-first route (ghost layers do not need it);
-    2. second order: the batch total ``Σ_z g_z`` (one extra weight-gradient matmul per layer, the same work as the
-       backward's) is needed only for the residual ``p.grad − Σ_z g_z``; check it on the first step (as first order
-       already does) and then use ``p.grad`` itself;
-    3. (with :func:`_values_checked_instead`) check the ``(B, Q)`` values for NaN/inf instead of every captured factor.
-    """
-
-    def _add(self, ids, values):
-        bad = ~np.isfinite(values).all(1)
-        if bad.any():
-            raise NonFiniteError(f"step {self.steps}: NaN/inf In-Run values for example ids {ids[bad].tolist()}")
-        super()._add(ids, values)
-
-    def _first_order(self, pending, shares):
-        if self.targeted:
-            return super()._first_order(pending, shares)
-        val = []
-        for batch in self._val_batches():
-            with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
-                grads = example_grads(cap, self.task.measurement(self.inner, batch))
-            val.append({k: v for k, v in grads.pieces.items() if k in shares})
-        summed: dict[str, torch.Tensor] = {}
-        out = []
-        for _, grads in pending:
-            phi = None
-            for name, train_pieces in grads.pieces.items():
-                val_pieces = [b for v in val for b in v.get(name, ())]
-                if not val_pieces:
-                    continue
-                s = shares[name]
-                for a in train_pieces:
-                    if not isinstance(s, torch.Tensor) and inrun_mod._ghost_is_cheaper(a, val_pieces):
-                        term = s * sum(inrun_mod.piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
-                    else:
-                        if name not in summed:
-                            total = sum(b.total() for b in val_pieces)
-                            scale = s.reshape(-1) if isinstance(s, torch.Tensor) else s
-                            summed[name] = (total * scale).reshape(1, -1)
-                        term = inrun_mod.piece_dot(a, summed[name])
-                    phi = term if phi is None else phi + term
-            out.append(inrun_mod._np(phi))
-        return np.concatenate(out)
-
-    def _step_values(self, pending, clip):
-        if self.order == 1 or self.steps == 0 or not getattr(self, "_explained", False):
-            values = super()._step_values(pending, clip)
-            if self.steps == 0:
-                self._explained = not self._warned  # no residual on the first step
-            return values
-        affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
-        shares, w = {}, {}
-        for p, (s, c0) in affine.items():
-            name = self._names[p]
-            shares[name] = s * clip
-            w[name] = (0 if c0 is None else c0) + 0.5 * s * p.grad.detach()  # p.grad = Σ_z g_z (clipped)
-        weights = self._validation_weights(affine, shares, w)
-        return np.concatenate([inrun_mod._np(grads.dot(weights)) for _, grads in pending])
 
 
 class FusedBound(Plain):
@@ -369,7 +252,7 @@ def build_variants(case: Case, opt_name: str) -> dict[str, Plain]:
             return FuncBaseline(model, opt, case.task, validation)
         if kind == "fused-bound":
             return FusedBound(model, opt, case.task, validation)
-        return InRun(model, opt, case.task, validation, order=int(kind[len("inrun")]), proposed=kind.endswith("fix"))
+        return InRun(model, opt, case.task, validation, order=int(kind[len("inrun")]))
 
     variants = {k: make(k, case.validation) for k in case.variants}
     for n_val in case.val_sweep.get(opt_name, []):
@@ -381,7 +264,10 @@ def time_interleaved(case: Case, opt_name: str) -> tuple[dict, dict[str, Plain]]
     variants = build_variants(case, opt_name)
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
+    tensors_after_warmup = rss_after_warmup = None
     for k in range(case.warmup + case.steps):
+        if k == case.warmup:
+            tensors_after_warmup, rss_after_warmup = live_tensors(), rss_mb()
         ids, batch = case.batches[k % len(case.batches)]
         shift = k % len(names)
         for name in names[shift:] + names[:shift]:
@@ -391,23 +277,24 @@ def time_interleaved(case: Case, opt_name: str) -> tuple[dict, dict[str, Plain]]
             if k >= case.warmup:
                 times[name].append(elapsed)
         print(f"  {case.name}/{opt_name} step {k + 1}/{case.warmup + case.steps}", file=sys.stderr, flush=True)
+    tensors_after, rss_after = live_tensors(), rss_mb()
+    # regression check for the capture leak (each step used to keep its activations alive)
+    grew = tensors_after - tensors_after_warmup
+    assert grew < case.steps, f"live tensors grew by {grew} over {case.steps} steps (capture leak?)"
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {"inrun1/plain": med["inrun1"] / med["plain"], "inrun2/plain": med["inrun2"] / med["plain"],
               "func/inrun1": med["func"] / med["inrun1"], "func/plain": med["func"] / med["plain"]}
     for name in names:
         if name not in ("plain", "inrun1", "inrun2", "func"):
             ratios[f"{name}/plain"] = med[name] / med["plain"]
-    # the same values by different routes: inrun1 vs the torch.func twin, and each proposed fix vs the library
-    ref = {"func": "inrun1", "inrun1-fix": "inrun1", "inrun2-fix": "inrun2"}
-    agreement = {}
-    for name, base in ref.items():
-        if name in variants:
-            ids_a, a = variants[name].values()
-            ids_b, b = variants[base].values()
-            assert np.array_equal(ids_a, ids_b)
-            agreement[f"{name} vs {base}"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    ids_a, a = variants["func"].values()  # the same first-order values by the torch.func route
+    ids_b, b = variants["inrun1"].values()
+    assert np.array_equal(ids_a, ids_b)
+    agreement = {"func vs inrun1": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
+    memory = {"live_tensors_after_warmup": tensors_after_warmup, "live_tensors_after": tensors_after,
+              "rss_mb_after_warmup": round(rss_after_warmup, 1), "rss_mb_after": round(rss_after, 1)}
     return {"median_step_s": med, "ratios": ratios, "steps": case.steps, "warmup": case.warmup,
-            "all_step_s": times, "values_rel_diff": agreement}, variants
+            "all_step_s": times, "values_rel_diff": agreement, "memory": memory}, variants
 
 
 # -- where the time goes ---------------------------------------------------------------------------------------------
@@ -539,38 +426,6 @@ def profile_case(case: Case, variants: dict[str, Plain], n_steps: int) -> dict:
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
-def leak_check(case_name: str, quick: bool, fix: bool) -> None:
-    """(subprocess) RSS growth per step of inrun1 with SGD, printed as JSON."""
-    if fix:
-        apply_leak_workaround()
-    case = (mlp_case if case_name == "mlp" else gpt_case)(quick)
-    model = case.make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    variant = InRun(model, opt, case.task, case.validation, order=1)
-    ids, batch = case.batches[0]
-    variant.step(ids, batch)
-    gc.collect()
-    before = _rss_mb()
-    n = 2
-    for k in range(n):
-        ids, batch = case.batches[(k + 1) % len(case.batches)]
-        variant.step(ids, batch)
-    gc.collect()
-    print(json.dumps({"mb_per_step": (_rss_mb() - before) / n}))
-
-
-def run_leak_check(case_name: str, quick: bool, threads: int) -> dict:
-    out = {}
-    for fix in (False, True):
-        cmd = [sys.executable, __file__, "--leak-check", case_name, "--threads", str(threads)]
-        cmd += ["--quick"] if quick else []
-        cmd += ["--fix"] if fix else []
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        mb = json.loads(res.stdout.strip().splitlines()[-1])["mb_per_step"]
-        out["with_workaround" if fix else "as_is"] = round(mb, 1)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke test)")
@@ -578,33 +433,19 @@ def main() -> None:
                         help="torch intra-op threads (default 1: on a shared 2-core machine more threads than free "
                              "cores makes timings erratic)")
     parser.add_argument("--profile-steps", type=int, default=None)
-    parser.add_argument("--as-is", action="store_true", help="do not apply the capture-leak workaround")
     parser.add_argument("--only", choices=["mlp", "gpt"], default=None)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--leak-check", choices=["mlp", "gpt"], default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--fix", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.leak_check:
-        leak_check(args.leak_check, args.quick, args.fix)
-        return
     out_path = args.out or Path(__file__).parent / "results" / f"inrun_overhead{'_quick' if args.quick else ''}.json"
 
     t_start = time.perf_counter()
-    leaks = capture_leaks()
     report: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                    "processor": platform.processor(), "cpu_count": __import__("os").cpu_count(),
+                    "processor": platform.processor(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-        "quick": args.quick, "capture_leak_detected": leaks, "cases": {}}
+        "date": time.strftime("%Y-%m-%d"), "load_avg_start": os.getloadavg(), "quick": args.quick, "cases": {}}
     cases = [c for c in (mlp_case(args.quick), gpt_case(args.quick)) if args.only in (None, c.name)]
-    if leaks:
-        report["capture_leak_mb_per_step"] = {c.name: run_leak_check(c.name, args.quick, args.threads) for c in cases}
-        print(f"capture leak (MB per inrun1 step): {report['capture_leak_mb_per_step']}", file=sys.stderr)
-    workaround = leaks and not args.as_is
-    if workaround:
-        apply_leak_workaround()
-    report["capture_leak_workaround_applied"] = workaround
     for case in cases:
         entry: dict[str, Any] = {"describe": case.describe, "optimizers": {}}
         for opt_name in case.opts:
@@ -615,11 +456,13 @@ def main() -> None:
             del variants
             entry["optimizers"][opt_name] = res
             print(json.dumps({"case": case.name, "opt": opt_name, "median_step_s": res["median_step_s"],
-                              "ratios": res["ratios"], "values_rel_diff": res["values_rel_diff"]}, indent=1),
+                              "ratios": res["ratios"], "values_rel_diff": res["values_rel_diff"],
+                              "memory": res["memory"]}, indent=1),
                   file=sys.stderr, flush=True)
             gc.collect()
         report["cases"][case.name] = entry
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    report["load_avg_end"] = os.getloadavg()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))
     print_tables(report)

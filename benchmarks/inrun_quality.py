@@ -48,9 +48,6 @@ from datacredit.methods.inrun import InRunShapley
 from datacredit.models import TinyGPT, mlp
 from datacredit.task import Task
 
-sys.path.insert(0, str(Path(__file__).parent))
-from inrun_overhead import apply_leak_workaround, capture_leaks  # noqa: E402
-
 ORDERS = (1, 2)
 
 
@@ -325,13 +322,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out_path = args.out or Path(__file__).parent / "results" / f"inrun_quality{'_quick' if args.quick else ''}.json"
     start = time.perf_counter()
-    leaks = capture_leaks()
-    if leaks:  # values are unaffected; without it a few hundred steps leak GBs (see inrun_overhead.py)
-        apply_leak_workaround()
     report: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                     "torch_threads": torch.get_num_threads()},
-        "quick": args.quick, "capture_leak_workaround_applied": leaks}
+        "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     q = args.quick
     if args.only in (None, "digits"):
         report["digits_mislabel"], report["digits_curation"] = digits_experiments(
