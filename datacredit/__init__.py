@@ -3,7 +3,7 @@
 Sign convention everywhere: ``score[i, j] > 0`` means training example i helps query j (lowers its loss).
 """
 
-from . import capture, curvature, data, evaluate, report
+from . import capture, curvature, data, ensembles, evaluate, report
 from .capture import Capture, ExampleGrads
 from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
@@ -40,6 +40,7 @@ __all__ = [
     "capture",
     "curvature",
     "data",
+    "ensembles",
     "evaluate",
     "report",
 ]

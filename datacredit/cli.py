@@ -1,25 +1,193 @@
-"""``datacredit`` command line."""
+"""``datacredit`` command line: ``demo``, ``report``, ``groundtruth``, ``bench``.
+
+Each subcommand is a pair of functions — ``_<name>_args(subparsers)`` declares it and sets ``run`` to its
+``_<name>(args) -> int`` — listed in :data:`COMMANDS`; a new subcommand (``report``) adds one pair and one entry.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_ROOT = "runs/bench"
+
+
+# -- demo ---------------------------------------------------------------------------------------------------------
+def _demo_args(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="end-to-end demo on the bundled digits data (no download)")
+    demo.add_argument("--out", default="runs/demo", help="run directory: report, scores, cached ground truth")
+    demo.add_argument("--queries", type=int, default=30, help="test images to explain")
+    demo.add_argument("--m", type=int, default=40, help="retrainings for the demo's ground truth (LDS)")
+    demo.add_argument("--workers", type=int, default=2, help="parallel retraining processes")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(run=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, n_queries=args.queries, m=args.m, workers=args.workers, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def _report_args(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("report", help="write a self-contained HTML report from a run directory")
+    rep.add_argument("run_dir", help="a run directory (e.g. runs/demo; layout in datacredit/report/run.py)")
+    rep.add_argument("-o", "--out", default=None, help="output file (default RUN_DIR/report.html)")
+    rep.set_defaults(run=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .errors import DataCreditError
+    from .report import render_report
+
+    try:
+        print(f"report written to {render_report(args.run_dir, args.out)}")
+    except DataCreditError as exc:
+        print(f"datacredit report: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- shared by the benchmark commands -----------------------------------------------------------------------------
+def _case_names(value: str) -> list[str]:
+    from .bench.cases import CASES
+
+    names = sorted(CASES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or value!r}; choose from {sorted(CASES)} or all")
+    return names
+
+
+def _bench_common(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--case", type=_case_names, required=required,
+                        help="digits-lr, fmnist-mlp, text-gpt, a comma-separated list, or all")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help=f"where the cases live (default {DEFAULT_ROOT})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in this process (default 1: stable timings on a shared machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+# -- groundtruth --------------------------------------------------------------------------------------------------
+def _groundtruth_args(sub: argparse._SubParsersAction) -> None:
+    gt = sub.add_parser("groundtruth", help="build (or resume) a benchmark case's ground truth by retraining")
+    _bench_common(gt)
+    gt.add_argument("--m", type=int, help="random subsets (default 100)")
+    gt.add_argument("--alpha", type=float, help="fraction of the training set in each subset (default 0.5)")
+    gt.add_argument("--seeds", type=int, help="training seeds per subset (default 2)")
+    gt.add_argument("--workers", type=int, help="parallel worker processes (default 2)")
+    gt.add_argument("--backend", choices=("process", "serial", "ray"), help="where retrainings run (default process)")
+    gt.add_argument("--seed", type=int, help="seed of the subsets and training seeds (default 0)")
+    gt.add_argument("--out", help="store directory (default <root>/<case>/gt; only with one case)")
+    gt.set_defaults(run=_groundtruth)
+
+
+def _groundtruth(args: argparse.Namespace) -> int:
+    from .bench.cases import load_case
+
+    _logging()
+    if args.out and len(args.case) > 1:
+        raise SystemExit("--out needs a single --case")
+    settings = {"m": args.m, "alpha": args.alpha, "seeds": args.seeds, "workers": args.workers,
+                "backend": args.backend, "seed": args.seed}
+    for name in args.case:
+        case = load_case(name, args.root)
+        out = Path(args.out) if args.out else case.gt_dir()
+        start = time.perf_counter()
+        gt = case.build_groundtruth(out, progress=not args.no_progress, **settings)
+        wall = time.perf_counter() - start
+        record = {"case": name, "dir": str(out), "wall_seconds": wall, "m": gt.m, "seeds": gt.seeds,
+                  "alpha": gt.config["alpha"], "workers": settings["workers"] or case.spec.gt_defaults["workers"],
+                  "retrain_seconds_median": float(_nanmedian(gt.seconds)),
+                  "noise_ceiling_loss": gt.seed_agreement("loss")}
+        (out.parent / f"{out.name}-build.json").write_text(json.dumps(record, indent=1) + "\n")
+        ceiling = record["noise_ceiling_loss"]
+        print(f"{name}: ground truth in {out}: {gt.m} subsets × {gt.seeds} seeds, {wall:.1f} s wall this call "
+              f"(median retraining {record['retrain_seconds_median']:.2f} s); noise ceiling (loss) "
+              f"{'n/a' if ceiling is None else f'{ceiling:.3f}'}")
+    return 0
+
+
+def _nanmedian(seconds) -> float:
+    import numpy as np
+
+    return float(np.nanmedian(seconds)) if seconds is not None and np.isfinite(seconds).any() else float("nan")
+
+
+# -- bench --------------------------------------------------------------------------------------------------------
+def _bench_args(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="score methods (and peers) on a case against its ground truth")
+    _bench_common(bench, required=False)
+    bench.add_argument("--methods", help="comma-separated registry names (default: all of ours; see --list)")
+    bench.add_argument("--peers", action="store_true", help="also run dattri, kronfluence and traker")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke run: tiny ground truth (m=8, one seed), fast methods, no mislabel detection")
+    bench.add_argument("--mislabel", action=argparse.BooleanOptionalAction, default=None,
+                       help="mislabel-detection AUROC (default: on for full runs of classification cases)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="run every method in this process (default: each in its own, with the limits below)")
+    bench.add_argument("--memory-limit-gb", type=float, default=8.0,
+                       help="stop a method whose process grows beyond this resident memory (default 8)")
+    bench.add_argument("--timeout", type=float, default=3600, help="stop a method after this many seconds")
+    bench.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    bench.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import peers  # noqa: F401  (registers the peers)
+    from .bench.cases import load_case
+    from .bench.methods import REGISTRY
+    from .bench.report import markdown, ratio_lines
+    from .bench.runner import run_bench
+
+    if args.list:
+        for spec in REGISTRY.values():
+            print(f"{spec.name:22s} {spec.family:12s} {'pair: ' + spec.pair if spec.pair else ''}")
+        return 0
+    if not args.case:
+        raise SystemExit("datacredit bench: --case is required (or --list)")
+    _logging()
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    for name in args.case:
+        case = load_case(name, args.root)
+        results = run_bench(case, methods, peers=args.peers, quick=args.quick, mislabel=args.mislabel,
+                            progress=not args.no_progress, isolate=not args.in_process,
+                            memory_limit_mb=args.memory_limit_gb * 1024, timeout_s=args.timeout)
+        print()
+        print(markdown(results))
+        for line in ratio_lines(results):
+            print("ours/peer", line)
+        print(f"written: {case.dir / ('results-quick' if args.quick else 'results')}.json / .md")
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _demo_args, _report_args, _groundtruth_args, _bench_args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datacredit", description="Training-data attribution for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="end-to-end demo on the bundled digits data (no download)")
-    demo.add_argument("--queries", type=int, default=3, help="test images to explain")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for add in COMMANDS:
+        add(sub)
     args = parser.parse_args(argv)
-
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(n_queries=args.queries, seed=args.seed, progress=not args.no_progress)
-    return 0
+    return args.run(args)
 
 
 if __name__ == "__main__":

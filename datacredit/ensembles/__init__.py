@@ -1,0 +1,16 @@
+"""Efficient ensembles around any attribution method (Deng, Li, Zhang, Ma 2024, "Efficient Ensembles Improve
+Training Data Attribution"): the independent reference, dropout masks on one model, LoRA fine-tunes of one base.
+
+Every ensemble is ``Ensemble(..., method, k).fit(train).score(queries) -> Scores`` (or ``fit_score(train, queries)``,
+one fitted member in memory at a time): the plain mean of its K members' score matrices, with ``training_seconds``,
+``serving_seconds`` and ``stored_bytes`` as attributes and, split per member, in ``Scores.config["cost"]``.
+``first(k)`` gives the ensemble of the first k members; ``with_method(...)`` the same members under another method.
+"""
+
+from .base import Ensemble, EnsembleCost
+from .dropout import DropoutEnsemble, dropout_mask
+from .independent import IndependentEnsemble
+from .lora import LoRAEnsemble, finetune_classifier
+
+__all__ = ["DropoutEnsemble", "Ensemble", "EnsembleCost", "IndependentEnsemble", "LoRAEnsemble", "dropout_mask",
+           "finetune_classifier"]
