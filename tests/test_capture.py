@@ -19,13 +19,7 @@ from .helpers import TOL, SquashTask, flat, torch_func_grads
 SETTINGS = settings(max_examples=12, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """The twins compare in float64; the default dtype is restored after each test (no global switch left flipped)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def build(kind: str, d_in: int, d_out: int, bias: bool) -> tuple[nn.Module, callable]:

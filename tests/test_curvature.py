@@ -25,22 +25,7 @@ from datacredit.task import ClassificationTask, LanguageModelingTask, Task
 
 from .helpers import TOL, SquashTask, torch_func_grads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: one thread is many times faster than two on a shared, loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Tokens(nn.Module):

@@ -22,14 +22,6 @@ from .helpers import flat, torch_func_grads
 FACTORED = ["diagonal", "kfac", "ekfac"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: one thread is many times faster than two on a shared, loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def lbfgs(model, x, y, n, lam):
     """Minimize ``(1/n) Σ ℓ_i + (λ/2)‖θ‖²`` to a gradient of ~1e-10 (float64, strongly convex)."""
