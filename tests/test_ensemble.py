@@ -269,6 +269,13 @@ def test_lora_gradients_are_torch_func_gradients_of_the_adapters(setup):
     assert cost["shared_weight_bytes"] == n_base
     assert cost["member_weight_bytes"] == [n_adapter] * 2 and cost["member_cache_bytes"] == [30 * 8] * 2
     assert len(cost["member_training"]) == 2 and all(t > 0 for t in cost["member_training"])
+    # members are a function of their seed (the model's dropout during fine-tuning included), not of global RNG state
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    again = LoRAEnsemble(model, graddot, k=1, rank=2, seed=6, epochs=2, lr=0.1).fit(train)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    for name, value in again.adapter_state_dict(0).items():
+        torch.testing.assert_close(value, ens.adapter_state_dict(1)[name], rtol=0, atol=0)
     # another method on the same members: nothing is retrained
     cos = ens.with_method(lambda m: graddot(m, normalize=True))
     values = cos.fit(train).score(test).values

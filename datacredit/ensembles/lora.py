@@ -2,9 +2,10 @@
 method sees only the LoRA parameters.
 
 Member ``j`` (seed ``seed + j``): a copy of the base with peft's ``LoraConfig(r=rank, lora_alpha=alpha,
-target_modules=…)`` injected by ``get_peft_model`` — adapter initialisation drawn under ``torch.manual_seed(seed + j)``
-(in a forked RNG; the caller's global RNG is untouched) — then fine-tuned by ``train_fn(peft_model, seed + j)`` or the
+target_modules=…)`` injected by ``get_peft_model``, then fine-tuned by ``train_fn(peft_model, seed + j)`` or the
 default loop (:func:`finetune_classifier`: SGD + momentum on the adapters, cross-entropy, batch order from the seed).
+Both run under ``torch.manual_seed(seed + j)`` in a forked RNG, so the adapter initialisation and any dropout during
+fine-tuning come from the member's seed, and the caller's global RNG is untouched.
 
 Gradients. peft freezes the base, so the only trainable parameters are the adapters' ``lora_A`` / ``lora_B``, plain
 ``nn.Linear`` modules the capture engine's Linear rule handles (peft's LoRA wrapper layer owns no trainable parameter
@@ -119,10 +120,10 @@ class LoRAEnsemble(Ensemble):
         models, seconds = [], []
         for j in range(self.k):
             seed = self.seed + j
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # adapter init and dropout during fine-tuning: from the seed
                 torch.manual_seed(seed)
                 peft_model = get_peft_model(copy.deepcopy(base, dict(shared)), self._lora_config())
-            _, sec = timed(lambda m=peft_model, s=seed: self._train_member(m, s, train), self.clock)
+                _, sec = timed(lambda m=peft_model, s=seed: self._train_member(m, s, train), self.clock)
             peft_model.eval()
             _check_trainable(peft_model)
             models.append(peft_model)
