@@ -3,8 +3,8 @@ detection). Ours are registered here, the peers' in :mod:`datacredit.bench.peers
 ensemble) adds one :func:`register` call.
 
 A method's ``run(ctx) -> Scores`` gets a :class:`Context`: a fresh copy of the model under attribution, the training
-set, the queries, the case's Task, recipe and trajectory. Its wall time (fit + score) is the attribution time the
-bench reports. ``self_values(ctx) -> (Scores (n_train, 1), higher_is_suspicious)`` ranks training examples for
+set, the queries, the case's Task, recipe and trajectory. Its CPU and wall time (fit + score) are the attribution
+time the bench reports. ``self_values(ctx) -> (Scores (n_train, 1), higher_is_suspicious)`` ranks training examples for
 mislabel detection (the context then holds the model trained on the flipped labels).
 
 Settings shared by ours and the peers (so matched pairs compute the same thing):
