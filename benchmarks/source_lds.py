@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/source_lds.py [--m 50] [--out runs/bench/source]
 
-The model under attribution is the recipe's seed-0 model, trained by the same loop the ground truth retrains with
+The model under attribution is the recipe's seed-0 model, trained by the very loop the ground truth retrains with
 (`datacredit.demo.train_classifier`: SGD, momentum 0.9), recording 6 equally spaced checkpoints for SOURCE and TracIn.
 """
 
@@ -17,31 +17,27 @@ import numpy as np
 import torch
 
 import datacredit as dc
+from datacredit.demo import train_classifier
 from datacredit.evaluate import ClassifierRecipe, build_groundtruth, lds
 from datacredit.trajectory import TrajectoryRecorder
 
 
 def train_recorded(recipe: ClassifierRecipe, train, seed: int, out: Path) -> tuple[torch.nn.Module, dc.Trajectory]:
-    """`train_classifier`'s loop (same initialisation, batch order and updates), checkpointing 6 times."""
+    """The recipe's seed-``seed`` model trained by its own loop (`train_classifier`), checkpointing 6 times."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = recipe.build()
-    x, y = train.tensors
-    steps = recipe.epochs * -(-len(x) // recipe.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9)
-    recorder = TrajectoryRecorder(model, out, optimizer=opt, at_steps=[round(steps * k / 6) for k in range(1, 7)],
-                                  overwrite=True)
-    gen = torch.Generator().manual_seed(seed)
-    task = dc.ClassificationTask()
-    model.train()
-    for _ in range(recipe.epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(recipe.batch_size):
-            opt.zero_grad()
-            task.loss(model, (x[idx], y[idx])).mean().backward()
-            opt.step()
-            recorder.step()
-    model.eval()
-    return model, recorder.trajectory()
+    steps = recipe.epochs * -(-len(train) // recipe.batch_size)
+    recorders: list[TrajectoryRecorder] = []
+
+    def record(opt: torch.optim.Optimizer):
+        recorders.append(TrajectoryRecorder(model, out, optimizer=opt, overwrite=True,
+                                            at_steps=[round(steps * k / 6) for k in range(1, 7)]))
+        return recorders[0].step
+
+    train_classifier(model, train, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
+                     progress=False, after_step=record)
+    return model, recorders[0].trajectory()
 
 
 def run(epochs: int, m: int, out: Path) -> list[dict]:

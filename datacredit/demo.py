@@ -30,15 +30,19 @@ SHADES = " .:-=+*#%@"
 
 def train_classifier(model: torch.nn.Module, train: ArrayDataset, epochs: int = 30, lr: float = 0.05,
                      batch_size: int = 64, seed: int = 0, progress: bool = True,
-                     inrun: Callable[[torch.optim.Optimizer], InRunShapley] | None = None) -> torch.nn.Module:
+                     inrun: Callable[[torch.optim.Optimizer], InRunShapley] | None = None,
+                     after_step: Callable[[torch.optim.Optimizer], object] | None = None) -> torch.nn.Module:
     """Plain mini-batch SGD with momentum 0.9 on a classification ArrayDataset ``(x, y)``; returns the model.
 
     inrun: a factory called with the loop's optimizer that returns an :class:`~datacredit.InRunShapley` on this
     model; every step is then recorded (the updates, hence the trained model, are the same as without it).
+    after_step: a factory called with the optimizer that returns a callable run after every optimizer step (e.g.
+    ``lambda opt: TrajectoryRecorder(model, dir, optimizer=opt, every=30).step``).
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     shapley = inrun(opt) if inrun is not None else None
+    hook = after_step(opt) if after_step is not None else None
     x, y = train.tensors
     model.train()
     for _ in tqdm(range(epochs), desc="train", disable=not progress, leave=False):
@@ -50,6 +54,8 @@ def train_classifier(model: torch.nn.Module, train: ArrayDataset, epochs: int = 
                 with shapley.step(train.ids[idx.numpy()]):
                     F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            if hook is not None:
+                hook()
     model.eval()
     if shapley is not None:
         shapley.close()
