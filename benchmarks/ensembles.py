@@ -152,19 +152,22 @@ def run(case: Case, args) -> dict:
         ind.clock = clock
         ind.fit_score(train, queries)  # one fitted member in memory at a time
         rows = rows_of("independent", ind, gt, measure)
-        variants = [(f"dropout p={p}", DropoutEnsemble(models[0], factory, args.kmax, p=p, seed=0,
-                                                        training_seconds=seconds[0])) for p in args.p]
-        if name != "grad-dot":  # exact Grad-Dot caches nothing: sharing would change nothing
+        variants = []
+        if "dropout" in args.variants:
+            variants += [(f"dropout p={p}", DropoutEnsemble(models[0], factory, args.kmax, p=p, seed=0,
+                                                             training_seconds=seconds[0])) for p in args.p]
+        if "shared" in args.variants and name != "grad-dot":  # exact Grad-Dot caches nothing: sharing is a no-op
             variants += [(f"dropout p={p} shared", DropoutEnsemble(models[0], factory, args.kmax, p=p, seed=0,
                                                                     share_train_cache=True,
                                                                     training_seconds=seconds[0])) for p in args.p]
-        lora = lora.with_method(factory)
-        variants.append((f"lora r={args.rank}", lora))
+        if "lora" in args.variants:
+            lora = lora.with_method(factory)
+            variants.append((f"lora r={args.rank}", lora))
         for label, ens in variants:
             ens.clock = clock
             ens.fit_score(train, queries)
             rows += rows_of(label, ens, gt, measure, baseline=ind)
-        if isinstance(lora, LoRAEnsemble):
+        if lora.peft_models:
             out["lora_accuracy"] = [accuracy(m, queries) for m in lora.peft_models]
         print(f"\n### {case.name}, {name} (LDS against the retrained models' {measure})\n")
         print(table(rows))
@@ -181,6 +184,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-epochs", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["grad-dot", "trak"])
+    parser.add_argument("--variants", nargs="+", default=["dropout", "shared", "lora"],
+                        help="which ensembles to compare with the independent one")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",

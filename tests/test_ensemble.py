@@ -153,6 +153,19 @@ def test_dropout_with_p0_equals_one_member(setup, name, share):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("name", ["trak", "tracin", "influence-kfac"])
+def test_masks_reach_methods_that_work_on_a_private_copy(setup, name):
+    """TRAK and TracIn attribute with their own copy of the model: the masks must be on it, not on the user's."""
+    model, train, test = setup
+    ens = DropoutEnsemble(model, FACTORIES[name], k=1, p=0.5, seed=3)
+    scores = ens.fit(train).score(test)
+    twin = copy.deepcopy(model)
+    twin[2] = FixedMask(ens.masks(0)["2"])
+    expected = FACTORIES[name](twin).fit(train).score(test)
+    np.testing.assert_allclose(scores.values, expected.values, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(scores.values, FACTORIES[name](model).fit(train).score(test).values)
+
+
 def test_independent_ensemble_of_identical_models_equals_one_member(setup):
     model, train, test = setup
     snap = snapshot(model)

@@ -97,7 +97,7 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def selection(case: Case, names: list[str] | None, *, peers: bool, quick: bool) -> list[MethodSpec]:
+def selection(names: list[str] | None, *, peers: bool, quick: bool) -> list[MethodSpec]:
     """The methods to run: ``names`` (unknown ones raise ValueError), else ours (``quick``: the quick subset),
     plus every peer when ``peers``."""
     if names:

@@ -136,10 +136,10 @@ def _dattri_if(kind: str) -> Callable[[Context], Scores]:
 
 
 def _dattri_train_batch(model: nn.Module, n_train: int) -> int:
-    """Training examples per ``attribute`` batch: as many as fit :data:`DATTRI_BUDGET` bytes at the ~16 bytes per
-    example and parameter that vmapped per-example gradients took here (fmnist-mlp, 5,000 × 50,890: 16 GB, killed).
+    """Training examples per ``attribute`` batch: as many as fit :data:`DATTRI_BUDGET` bytes at the ~64 bytes per
+    example and parameter that one batch took here (fmnist-mlp, 5,000 × 50,890 in one batch: killed at 16.6 GB).
     dattri re-solves the inverse-Hessian products of the queries for every such batch, so fewer is faster."""
-    per_example = 16 * sum(p.numel() for p in model.parameters())
+    per_example = 64 * sum(p.numel() for p in model.parameters())
     return max(1, min(n_train, DATTRI_BUDGET // per_example))
 
 

@@ -107,7 +107,7 @@ def run_bench(case: Case, methods: list[str] | None = None, *, peers: bool = Fal
     isolate: each method in its own process, stopped above ``memory_limit_mb`` resident or after ``timeout_s``.
     """
     os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' own progress bars
-    specs = selection(case, methods, peers=peers, quick=quick)
+    specs = selection(methods, peers=peers, quick=quick)
     gt = case.groundtruth(quick=quick, progress=progress)
     model = case.model()
     warm_up(case, [] if isolate else specs)
