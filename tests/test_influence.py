@@ -225,18 +225,18 @@ def test_store_resumes_the_curvature_and_the_scores(mlp_problem, tmp_path, monke
     resumed.fit(train)
     assert calls["n"] - 100 == 4  # only the second pass ran again (4 batches of 8 for 30 examples)
 
-    from datacredit.capture.grads import ExampleGrads
+    from datacredit.methods import influence
 
     dots = {"n": 0}
-    original_dot = ExampleGrads.dot
+    original_dot = influence.products
 
-    def flaky_dot(self, weights):
+    def flaky_dot(grads, weights):
         dots["n"] += 1
         if dots["n"] == 6:  # second round of queries (query_batch 4 rounds up to a batch of 8), second train batch
             raise KeyboardInterrupt
-        return original_dot(self, weights)
+        return original_dot(grads, weights)
 
-    monkeypatch.setattr(ExampleGrads, "dot", flaky_dot)
+    monkeypatch.setattr(influence, "products", flaky_dot)
     with pytest.raises(KeyboardInterrupt):
         resumed.score(test)
     dots["n"] = 100

@@ -204,11 +204,12 @@ class IdentityCurvature(Curvature):
     name = "identity"
     n_passes = 0
 
-    def _scale(self, damping: float | Damping) -> float:
+    def scale(self, damping: float | Damping) -> float:
+        """``1 / (1 + δ)``: the whole inverse, one number (the mean eigenvalue of the identity is 1)."""
         return 1.0 / (1.0 + as_damping(damping).value(1.0))
 
     def apply_inverse(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
-        scale = self._scale(damping)
+        scale = self.scale(damping)
         return {name: w * scale for name, w in weights.items()}
 
     def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
@@ -216,7 +217,7 @@ class IdentityCurvature(Curvature):
         return {name: w * value.to(w.dtype) for name, w in weights.items()}
 
     def self_products(self, grads: ExampleGrads, damping: float | Damping = 0.0) -> Tensor:
-        return grads.sq_norms() * self._scale(damping)
+        return grads.sq_norms() * self.scale(damping)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {}

@@ -11,13 +11,17 @@ is *not* included (as in kronfluence and dattri). Removing example i changes the
 ``Δθ ≈ (1/N) (H + δI)⁻¹ ∇ℓ_i`` and the query loss by about ``score(i, q) / N``. An L2 penalty ``(λ/2)‖θ‖²`` in the
 training objective belongs in the curvature: pass ``damping=λ``.
 
-Work (query-side preconditioning, the "val-first" route): query gradients are computed once, materialized per
-parameter ``(Q, *shape)``, and the inverse curvature is applied to them; every training batch is then scored with
-``ExampleGrads.dot`` (``Σ_t u_tᵀ V v_t`` per example), never materializing a training example's gradient. Queries are
-handled in rounds of ``query_batch`` (each round one pass over the training data), so memory is
-``query_batch × (number of parameters)``. With a store, the curvature is cached (and a two-pass fit resumes at its
-second pass) and the ``(n_train, n_query)`` scores are filled into a memmap chunk by chunk (one chunk per round and
-training batch), so an interrupted ``score`` resumes and a matrix larger than RAM lives on disk.
+Work: query gradients are computed once per round of ``query_batch`` queries and the inverse curvature is applied to
+them (materialized per parameter, ``(Q, *shape)``); every training batch is then scored against the whole round by
+:func:`~datacredit.methods.base.products`, which per layer either materializes the batch's training gradients
+(``N·T·m·n``) and multiplies them with all the round's queries in one GEMM (``N·Q·m·n``), or takes val-first dots
+(``Σ_t u_tᵀ V v_t``, ``N·T·m·n·Q``) where that is much cheaper (Embedding rows). ``curvature="identity"`` skips the
+preconditioning and uses Grad-Dot's Gram products on the factored query gradients (ghost dots: ``N·Q·T²·(m+n)``).
+Each round is one pass over the training data, so memory is ``query_batch × (number of parameters)`` and the
+training backward passes are repeated only when the queries do not fit in one round. With a store, the curvature is
+cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled into a memmap
+chunk by chunk (one chunk per round and training batch), so an interrupted ``score`` resumes and a matrix larger
+than RAM lives on disk.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import copy
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,12 +39,13 @@ from torch import Tensor, nn
 
 from ..capture import Capture, ExampleGrads, example_grads
 from ..curvature import Curvature, Damping, as_damping, curvature_class, curvature_names, tracked_parameters
+from ..curvature.factored import IdentityCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
 from ..errors import DataError, StoreError
 from ..scores import Scores
 from ..store import ChunkedArray, Store
 from ..task import Task
-from .base import Batch, Data, GradientMethod, as_loader, batches, eval_mode
+from .base import Batch, Data, GradientMethod, as_loader, batches, eval_mode, products
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +209,20 @@ class Influence(GradientMethod):
         with eval_mode(self.model):
             return self.curvature.apply_inverse(weights, self.config.damping)
 
+    def _query_side(self, group: list[ExampleGrads]) -> Callable[[ExampleGrads], Tensor]:
+        """What one query round does to each training batch: ``g -> (N, Q)`` scores of the round's queries.
+
+        Identity curvature: ``(1 + δ)⁻¹ ⟨g_i, g_q⟩`` by the Gram products Grad-Dot uses (ghost dots where cheaper: for
+        one position per example ``N·Q·(m + n)`` instead of ``N·Q·m·n``), on the factored query gradients.
+        Otherwise the queries are preconditioned once (:meth:`precondition`) and every training batch is multiplied
+        with them by :func:`~datacredit.methods.base.products` (val-first or materialize + GEMM, by cost).
+        """
+        if isinstance(self.curvature, IdentityCurvature):
+            scale = self.curvature.scale(self.config.damping)
+            return lambda g: torch.cat([g.gram(q) for q in group], dim=1) * scale
+        pre = self.precondition(group)
+        return lambda g: products(g, pre)
+
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = upweighting the training example lowers the query's
         measurement (see the module doc for sign and scale)."""
@@ -236,10 +255,10 @@ class Influence(GradientMethod):
             done = frozenset(b for b, c in chunk.items() if isinstance(out, ChunkedArray) and out.done(c))
             if len(done) == n_train_batches:
                 continue
-            pre = self.precondition(group)
+            combine = self._query_side(group)
             del group
             for b, batch, g in self._grads(self._train, desc="score", skip=done):
-                values = g.dot(pre).detach().double().cpu().numpy()
+                values = combine(g).detach().double().cpu().numpy()
                 array[batch.rows, cols] = values
                 if isinstance(out, ChunkedArray):
                     out.mark_done(chunk[b])

@@ -13,7 +13,9 @@ the query measurement (z helps q), as everywhere in datacredit.
 
 Computed query side first: ``∇f_q`` is propagated backwards through the segments in each segment's eigenbasis
 (``exp(−ηKλ)`` per eigenvalue), picking up ``(1 − e^{−ηKλ})/λ`` at each segment, then dotted (val-first) with the
-segment's training gradients at each of its checkpoints. Cost ≈ (number of checkpoints) × EK-FAC influence.
+segment's training gradients at each of its checkpoints (:func:`~datacredit.methods.base.products`: the training
+gradients materialized once per batch and multiplied with all queries' segment weights in one GEMM, or val-first where
+that is cheaper). Cost ≈ (number of checkpoints) × EK-FAC influence.
 
 ``time="discrete"`` replaces the gradient-flow factors by the exact ones of the recorded gradient-descent steps,
 ``Π_c (1 − η_c λ)^{n_c}`` and ``Σ_c [(1 − (1 − η_c λ)^{n_c})/λ] Π_{c'>c} (1 − η_{c'} λ)^{n_{c'}}``; with stationary
@@ -40,7 +42,7 @@ from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
 from ..trajectory import Trajectory
-from .base import Data, GradientMethod, batches, eval_mode
+from .base import Data, GradientMethod, batches, eval_mode, products
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Source(GradientMethod):
                     _, it = self.grads(self._train[seg.stage], desc="source score")
                     for batch, g in it:
                         rows = slice(offsets[seg.stage] + batch.rows.start, offsets[seg.stage] + batch.rows.stop)
-                        values[rows] += scale * g.dot(u).detach().cpu().double().numpy()
+                        values[rows] += scale * products(g, u).detach().cpu().double().numpy()
         config = {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
                   "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
         return Scores(values, self.train_ids, query_ids, self.name, config)
