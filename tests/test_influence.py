@@ -124,6 +124,20 @@ def test_cg_equals_explicit(logistic):
     np.testing.assert_allclose(cg.self_scores().values, explicit.self_scores().values, rtol=1e-7)
 
 
+def test_cg_runs_with_the_default_damping(logistic):
+    """The default (relative 0.1) runs for CG: δ = 0.1 × Hutchinson's tr(H)/D, and it equals the explicit Hessian with
+    that absolute damping; the estimate itself is close to the exact mean eigenvalue."""
+    model, train, test, _ = logistic
+    task = ClassificationTask()
+    cg = Influence(model, task, curvature="cg", batch_size=16, progress=False).fit(train)
+    values = cg.score(test).values
+    estimate = cg.curvature.mean_eigenvalue()
+    explicit = Influence(model, task, curvature="explicit", damping=0.1 * estimate, progress=False).fit(train)
+    np.testing.assert_allclose(values, explicit.score(test).values, rtol=1e-6, atol=1e-10)
+    exact = torch.linalg.eigvalsh(explicit.curvature.matrix()).mean().item()
+    assert abs(estimate - exact) < 0.3 * exact, (estimate, exact)
+
+
 def test_identity_is_grad_dot_and_huge_damping_is_scaled_grad_dot(mlp_problem):
     model, train, test = mlp_problem
     task = ClassificationTask()

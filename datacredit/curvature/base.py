@@ -39,7 +39,8 @@ class Damping:
     """``δ = absolute + relative · mean eigenvalue`` added to the curvature before inverting.
 
     The mean eigenvalue is taken per block: per parameter for the factored curvatures (as kronfluence's heuristic
-    damping), over all tracked parameters for ``"explicit"``; it is 1 for ``"identity"``.
+    damping), over all tracked parameters for ``"explicit"``, estimated over all tracked parameters by Hutchinson's
+    trace estimator for ``"cg"`` (seeded Rademacher probes); it is 1 for ``"identity"``.
     """
 
     absolute: float = 0.0

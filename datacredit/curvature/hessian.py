@@ -10,7 +10,10 @@ training objective ``L(θ) = (1/N) Σ_i ℓ_i(θ)`` (no regularizer: an L2 penal
   makes every eigenvalue positive.
 * ``"cg"`` — no matrix: solves ``(H + δI) x = w`` for all queries at once by conjugate gradients (one column per
   query, each with its own step sizes), every iteration one pass of Hessian-vector products over the training data.
-  Needs ``H + δI`` positive definite; absolute damping only (the mean eigenvalue would need ``D`` products).
+  Needs ``H + δI`` positive definite. Relative damping uses the mean eigenvalue ``tr(H)/D`` estimated by
+  Hutchinson's estimator, ``(1/D) · mean_z zᵀHz`` over ``probes`` Rademacher vectors drawn with a fixed seed (one extra
+  pass of batched Hessian-vector products, made once per fit; an exact trace would need ``D`` products). So the
+  default ``Damping(relative=0.1)`` of :class:`~datacredit.methods.Influence` runs for CG too.
 """
 
 from __future__ import annotations
@@ -188,13 +191,14 @@ class HessianCG(_HessianCurvature):
     n_passes = 0
 
     def __init__(self, layout: list[tuple[str, list[int]]] | None = None, max_iter: int = 500,
-                 tol: float = 1e-10) -> None:
+                 tol: float = 1e-10, probes: int = 64, seed: int = 0) -> None:
         super().__init__(layout)
-        if max_iter < 1 or not tol > 0:
-            raise ValueError(f"cg needs max_iter >= 1 and tol > 0, got {max_iter}, {tol}")
-        self.max_iter, self.tol = max_iter, tol
+        if max_iter < 1 or not tol > 0 or probes < 1:
+            raise ValueError(f"cg needs max_iter >= 1, tol > 0 and probes >= 1, got {max_iter}, {tol}, {probes}")
+        self.max_iter, self.tol, self.probes, self.seed = max_iter, tol, probes, seed
         self.batches: Callable[[], Iterable] | Iterable | None = None
         self.iterations = 0
+        self._mean_eigenvalue: float | None = None
 
     def fit(self, batches: Callable[[], Iterable] | Iterable, *, progress: bool = False,
             on_pass: Callable[[Curvature], None] | None = None) -> HessianCG:
@@ -202,7 +206,18 @@ class HessianCG(_HessianCurvature):
         if not callable(batches) and iter(batches) is batches:
             raise ValueError("cg passes over the data once per iteration: give a callable or a list of batches")
         self.batches = batches
+        self._mean_eigenvalue = None  # new data: estimate again when relative damping asks for it
         return self
+
+    def mean_eigenvalue(self) -> float:
+        """Hutchinson's estimate of ``tr(H)/D``: ``(1/D) · mean_z zᵀHz`` over ``probes`` Rademacher vectors ``z``
+        (seeded), by one pass of batched Hessian-vector products; computed once per :meth:`fit`."""
+        if self._mean_eigenvalue is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            z = torch.randint(0, 2, (self.probes, self.dim), generator=gen).to(self.params[0].dtype) * 2 - 1
+            z = z.to(self.params[0].device)
+            self._mean_eigenvalue = float((z * self.hvp(z)).sum(1).mean()) / self.dim
+        return self._mean_eigenvalue
 
     def hvp(self, vectors: Tensor) -> Tensor:
         """``H v`` of the mean training loss for every row of ``vectors`` ``(Q, D)``: one pass over the data."""
@@ -219,9 +234,10 @@ class HessianCG(_HessianCurvature):
 
     def apply_inverse(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
         damping = as_damping(damping)
-        if damping.relative:
-            raise ValueError("cg takes absolute damping only (relative damping needs the Hessian's trace); "
-                             "use curvature='explicit' or Damping(absolute=...)")
+        delta = damping.absolute + (damping.relative * self.mean_eigenvalue() if damping.relative else 0.0)
+        if not delta >= 0:
+            raise ValueError(f"cg: the damping {damping} gives δ = {delta:.3g} < 0 (the estimated mean eigenvalue of "
+                             "H is negative); pass an absolute damping, e.g. damping=1e-3")
         b = flatten(weights, self.layout)
         dtype = torch.promote_types(b.dtype, torch.float32)
         b = b.to(dtype)
@@ -231,7 +247,7 @@ class HessianCG(_HessianCurvature):
         self.iterations = 0
         while bool((rs > target).any()) and self.iterations < self.max_iter:
             active = rs > target
-            ap = self.hvp(p) + damping.absolute * p
+            ap = self.hvp(p) + delta * p
             curvature = (p * ap).sum(1)
             if bool((curvature[active] <= 0).any()):
                 raise ValueError("cg met a direction of non-positive curvature: H + δI is not positive definite; "
@@ -250,7 +266,8 @@ class HessianCG(_HessianCurvature):
         return unflatten(x.to(weights[next(iter(weights))].dtype), self.layout)
 
     def config(self) -> dict[str, Any]:
-        return {"layout": self.layout, "max_iter": self.max_iter, "tol": self.tol}
+        return {"layout": self.layout, "max_iter": self.max_iter, "tol": self.tol, "probes": self.probes,
+                "seed": self.seed}
 
     def state_dict(self) -> dict[str, Tensor]:
         return {}

@@ -73,8 +73,6 @@ class InfluenceConfig:
             raise ValueError(f"query_batch must be None or positive, got {self.query_batch}")
         if self.fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {self.fisher!r}")
-        if self.curvature == "cg" and self.damping.relative:
-            raise ValueError("curvature='cg' takes absolute damping only: pass damping=<float> (e.g. 1e-3)")
 
 
 class Influence(GradientMethod):
@@ -83,7 +81,8 @@ class Influence(GradientMethod):
     curvature: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"``, ``"identity"``, ``"explicit"`` (dense true Hessian,
     small models) or ``"cg"`` (true Hessian through conjugate gradients), or a :class:`Curvature` instance.
     damping: a float (absolute) or :class:`Damping` (absolute + relative × mean eigenvalue per block); the default is
-    0.1 × the mean eigenvalue. store: a :class:`Store` (or its path) caching the curvature and the scores.
+    0.1 × the mean eigenvalue (for ``"cg"`` estimated by Hutchinson's trace estimator, so the default runs).
+    store: a :class:`Store` (or its path) caching the curvature and the scores.
     fisher: ``"empirical"`` (default) or ``"true"`` (sampled labels, ``seed``) for the curvatures fitted from
     gradients; ``"explicit"`` and ``"cg"`` always use the true Hessian of the training loss.
     See the module docstring for the sign and the scale.
