@@ -16,6 +16,7 @@ from .registry import LayerRule, register
 @register("transformers.pytorch_utils.Conv1D")
 class Conv1DRule(LayerRule):
     name = "conv1d"
+    params = ("weight", "bias")
 
     def pieces(self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Piece]:
         a, b = as_sequence(inputs[0]), as_sequence(grad_output)

@@ -18,6 +18,7 @@ from .registry import LayerRule, register
 @register(nn.Conv2d)
 class Conv2dRule(LayerRule):
     name = "conv2d"
+    params = ("weight", "bias")
 
     def check(self, module: nn.Conv2d, path: str) -> None:
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):

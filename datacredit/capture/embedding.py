@@ -16,6 +16,7 @@ from .registry import LayerRule, register
 @register(nn.Embedding)
 class EmbeddingRule(LayerRule):
     name = "embedding"
+    params = ("weight",)
 
     def check(self, module: nn.Embedding, path: str) -> None:
         if module.max_norm is not None or module.scale_grad_by_freq:

@@ -17,6 +17,7 @@ from .registry import LayerRule, register
 @register(nn.LayerNorm)
 class LayerNormRule(LayerRule):
     name = "layernorm"
+    params = ("weight", "bias")
 
     def pieces(self, module: nn.LayerNorm, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Piece]:
         x = inputs[0]

@@ -24,6 +24,7 @@ def bias_piece(grad_out: Tensor) -> Outer:
 @register(nn.Linear)
 class LinearRule(LayerRule):
     name = "linear"
+    params = ("weight", "bias")
 
     def pieces(self, module: nn.Linear, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Piece]:
         a, b = as_sequence(inputs[0]), as_sequence(grad_output)
