@@ -133,3 +133,65 @@ def test_bad_input(setup):
         method.fit(train.subset([]))
     with pytest.raises(RuntimeError, match="fit"):
         GradDot(model, task, progress=False).score(test)
+
+
+def test_exact_scores_go_to_the_store_and_a_killed_score_resumes(setup, tmp_path, monkeypatch):
+    """A pathlib.Path store; scores chunked into a memmap there; an interrupted score redoes no finished chunk."""
+    model, train, test = setup
+    task = ClassificationTask()
+    fresh = GradDot(model, task, batch_size=4, progress=False).fit(train).score(test).values
+
+    from datacredit.capture.grads import ExampleGrads
+    from datacredit.methods import base
+
+    monkeypatch.setattr(base, "SCORE_CHUNK_BYTES", 8 * 10 * 8)  # 8 rows (2 batches of 4) per chunk: 4 chunks
+    calls = {"n": 0}
+    original = ExampleGrads.gram
+
+    def flaky(self, other):
+        calls["n"] += 1
+        if calls["n"] == 14:  # third chunk (6 gram calls per chunk: 2 training batches × 3 query batches)
+            raise KeyboardInterrupt
+        return original(self, other)
+
+    monkeypatch.setattr(ExampleGrads, "gram", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        GradDot(model, task, batch_size=4, store=tmp_path / "gd", progress=False).fit(train).score(test)
+    calls["n"] = 100
+    scores = GradDot(model, task, batch_size=4, store=tmp_path / "gd", progress=False).fit(train).score(test)
+    assert calls["n"] - 100 == 12  # chunks 3 and 4 only
+    assert isinstance(scores.values, np.memmap)
+    np.testing.assert_allclose(scores.values, fresh, rtol=1e-12, atol=1e-14)
+    calls["n"] = 100
+    GradDot(model, task, batch_size=4, store=tmp_path / "gd", progress=False).fit(train).score(test)
+    assert calls["n"] == 100  # complete: read back
+
+
+def test_a_changed_model_data_or_config_refits_the_cache(setup, tmp_path):
+    """The same store under another model, other data (same ids) or another config is refitted, never reused."""
+    import copy
+
+    model, train, test = setup
+    task = ClassificationTask()
+    store = tmp_path / "cache"
+
+    def run(m, data, **kw):
+        cached = GradDot(m, task, projection=16, store=store, progress=False, **kw).fit(data).score(test).values
+        plain = GradDot(m, task, projection=16, progress=False, **kw).fit(data).score(test).values
+        np.testing.assert_allclose(cached, plain, rtol=1e-6, atol=1e-9)
+        return cached
+
+    first = run(model, train)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved[0].weight.mul_(1.5)
+    assert not np.allclose(run(moved, train), first)
+    x, y = train.tensors
+    relabelled = ArrayDataset(x, (y + 1) % 3, ids=train.ids)  # same ids, other contents
+    assert not np.allclose(run(model, relabelled), first)
+    assert not np.allclose(run(model, train, seed=1), first)
+    # the exact route's stored scores too
+    a = GradDot(model, task, store=store, progress=False).fit(train).score(test).values
+    b = GradDot(moved, task, store=store, progress=False).fit(train).score(test).values
+    np.testing.assert_allclose(b, GradDot(moved, task, progress=False).fit(train).score(test).values, rtol=1e-9)
+    assert not np.allclose(a, b)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from datacredit import ClassificationTask, GradDot, Store
 from datacredit.data import ArrayDataset, load_digits
 from datacredit.errors import DataError, StoreError
-from datacredit.methods import tracin as tracin_module
+from datacredit.methods import base as tracin_module
 from datacredit.methods.tracin import TracIn
 from datacredit.models import mlp
 from datacredit.trajectory import Trajectory, TrajectoryRecorder

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from datacredit import ClassificationTask, Store, Task
 from datacredit.data import ArrayDataset, load_digits
 from datacredit.errors import StoreError
-from datacredit.methods import tracin as tracin_module
+from datacredit.methods import base as tracin_module
 from datacredit.methods.trak import TRAK, KernelSolver
 from datacredit.models import mlp
 

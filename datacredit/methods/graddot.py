@@ -4,15 +4,25 @@ Sign: a positive score means one gradient step on training example i lowers the 
 its loss) to first order, i.e. i helps q. Two routes:
 
 * exact (``projection=None``): nothing is cached at ``fit`` but the training ids (and norms for Grad-Cos); ``score``
-  computes query gradients once, then streams training batches and takes ghost / val-first dots layer by layer —
-  ``O(n_train)`` backward passes per ``score`` call, no per-example ``d_in × d_out`` tensors.
+  computes query gradients once, then streams training batches and takes ghost / materialized Gram products layer by
+  layer (by cost, :meth:`ExampleGrads.gram`) — ``O(n_train)`` backward passes per ``score`` call, no per-example
+  ``d_in × d_out`` tensors where ghost dots are cheaper. With a store the ``(n_train, n_query)`` scores are written
+  to a chunked memmap there (rows in blocks of about ``SCORE_CHUNK_BYTES``), so they need not fit in RAM and an
+  interrupted ``score`` resumes at the first unfinished block; without one they are float64 in memory.
 * projected (``projection=k``): ``fit`` stores the ``(n_train, k)`` projected training gradients (resumable, in the
   store when one is given); ``score`` is then one projected backward over the queries and a matrix product.
+
+Every cached artefact's metadata holds the digests of the model (tracked parameter values), of the data (ids and,
+for array datasets, contents) and of the configuration: a store written for another model, data or configuration is
+refitted (its stale artefact replaced), never silently reused.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +33,7 @@ from ..errors import DataError
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
-from .base import Data, GradientMethod
+from .base import Data, GradientMethod, as_loader, data_digest, fill_scores, model_digest, row_subset, storage_dtype
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,13 @@ class GradDot(GradientMethod):
     """
 
     def __init__(self, model: nn.Module, task: Task, *, normalize: bool = False, projection: int | None = None,
-                 projection_kind: str = "kronecker", seed: int = 0, store: Store | str | None = None,
+                 projection_kind: str = "kronecker", seed: int = 0,
+                 store: Store | str | os.PathLike[str] | None = None,
                  batch_size: int = 64, progress: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress)
         self.config = GradDotConfig(normalize, projection, projection_kind, seed)
         self.name = "grad-cos" if normalize else "grad-dot"
-        self.store = Store(store) if isinstance(store, str) else store
+        self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.projector = None
         if projection is not None:
             shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
@@ -93,8 +104,9 @@ class GradDot(GradientMethod):
             for batch, g in it:
                 out[batch.rows] = self.projector.project(g).detach().cpu().numpy()
             return ids, out
-        meta = {"config": asdict(self.config), "batch_size": self.batch_size, "n": len(ids)}
-        chunked = self.store.chunked("train_features", shape, np.float32, n_chunks, meta=meta)
+        meta = {**self._digests(train), "batch_size": self.batch_size, "n": len(ids)}
+        stale = self.store.has("train_features") and self.store.info("train_features").get("meta") != _json(meta)
+        chunked = self.store.chunked("train_features", shape, np.float32, n_chunks, meta=meta, overwrite=stale)
         if not chunked.complete:
             ids_match = self.store.has("train_ids") and np.array_equal(self.store.load_array("train_ids"), ids)
             if not ids_match:
@@ -107,6 +119,12 @@ class GradDot(GradientMethod):
             raise DataError("the store's cached training features belong to other training ids; use a new store")
         return ids, np.asarray(chunked.array)
 
+    def _digests(self, train: Data) -> dict[str, Any]:
+        """What a cache depends on: the model's tracked parameters, the data, the configuration."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(params),
+                "data_sha256": data_digest(train)}
+
     # -- score -------------------------------------------------------------------------------------------------
     def _require_fit(self) -> None:
         if self.train_ids is None:
@@ -115,23 +133,39 @@ class GradDot(GradientMethod):
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
         self._require_fit()
-        if self.projector is not None:
-            query_ids, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
-            q = np.concatenate([self.projector.project(g).detach().cpu().numpy() for _, g in it])
-            values = self.train_features.astype(np.float64) @ q.T.astype(np.float64)
+        query_ids = as_loader(queries, self.batch_size)[1]
+        n = len(self.train_ids)
+        query_grads: list = []  # (columns, ExampleGrads): computed once, only if some block is still to compute
+        projected: list[np.ndarray] = []  # projected route: the queries' (n_query, k) features
+
+        def block(rows: slice) -> np.ndarray:
+            if self.projector is not None:
+                if not projected:
+                    _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
+                    projected.append(np.concatenate([_np(self.projector.project(g)) for _, g in it]))
+                q = projected[0]
+                out = np.asarray(self.train_features[rows], dtype=np.float64) @ q.T
+                if self.config.normalize:
+                    out /= _safe(self.train_norms[rows])[:, None] * _safe(np.linalg.norm(q, axis=1))[None, :]
+                return out
+            if not query_grads:
+                _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
+                query_grads.extend((b.rows, g) for b, g in it)
+            out = np.zeros((rows.stop - rows.start, len(query_ids)))
+            _, train_it = self.grads(row_subset(self._train, rows, n), desc=f"{self.name} score")
+            for batch, g in train_it:
+                for cols, qg in query_grads:
+                    out[batch.rows, cols] = _np(g.gram(qg))
             if self.config.normalize:
-                values /= _safe(self.train_norms)[:, None] * _safe(np.linalg.norm(q, axis=1))[None, :]
-            return self._scores(values, query_ids)
-        query_ids, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
-        query_grads = [(b.rows, g) for b, g in it]  # computed once, reused for every training batch
-        values = np.zeros((len(self.train_ids), len(query_ids)))
-        _, train_it = self.grads(self._train, desc=f"{self.name} score")
-        for batch, g in train_it:
-            for rows, qg in query_grads:
-                values[batch.rows, rows] = _np(g.gram(qg))
-        if self.config.normalize:
-            q_norms = np.concatenate([_np(qg.sq_norms().sqrt()) for _, qg in query_grads])
-            values /= _safe(self.train_norms)[:, None] * _safe(q_norms)[None, :]
+                q_norms = np.concatenate([_np(qg.sq_norms().sqrt()) for _, qg in query_grads])
+                out /= _safe(self.train_norms[rows])[:, None] * _safe(q_norms)[None, :]
+            return out
+
+        meta = None
+        if self.store is not None:
+            meta = {**self._digests(self._train), "queries_sha256": data_digest(queries),
+                    "batch_size": self.batch_size}
+        values = fill_scores(self.store, (n, len(query_ids)), storage_dtype(self.model), self.batch_size, block, meta)
         return self._scores(values, query_ids)
 
     def self_scores(self, train: Data | None = None) -> Scores:
@@ -154,6 +188,11 @@ class GradDot(GradientMethod):
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
+
+
+def _json(obj: Any) -> Any:
+    """``obj`` as it reads back from a JSON manifest (tuples become lists)."""
+    return json.loads(json.dumps(obj))
 
 
 def _safe(norms: np.ndarray) -> np.ndarray:

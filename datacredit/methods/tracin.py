@@ -25,31 +25,36 @@ Checkpoints are loaded into a private copy of the model: the user's model is nev
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from ..capture import Capture, ExampleGrads, example_grads, resolve_modules
+from ..capture import ExampleGrads
 from ..capture.projection import Projector
-from ..errors import DataError, StoreError
+from ..errors import DataError
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
 from ..trajectory import Trajectory
-from .base import Batch, Data, GradientMethod, as_loader, batches, eval_mode
+from .base import (
+    Data,
+    GradientMethod,
+    as_loader,
+    as_trajectory,
+    cached_rows,
+    fill_scores,
+    ids_digest,
+    row_subset,
+    storage_dtype,
+    to_np,
+    tracked_shapes,
+    working_copy,
+)
 
 WEIGHTINGS = ("lr", "lr_sum", "uniform")
-SCORE_CHUNK_BYTES = 64 * 2**20  # one chunk of the output matrix
-CACHE_CHUNK_ROWS = 2048  # rows of cached features per resumable chunk
 
 
 @dataclass(frozen=True)
@@ -80,154 +85,6 @@ def checkpoint_weights(trajectory: Trajectory, weighting: str) -> np.ndarray:
         raise DataError(f"checkpoints at steps {missing} have no recorded {field}; record the learning rate "
                         "(TrajectoryRecorder(optimizer=...) or lr=) or use weighting='uniform'")
     return np.asarray(values, dtype=np.float64)
-
-
-# -- helpers shared with TRAK (candidates for methods/base.py) ---------------------------------------------------------
-def storage_dtype(model: nn.Module) -> np.dtype:
-    """float64 for a float64 model (exact tests), else float32: the dtype of cached features and stored scores."""
-    return np.dtype(np.float64 if next(model.parameters()).dtype == torch.float64 else np.float32)
-
-
-def tracked_shapes(model: nn.Module, modules: list[str] | None) -> dict[str, torch.Size]:
-    """Shapes of the trainable parameters of the tracked modules, in ``named_parameters`` order."""
-    owned = {id(p) for module, _ in resolve_modules(model, modules).values()
-             for p in module.parameters(recurse=False) if p.requires_grad}
-    return {name: p.shape for name, p in model.named_parameters() if id(p) in owned}
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def working_copy(model: nn.Module) -> nn.Module:
-    """A private copy of ``model`` that checkpoints are loaded into (costs one more copy of the weights)."""
-    return copy.deepcopy(model)
-
-
-def as_trajectory(trajectory: Trajectory | str | os.PathLike[str]) -> Trajectory:
-    return trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
-
-
-def open_cache(store: Store, name: str, shape: tuple[int, ...], dtype: np.dtype, n_chunks: int,
-               meta: dict[str, Any]):
-    """``store.chunked(...)`` that explains a stale cache instead of dumping both metadata dicts."""
-    if store.has(name):
-        have = store.info(name).get("meta")
-        if have != json.loads(json.dumps(meta)):
-            raise StoreError(f"{store.root}: cached {name!r} was computed for another model, data, batch size or "
-                             "configuration; use a new store directory (or remove that artefact)")
-    return store.chunked(name, shape, dtype, n_chunks, meta=meta)
-
-
-def check_train_ids(store: Store, ids: np.ndarray) -> None:
-    """Record the training ids in the store, or check they are the cached ones."""
-    if not store.has("train_ids"):
-        store.save_array("train_ids", ids)
-    elif not np.array_equal(store.load_array("train_ids"), ids):
-        raise DataError(f"{store.root}: the cached training features belong to other training ids; use a new store")
-
-
-def iter_grads(method: GradientMethod, data: Data, *, measurement: bool, desc: str,
-               skip: Callable[[int], bool] = lambda k: False
-               ) -> tuple[np.ndarray, int, Iterator[tuple[int, Batch, ExampleGrads, torch.Tensor]]]:
-    """Ids, number of batches and ``(k, batch, per-example gradients, per-example values (N,))`` of each batch whose
-    index ``k`` is not skipped (skipped batches cost no forward or backward: what makes resuming cheap)."""
-    loader, _ = as_loader(data, method.batch_size)
-    n_batches = len(loader)
-    ids, it = batches(data, method.batch_size, method.device, desc, method.progress)
-    fn = method.task.measurement if measurement else method.task.loss
-
-    def gen():
-        with eval_mode(method.model), Capture(method.model, method.modules) as cap:
-            for k, batch in enumerate(it):
-                if skip(k):
-                    continue
-                values = fn(method.model, batch.data)
-                yield k, batch, example_grads(cap, values, batch.ids), values.detach()
-
-    return ids, n_batches, gen()
-
-
-def cached_rows(method: GradientMethod, data: Data, *, measurement: bool, desc: str, store: Store | None,
-                arrays: dict[str, tuple[int, np.dtype]], compute: Callable, meta: dict[str, Any]
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-example rows computed batch by batch: ``arrays`` maps a name to (width, dtype) and ``compute(batch, grads,
-    values)`` returns ``{name: (B, width)}``. Returns the ids and the arrays ``(n, width)``.
-
-    With a store every array is a chunked memmap; a chunk is the batches covering about :data:`CACHE_CHUNK_ROWS`
-    rows (one flush and fsync per chunk, not per batch), and an interrupted run resumes at the first unfinished chunk.
-    """
-    loader, ids = as_loader(data, method.batch_size)
-    if store is None:
-        out = {name: np.zeros((len(ids), w), dtype=dt) for name, (w, dt) in arrays.items()}
-        _, _, it = iter_grads(method, data, measurement=measurement, desc=desc)
-        for _, batch, g, values in it:
-            for name, rows in compute(batch, g, values).items():
-                out[name][batch.rows] = rows
-        return ids, out
-    n_batches = len(loader)
-    per_chunk = max(1, CACHE_CHUNK_ROWS // (loader.batch_size or 1))
-    full_meta = {**meta, "n": len(ids), "batch_size": loader.batch_size, "chunk_batches": per_chunk,
-                 "train_ids": ids_digest(ids)}
-    chunked = {name: open_cache(store, name, (len(ids), w), dt, -(-n_batches // per_chunk), full_meta)
-               for name, (w, dt) in arrays.items()}
-    check_train_ids(store, ids)
-    last = chunked[list(chunked)[-1]]  # marked done last: done there means done everywhere
-    if not last.complete:
-        _, _, it = iter_grads(method, data, measurement=measurement, desc=desc,
-                              skip=lambda k: last.done(k // per_chunk))
-        for k, batch, g, values in it:
-            for name, rows in compute(batch, g, values).items():
-                chunked[name].array[batch.rows] = rows
-            if (k + 1) % per_chunk == 0 or k + 1 == n_batches:
-                for array in chunked.values():
-                    array.mark_done(k // per_chunk)
-    return ids, {name: c.array for name, c in chunked.items()}
-
-
-def row_subset(data: Data, rows: slice, n: int) -> Data:
-    """The examples at positions ``rows`` of ``data`` (same batching and collation)."""
-    if rows.start == 0 and rows.stop >= n:
-        return data
-    index = range(rows.start, min(rows.stop, n))
-    if isinstance(data, DataLoader):
-        return DataLoader(Subset(data.dataset, index), batch_size=data.batch_size, collate_fn=data.collate_fn)
-    return Subset(data, index)
-
-
-def fill_scores(store: Store | None, shape: tuple[int, int], dtype: np.dtype, rows_multiple: int,
-                block: Callable[[slice], np.ndarray], meta: dict[str, Any]) -> np.ndarray:
-    """The ``(n_train, n_query)`` matrix, ``block(rows) -> (len(rows), n_query)`` at a time.
-
-    Without a store it is built in memory (float64). With one it goes to a chunked memmap named after ``meta``
-    (same meta, same file: a finished one is reused, an interrupted one resumes) and is returned mapped read-only.
-    """
-    n, nq = shape
-    per_row = max(1, nq * 8)
-    step = max(rows_multiple, (SCORE_CHUNK_BYTES // per_row) // rows_multiple * rows_multiple)
-    starts = list(range(0, n, step))
-    if store is None:
-        out = np.empty(shape, dtype=np.float64)
-        for s in starts:
-            out[s : s + step] = block(slice(s, min(n, s + step)))
-        return out
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"scores-{key}"
-    chunked = store.chunked(name, shape, dtype, len(starts), meta=meta, overwrite=_stale(store, name, meta))
-    for k, s in enumerate(starts):
-        if not chunked.done(k):
-            rows = slice(s, min(n, s + step))
-            chunked.write(k, rows, block(rows).astype(dtype, copy=False))
-    del chunked
-    return store.load_array(name, mmap=True)
-
-
-def _stale(store: Store, name: str, meta: dict[str, Any]) -> bool:
-    return store.has(name) and store.info(name).get("meta") != json.loads(json.dumps(meta))
-
-
-def to_np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
 
 
 class TracIn(GradientMethod):

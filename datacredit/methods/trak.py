@@ -49,8 +49,18 @@ from ..scores import Scores
 from ..store import Store
 from ..task import ClassificationTask, Task
 from ..trajectory import Trajectory
-from .base import Data, GradientMethod, as_loader
-from .tracin import cached_rows, fill_scores, ids_digest, storage_dtype, to_np, tracked_shapes, working_copy
+from .base import (
+    Data,
+    GradientMethod,
+    as_loader,
+    cached_rows,
+    fill_scores,
+    ids_digest,
+    storage_dtype,
+    to_np,
+    tracked_shapes,
+    working_copy,
+)
 
 AVERAGES = ("separate", "per-model")
 KERNEL_ROWS = 4096  # training rows per step when accumulating ΦᵀΦ
