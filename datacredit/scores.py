@@ -18,6 +18,8 @@ from datacredit.store import Store
 __all__ = ["Scores"]
 
 FORMAT_VERSION = 1
+KIND = "scores"  # the manifest-level kind of a Scores directory
+ARTEFACTS = ("values", "train_ids", "query_ids")  # what a Scores directory written before kinds holds
 
 
 def _ids(ids: Any, what: str) -> np.ndarray:
@@ -154,31 +156,42 @@ class Scores:
         return cls((total / len(scores)).astype(dtype), first.train_ids.copy(), first.query_ids.copy(),
                    method="average", config={"members": members})
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``values.npy``, ``train_ids.npy``, ``query_ids.npy`` and ``manifest.json`` into directory
-        ``path``, each atomically. ``values`` goes last and its manifest entry carries method and config, so a
-        save interrupted midway is never read back as a valid mix of old and new files."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write ``values``, ``train_ids`` and ``query_ids`` (``.npy``) into the store directory ``path``.
+
+        Atomic as a whole: the three arrays are written and fsynced under fresh names, then committed in one
+        manifest update (:meth:`Store.transaction`), and the previous scores' files are deleted only after that.
+        A save killed at any instant leaves the previous Scores (or, after the commit, the new one) fully
+        loadable, never a mix. ``path`` must hold Scores or nothing: a directory holding another kind of
+        artefact (a ground-truth build, a method cache, ...) raises StoreError naming it, unless
+        ``overwrite=True``, which replaces its whole contents.
+        """
         store = Store(path)
-        if store.has("values"):
-            store.remove("values")
-        store.save_array("train_ids", self.train_ids)
-        store.save_array("query_ids", self.query_ids)
         meta = {"format_version": FORMAT_VERSION, "method": self.method, "config": self.config}
-        store.save_array("values", self.values, meta=meta)
+        with store.transaction(kind=KIND, overwrite=overwrite, adopt=ARTEFACTS):
+            store.save_array("train_ids", self.train_ids)
+            store.save_array("query_ids", self.query_ids)
+            store.save_array("values", self.values, meta=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Scores:
-        """Read scores saved by ``save``; ``mmap=True`` maps ``values`` read-only instead of loading it."""
+        """Read scores saved by ``save``; ``mmap=True`` maps ``values`` read-only instead of loading it.
+
+        Every array is size- and sha256-checked, the memmap included (one streaming pass when it is opened).
+        """
         store = Store(path, create=False)
-        meta = store.info("values")["meta"]
-        if meta.get("format_version") != FORMAT_VERSION or "method" not in meta:
+        if store.kind not in (None, KIND):
+            raise StoreError(f"{store.manifest_path}: holds a {store.kind!r} store, not Scores")
+        info = store.info("values")
+        meta = info["meta"]
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "method" not in meta:
             raise StoreError(f"{store.manifest_path}: not a Scores directory of format {FORMAT_VERSION}")
         values = store.load_array("values", mmap=mmap)
         train_ids = store.load_array("train_ids")
         query_ids = store.load_array("query_ids")
         if values.ndim != 2 or values.shape != (len(train_ids), len(query_ids)):
             raise StoreError(
-                f"{store.root / 'values.npy'}: shape {values.shape} does not match {len(train_ids)} "
+                f"{store.root / info['file']}: shape {values.shape} does not match {len(train_ids)} "
                 f"train_ids and {len(query_ids)} query_ids"
             )
         try:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 from datacredit.errors import DataError, StoreError
 from datacredit.scores import Scores
+from datacredit.store import Store
 
 
 def _scores(n_train: int = 5, n_query: int = 2, seed: int = 0, method: str = "graddot") -> Scores:
@@ -91,7 +95,7 @@ def test_column_and_row_accessors():
 def test_save_load_roundtrip(tmp_path, mmap):
     s = _scores(6, 3)
     s.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
         "manifest.json", "query_ids.npy", "train_ids.npy", "values.npy",
     ]
     t = Scores.load(tmp_path / "run", mmap=mmap)
@@ -139,9 +143,11 @@ def test_missing_files_raise_store_error(tmp_path):
         Scores.load(tmp_path)
 
 
-def test_interrupted_save_is_not_loadable_as_a_mix(tmp_path, monkeypatch):
-    _scores(6, 3, seed=0).save(tmp_path)
-    new = _scores(6, 3, seed=1)
+def test_interrupted_save_keeps_the_old_scores(tmp_path, monkeypatch):
+    # Regression: the old save removed 'values' first, so a failure midway lost the previous result.
+    old = _scores(6, 3, seed=0)
+    old.save(tmp_path)
+    new = _scores(4, 2, seed=1, method="tracin")
     from datacredit import store as store_module
 
     real = store_module.Store.save_array
@@ -155,7 +161,77 @@ def test_interrupted_save_is_not_loadable_as_a_mix(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         new.save(tmp_path)
     monkeypatch.undo()
-    with pytest.raises(StoreError, match="no artefact named 'values'"):
+    t = Scores.load(tmp_path)  # train_ids/query_ids were written but never committed
+    np.testing.assert_array_equal(t.values, old.values)
+    np.testing.assert_array_equal(t.train_ids, old.train_ids)
+    assert t.method == "graddot" and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert sorted(p for p in os.listdir(tmp_path) if not p.startswith(".")) == [
+        "manifest.json", "query_ids.npy", "train_ids.npy", "values.npy"]
+
+
+def test_same_size_corruption_is_caught_under_mmap(tmp_path):
+    # Regression: memory-mapped loads (what `datacredit report` uses) skipped the hash check.
+    s = _scores(20, 4)
+    s.save(tmp_path)
+    path = tmp_path / Store(tmp_path).info("values")["file"]
+    data = bytearray(path.read_bytes())
+    data[-8:] = np.float64(1e9).tobytes()
+    path.write_bytes(bytes(data))
+    for mmap in (True, False):
+        with pytest.raises(StoreError, match=r"values\.npy: corrupt, sha256"):
+            Scores.load(tmp_path, mmap=mmap)
+
+
+def test_resave_keeps_old_until_new_is_committed_and_leaves_only_live_files(tmp_path):
+    for seed in range(4):  # alternates file names (canonical / token): each save retires the previous files
+        s = _scores(5 + seed, 2, seed=seed)
+        s.save(tmp_path)
+        t = Scores.load(tmp_path, mmap=True)
+        np.testing.assert_array_equal(t.values, s.values)
+        live = {e["file"] for e in json.loads((tmp_path / "manifest.json").read_text())["artefacts"].values()}
+        assert {p for p in os.listdir(tmp_path) if not p.startswith(".")} == live | {"manifest.json"}
+    assert Store(tmp_path).kind == "scores"
+
+
+def test_save_over_another_kind_is_refused_unless_overwrite(tmp_path):
+    gt = Store(tmp_path / "gt")
+    gt.claim("groundtruth")
+    gt.save_array("masks", np.ones((3, 4), dtype=bool))
+    with pytest.raises(StoreError, match=r"holds a 'groundtruth' store \(masks\), not 'scores'.*overwrite=True"):
+        _scores().save(tmp_path / "gt")
+    assert Store(tmp_path / "gt").names() == ["masks"] and Store(tmp_path / "gt").kind == "groundtruth"
+    cache = Store(tmp_path / "cache")  # a method cache that never claimed a kind
+    cache.save_array("train_features", np.zeros((5, 3)))
+    cache.save_array("train_ids", np.arange(5))
+    with pytest.raises(StoreError, match=r"holds other artefacts \(train_features\), not a 'scores' store"):
+        _scores().save(tmp_path / "cache")
+    assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path / "cache"))
+    s = _scores()
+    s.save(tmp_path / "gt", overwrite=True)
+    np.testing.assert_array_equal(Scores.load(tmp_path / "gt").values, s.values)
+    assert Store(tmp_path / "gt").names() == ["query_ids", "train_ids", "values"]
+    assert not any(p.startswith("masks") for p in os.listdir(tmp_path / "gt"))
+    with pytest.raises(StoreError, match="holds a 'scores' store"):  # and the other way round
+        Store(tmp_path / "gt").claim("groundtruth")
+
+
+def test_legacy_scores_directory_without_kind_loads_and_is_adopted(tmp_path):
+    s = _scores()
+    s.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["kind"]  # as written before kinds existed
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(Scores.load(tmp_path).values, s.values)
+    _scores(seed=3).save(tmp_path)
+    assert Store(tmp_path).kind == "scores"
+
+
+def test_load_refuses_another_kind(tmp_path):
+    _scores().save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["kind"] = "groundtruth"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="holds a 'groundtruth' store, not Scores"):
         Scores.load(tmp_path)
 
 
