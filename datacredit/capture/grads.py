@@ -49,9 +49,14 @@ class ExampleGrads:
         """Per-example gradients flattened and concatenated in parameter order, ``(n, numel)``."""
         return torch.cat([sum(p.materialize() for p in ps) for ps in self.pieces.values()], dim=1)
 
-    def total(self) -> dict[str, Tensor]:
-        """``Σ_i g_i`` per parameter ``{name: shape}`` (the batch gradient), without per-example tensors."""
-        return {name: sum(p.total() for p in ps).reshape(self.shapes[name]) for name, ps in self.pieces.items()}
+    def total(self, weights: Tensor | None = None, absolute: bool = False) -> dict[str, Tensor]:
+        """``Σ_i g_i`` per parameter ``{name: shape}`` (the batch gradient), without per-example tensors.
+
+        weights: ``Σ_i r_i g_i`` for per-example weights ``r`` ``(n,)``. absolute: the sum of absolute values of the
+        terms instead (a bound for rounding checks; see :func:`datacredit.capture.engine.tolerance`).
+        """
+        return {name: sum(p.total(weights, absolute) for p in ps).reshape(self.shapes[name])
+                for name, ps in self.pieces.items()}
 
     def gram(self, other: ExampleGrads) -> Tensor:
         """``⟨g_i, g'_j⟩`` summed over shared parameters, ``(n, other.n)``; ghost dots where cheaper."""

@@ -73,13 +73,21 @@ class Outer:
     def select(self, index: Tensor | slice) -> Outer:
         return Outer(self.u[index], self.v[index], self.m, self.n)
 
-    def total(self) -> Tensor:
-        """``Σ_i G_i`` flattened, ``(m·n,)``: one matmul over all examples and positions."""
-        v = self.v.reshape(-1, self.n)
+    def total(self, weights: Tensor | None = None, absolute: bool = False) -> Tensor:
+        """``Σ_i r_i G_i`` flattened, ``(m·n,)``: one matmul over all examples and positions.
+
+        weights: per-example ``r`` ``(N,)`` (default 1). absolute: ``Σ_i |r_i| |u_i|ᵀ|v_i|`` instead, the bound on the
+        rounding error of the sum that a check of two summation orders measures against.
+        """
+        v = self.v if weights is None else self.v * weights.to(self.v.dtype).reshape(-1, 1, 1)
+        u = self.u
+        if absolute:
+            v, u = v.abs(), u if self.indexed else u.abs()
+        v = v.reshape(-1, self.n)
         if self.indexed:
             out = torch.zeros(self.m, self.n, dtype=v.dtype, device=v.device)
-            return out.index_add_(0, self.u.reshape(-1), v).reshape(-1)
-        return (self.u.reshape(-1, self.m).T @ v).reshape(-1)
+            return out.index_add_(0, u.reshape(-1), v).reshape(-1)
+        return (u.reshape(-1, self.m).T @ v).reshape(-1)
 
 
 @dataclass
@@ -98,8 +106,10 @@ class Dense:
     def select(self, index: Tensor | slice) -> Dense:
         return Dense(self.g[index])
 
-    def total(self) -> Tensor:
-        return self.g.sum(0)
+    def total(self, weights: Tensor | None = None, absolute: bool = False) -> Tensor:
+        """``Σ_i r_i g_i`` (or ``Σ_i |r_i g_i|``), ``(numel,)``; see :meth:`Outer.total`."""
+        g = self.g if weights is None else self.g * weights.to(self.g.dtype).reshape(-1, 1)
+        return (g.abs() if absolute else g).sum(0)
 
 
 Piece = Outer | Dense
