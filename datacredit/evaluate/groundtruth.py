@@ -10,7 +10,10 @@ evaluated on every query. Store layout in ``out_dir``::
              its manifest meta is the config
     seconds  (m·seeds,) wall time of each job
 
-Rerunning the same call resumes (only unfinished jobs run); other settings or data raise StoreError.
+Rerunning the same call resumes (only unfinished jobs run); other settings or data raise StoreError. A build holds
+the store's build lock throughout: a second build of the same directory raises LockedError naming the holder, or
+with ``wait=True`` waits and then runs only the jobs left. A directory holding something else (a saved Scores,
+another kind of build) is refused unless ``overwrite=True``.
 
 Leave-one-out: job rows ``0`` (the full training set) and ``1 + r`` (without the ``r``-th removed example), each
 with ``seeds`` replicates; replicate ``s`` uses the same training seed ``train_seed(seed, s)`` in every row
@@ -31,9 +34,18 @@ from ..data.dataset import example_ids
 from ..errors import DataError, StoreError
 from ..store import Store
 from .align import positions
-from .jobstore import OUTPUTS, SECONDS, check_config, expect_equal, fingerprint, run_stored, train_seed
+from .jobstore import (
+    OUTPUTS,
+    SECONDS,
+    build_store,
+    check_config,
+    expect_equal,
+    fingerprint,
+    run_stored,
+    train_seed,
+)
 from .recipes import check_recipe, measure_sign, recipe_config
-from .runner import JobList
+from .runner import JobList, check_backend
 from .stats import spearman_columns
 
 __all__ = ["GroundTruth", "LOOResult", "build_groundtruth", "build_loo", "load_groundtruth", "load_loo"]
@@ -41,6 +53,8 @@ __all__ = ["GroundTruth", "LOOResult", "build_groundtruth", "build_loo", "load_g
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+SUBSET_ARTEFACTS = ("train_ids", "query_ids", "masks", "train_seeds", OUTPUTS, SECONDS)
+LOO_ARTEFACTS = ("train_ids", "query_ids", "removed_ids", "train_seeds", OUTPUTS, SECONDS)
 
 
 @dataclass(eq=False)
@@ -117,10 +131,13 @@ class GroundTruth:
         return float(values.mean()) if values.size else None
 
 
-def _check_data(recipe: Any, train: Dataset, queries: Dataset, workers: int, seeds: int) -> tuple[str, ...]:
+def _check_data(recipe: Any, train: Dataset, queries: Dataset, workers: int, seeds: int,
+                backend: str) -> tuple[str, ...]:
+    """Every check that needs no training, so that a mistake fails before any work (and before the store)."""
     measures = check_recipe(recipe)
     if int(seeds) < 1 or int(workers) < 1:
         raise ValueError(f"seeds and workers must be >= 1, got seeds={seeds}, workers={workers}")
+    check_backend(backend)
     _ = example_ids(train), example_ids(queries)  # raises DataError on empty data or bad ids
     return measures
 
@@ -139,7 +156,8 @@ def subset_masks(n_train: int, m: int, alpha: float, seed: int) -> np.ndarray:
 
 def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str], *,
                       m: int = 100, alpha: float = 0.5, seeds: int = 1, seed: int = 0, workers: int = 1,
-                      backend: str = "process", progress: bool = True) -> GroundTruth:
+                      backend: str = "process", progress: bool = True, wait: bool = False,
+                      overwrite: bool = False) -> GroundTruth:
     """Retrain ``recipe`` on ``m`` random ``alpha``-subsets × ``seeds`` training seeds; see the module docstring.
 
     Args:
@@ -150,9 +168,13 @@ def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: st
         workers, backend: ``"process"`` (``workers`` spawned local processes, one torch thread each; ``workers=1``
             runs in this process), ``"serial"`` (this process) or ``"ray"`` (one Ray task per job). Backends give
             the same outputs up to float rounding from torch's thread count.
+        wait: if another process is building in ``out_dir``, wait for it and then run what is left (default:
+            raise LockedError naming that process at once).
+        overwrite: replace whatever ``out_dir`` holds (a saved Scores, a build with other settings); without it
+            such a directory is refused with a StoreError naming what is there.
     Returns the complete GroundTruth (as ``load_groundtruth(out_dir)`` would). Cost: ``m · seeds`` retrainings.
     """
-    measures = _check_data(recipe, train, queries, workers, seeds)
+    measures = _check_data(recipe, train, queries, workers, seeds, backend)
     m, seeds, seed = int(m), int(seeds), int(seed)
     if m < 3:
         raise ValueError(f"m must be >= 3 subsets for rank correlations, got {m}")
@@ -164,15 +186,15 @@ def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: st
               "n_query": len(queries), "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
     seeds_ = np.array([train_seed(seed, k, r) for k in range(m) for r in range(seeds)], dtype=np.int64)
     jobs = JobList(m * seeds, lambda j: (np.flatnonzero(masks[j // seeds]), int(seeds_[j])))
-    store = Store(out_dir)
     arrays = {"train_ids": example_ids(train), "query_ids": example_ids(queries), "masks": masks,
               "train_seeds": seeds_}
-    resuming = _prepare(store, config, arrays)
-    outputs, seconds = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming,
-                                  workers=workers, backend=backend, progress=progress, desc="ground truth")
-    logger.info("%s: ground truth complete, %d retrainings, median %.3g s each", store.root, len(jobs),
-                float(np.median(seconds)))
-    return _groundtruth(store, config, outputs, seconds)
+    with build_store(out_dir, "subsets", SUBSET_ARTEFACTS, wait=wait, overwrite=overwrite) as store:
+        resuming = _prepare(store, config, arrays)
+        outputs, seconds = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming,
+                                      workers=workers, backend=backend, progress=progress, desc="ground truth")
+        logger.info("%s: ground truth complete, %d retrainings, median %.3g s each", store.root, len(jobs),
+                    float(np.median(seconds)))
+        return _groundtruth(store, config, outputs, seconds)
 
 
 def _prepare(store: Store, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
@@ -262,13 +284,15 @@ class LOOResult:
 
 def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str], *,
               indices: np.ndarray | list[int] | None = None, seeds: int = 1, seed: int = 0, workers: int = 1,
-              backend: str = "process", progress: bool = True) -> LOOResult:
+              backend: str = "process", progress: bool = True, wait: bool = False,
+              overwrite: bool = False) -> LOOResult:
     """Leave-one-out ground truth: retrain without each training example at positions ``indices`` (default:
-    all), plus once on the full data, ``seeds`` times each; resumable in ``out_dir`` like ``build_groundtruth``.
+    all), plus once on the full data, ``seeds`` times each; resumable in ``out_dir`` (and locked, ``wait`` and
+    ``overwrite`` as there) like ``build_groundtruth``.
 
     ``LOOResult.values`` is ``(n_removed, n_query)`` = ``loss_without_i − loss_full`` (positive = i helped).
     """
-    measures = _check_data(recipe, train, queries, workers, seeds)
+    measures = _check_data(recipe, train, queries, workers, seeds, backend)
     seeds, seed, n_train = int(seeds), int(seed), len(train)
     idx = np.arange(n_train) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0 or idx.min() < 0 or idx.max() >= n_train or len(np.unique(idx)) != len(idx):
@@ -285,13 +309,13 @@ def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.P
         return (everything if row == 0 else np.delete(everything, idx[row - 1])), int(seeds_[j % seeds])
 
     jobs = JobList((len(idx) + 1) * seeds, job)
-    store = Store(out_dir)
     arrays = {"train_ids": train_ids, "query_ids": example_ids(queries), "removed_ids": train_ids[idx],
               "train_seeds": seeds_}
-    resuming = _prepare(store, config, arrays)
-    outputs, _ = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming, workers=workers,
-                            backend=backend, progress=progress, desc="leave-one-out")
-    return _loo(store, config, outputs)
+    with build_store(out_dir, "loo", LOO_ARTEFACTS, wait=wait, overwrite=overwrite) as store:
+        resuming = _prepare(store, config, arrays)
+        outputs, _ = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming, workers=workers,
+                                backend=backend, progress=progress, desc="leave-one-out")
+        return _loo(store, config, outputs)
 
 
 def _loo(store: Store, config: dict[str, Any], outputs: np.ndarray) -> LOOResult:

@@ -9,14 +9,23 @@ Artefacts written by ``run_stored`` (next to whatever the caller saves, e.g. mas
 Order per finished job: its ``seconds`` then its ``outputs`` row are written and flagged done, so a job counts as
 finished only when its outputs flag is set. Only the calling process writes. ``check_config`` refuses to resume a
 store built with other settings (StoreError naming the differences).
+
+One build per store: ``build_store`` holds the store's :class:`~datacredit.lock.BuildLock` for the whole build
+(checking the config, writing ids and masks, every job), so two processes never train the same job or write the
+manifest at once. A second build on the same directory fails at once naming the holder, or with ``wait=True``
+waits for it and then runs only what is left. It also refuses a directory that holds another kind of artefact
+(a saved Scores, another kind of build) unless ``overwrite=True``, which discards what is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +33,19 @@ from torch.utils.data import Dataset
 
 from ..data.dataset import example_ids
 from ..errors import StoreError
+from ..lock import BuildLock, LockedError
 from ..store import Store
 from .runner import Job, run_jobs
 
-__all__ = ["OUTPUTS", "SECONDS", "check_config", "fingerprint", "run_in_memory", "run_stored", "train_seed"]
+__all__ = ["OUTPUTS", "SECONDS", "build_store", "check_config", "fingerprint", "run_in_memory", "run_stored",
+           "train_seed"]
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS, SECONDS = "outputs", "seconds"
+# what each kind of build (the "kind" of its config) is called in messages
+KINDS = {"subsets": "subset ground truth (build_groundtruth)", "loo": "leave-one-out ground truth (build_loo)",
+         "removal": "removal check (removal)", "selection": "selection check (selection)"}
 
 
 def train_seed(*keys: int) -> int:
@@ -66,6 +80,7 @@ def check_config(store: Store, config: dict[str, Any]) -> bool:
         return False
     stored = store.info(OUTPUTS)["meta"]
     config = normalize(config)
+    _check_kind(store, stored, config.get("kind"))
     if stored != config:
         keys = sorted(set(stored) | set(config))
         diff = [f"{k}: stored {stored.get(k)!r}, requested {config.get(k)!r}" for k in keys
@@ -73,6 +88,70 @@ def check_config(store: Store, config: dict[str, Any]) -> bool:
         raise StoreError(f"{store.root} holds results built with other settings ({'; '.join(diff)}); "
                          "use another directory or delete this one")
     return True
+
+
+def _check_kind(store: Store, stored: Any, kind: str | None) -> None:
+    """StoreError unless ``stored`` (the meta of a store's outputs) is the config of a build of this ``kind``."""
+    have = stored.get("kind") if isinstance(stored, dict) else None
+    if have != kind:
+        raise StoreError(f"{store.root} holds a {KINDS.get(have, repr(have) + ' build')}, not a "
+                         f"{KINDS.get(kind, repr(kind) + ' build')}; use another directory, or overwrite=True "
+                         "(--overwrite) to replace it")
+
+
+def _describe(store: Store, names: list[str]) -> str:
+    """What the artefacts ``names`` of ``store`` are, for an error message: a Scores result, or their names."""
+    if "values" in names:
+        meta = store.info("values").get("meta")
+        if isinstance(meta, dict) and "method" in meta:
+            return f"a saved Scores result (method {meta['method']!r}; artefacts {', '.join(names)})"
+    return f"artefacts of another kind ({', '.join(names)})"
+
+
+@contextlib.contextmanager
+def build_store(out_dir: str | os.PathLike[str], kind: str, own: Collection[str], *, wait: bool = False,
+                overwrite: bool = False) -> Iterator[Store]:
+    """Hold the build lock of ``out_dir`` and yield its Store, for a resumable build of ``kind`` (the "kind" of
+    its config) that writes artefacts ``own``.
+
+    Raises LockedError (a StoreError naming the holder's pid and host) if another process is building there,
+    unless ``wait``: then it waits for that build to end, and the caller resumes whatever is left. Raises
+    StoreError if ``out_dir`` is a file, holds another kind of build, or holds artefacts other than ``own`` (e.g.
+    a saved Scores), unless
+    ``overwrite``, which removes every artefact there first (the build then starts afresh).
+    """
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root} is a file, not a directory; the build needs a directory for its store")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{root}: cannot create the store directory ({exc.strerror or exc})") from exc
+    lock = BuildLock(root)
+    try:
+        lock.acquire()
+    except LockedError as exc:
+        if not wait:
+            raise
+        logger.warning("%s: another build holds this store (%s); waiting for it to finish", root, exc)
+        lock = BuildLock(root, wait=True).acquire()
+    try:
+        # everything below runs under the lock: the check of what is there, the config check, every write
+        store = Store(root)
+        names = store.names()
+        if overwrite:
+            for name in names:
+                store.remove(name)
+        else:
+            if OUTPUTS in names:
+                _check_kind(store, store.info(OUTPUTS)["meta"], kind)
+            foreign = [n for n in names if n not in own]
+            if foreign:
+                raise StoreError(f"{root} holds {_describe(store, foreign)}, not a build's results; use another "
+                                 "directory, or overwrite=True (--overwrite) to replace what is there")
+        yield store
+    finally:
+        lock.release()
 
 
 def expect_equal(store: Store, name: str, expected: np.ndarray) -> None:
@@ -86,7 +165,8 @@ def run_stored(store: Store, config: dict[str, Any], recipe: Any, train: Dataset
                jobs: Sequence[Job], *, resuming: bool, workers: int, backend: str, progress: bool,
                desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Run the jobs whose outputs are not yet flagged done and return ``(outputs, seconds)`` of all jobs:
-    ``(n_jobs, n_measures, n_query)`` and ``(n_jobs,)``. Call ``check_config`` first (it gives ``resuming``)."""
+    ``(n_jobs, n_measures, n_query)`` and ``(n_jobs,)``. Call it inside ``build_store`` (which holds the build
+    lock) after ``check_config`` (which gives ``resuming``)."""
     n_jobs, shape = len(jobs), (len(jobs), len(recipe.measures), len(queries))
     seconds = store.chunked(SECONDS, (n_jobs,), np.float64, n_jobs, overwrite=not resuming)
     outputs = store.chunked(OUTPUTS, shape, np.float64, n_jobs, meta=normalize(config))

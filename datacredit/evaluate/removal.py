@@ -2,7 +2,8 @@
 top-valued part of the data (vs a random part).
 
 Every retraining goes through the same job machinery as the ground truth (``runner.run_jobs``); with ``out_dir``
-the results are stored and a rerun resumes, without it they stay in memory. Replicate ``s`` uses the same
+the results are stored and a rerun resumes (under the store's build lock; ``wait`` and ``overwrite`` as in
+``build_groundtruth``), without it they stay in memory. Replicate ``s`` uses the same
 training seed in every condition (common random numbers), so conditions differ only by their data.
 """
 
@@ -20,11 +21,10 @@ from torch.utils.data import Dataset
 from ..data.dataset import example_ids
 from ..errors import DataError
 from ..scores import Scores
-from ..store import Store
 from .align import positions, same_ids
-from .jobstore import check_config, fingerprint, run_in_memory, run_stored, train_seed
+from .jobstore import OUTPUTS, SECONDS, build_store, check_config, fingerprint, run_in_memory, run_stored, train_seed
 from .recipes import check_recipe, measure_sign, recipe_config
-from .runner import Job, JobList, take
+from .runner import Job, JobList, check_backend, take
 
 __all__ = ["RemovalResult", "SelectionResult", "removal", "selection"]
 
@@ -58,20 +58,20 @@ class RemovalResult:
 
 def _execute(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], config: dict[str, Any],
              out_dir: str | os.PathLike[str] | None, workers: int, backend: str, progress: bool,
-             desc: str) -> np.ndarray:
+             desc: str, wait: bool, overwrite: bool) -> np.ndarray:
     if out_dir is None:
         return run_in_memory(recipe, train, queries, jobs, workers=workers, backend=backend, progress=progress,
                              desc=desc)[0]
-    store = Store(out_dir)
-    resuming = check_config(store, config)
-    return run_stored(store, config, recipe, train, queries, jobs, resuming=resuming, workers=workers,
-                      backend=backend, progress=progress, desc=desc)[0]
+    with build_store(out_dir, config["kind"], (OUTPUTS, SECONDS), wait=wait, overwrite=overwrite) as store:
+        resuming = check_config(store, config)
+        return run_stored(store, config, recipe, train, queries, jobs, resuming=resuming, workers=workers,
+                          backend=backend, progress=progress, desc=desc)[0]
 
 
 def removal(scores: Scores, recipe: Any, train: Dataset, queries: Dataset, *, k: int = 10,
             n_queries: int | None = 20, seeds: int = 1, seed: int = 0, measure: str = "loss",
             out_dir: str | os.PathLike[str] | None = None, workers: int = 1, backend: str = "process",
-            progress: bool = True) -> RemovalResult:
+            progress: bool = True, wait: bool = False, overwrite: bool = False) -> RemovalResult:
     """Remove each query's ``k`` highest-scored training examples and retrain; compare with removing ``k``
     random ones (drawn per query from ``default_rng(seed)``).
 
@@ -80,6 +80,7 @@ def removal(scores: Scores, recipe: Any, train: Dataset, queries: Dataset, *, k:
     Cost: ``seeds × (1 + 2 · n_queries)`` retrainings.
     """
     measures = check_recipe(recipe)
+    check_backend(backend)
     sign, seeds = measure_sign(measure), int(seeds)
     if measure not in measures:
         raise DataError(f"recipe measures {list(measures)} do not include {measure!r}")
@@ -106,7 +107,8 @@ def removal(scores: Scores, recipe: Any, train: Dataset, queries: Dataset, *, k:
               "scores_sha256": digest(scores.values, scores.train_ids, scores.query_ids),
               "recipe": recipe_config(recipe), "train_sha256": fingerprint(train),
               "query_sha256": fingerprint(subset)}
-    outputs = _execute(recipe, train, subset, jobs, config, out_dir, workers, backend, progress, "removal")
+    outputs = _execute(recipe, train, subset, jobs, config, out_dir, workers, backend, progress, "removal", wait,
+                       overwrite)
     out = outputs[:, measures.index(measure), :].reshape(len(removed), seeds, -1).mean(axis=1)
     q = np.arange(len(cols))
     full, top, rand = out[0], out[1::2][q, q], out[2::2][q, q]
@@ -139,13 +141,14 @@ class SelectionResult:
 def selection(values: np.ndarray | Scores, recipe: Any, train: Dataset, val: Dataset, *, fraction: float = 0.5,
               ids: np.ndarray | None = None, seeds: int = 1, seed: int = 0,
               out_dir: str | os.PathLike[str] | None = None, workers: int = 1, backend: str = "process",
-              progress: bool = True) -> SelectionResult:
+              progress: bool = True, wait: bool = False, overwrite: bool = False) -> SelectionResult:
     """Train on the ``round(fraction · n)`` highest-valued examples vs as many random ones; evaluate on ``val``.
 
     ``values``: ``(n_train,)`` per-example values, higher = more useful (e.g. In-Run Shapley values), with their
     ``ids`` (default: the training set's order), or a one-column Scores. Cost: ``2 · seeds`` retrainings.
     """
     measures, seeds = check_recipe(recipe), int(seeds)
+    check_backend(backend)
     if "loss" not in measures:
         raise DataError(f"selection needs a recipe with a 'loss' measure, got {list(measures)}")
     train_ids, n_train = example_ids(train), len(train)
@@ -170,7 +173,8 @@ def selection(values: np.ndarray | Scores, recipe: Any, train: Dataset, val: Dat
     config = {"kind": "selection", "fraction": float(fraction), "seeds": seeds, "seed": int(seed),
               "values_sha256": digest(values, train_ids), "recipe": recipe_config(recipe),
               "train_sha256": fingerprint(train), "query_sha256": fingerprint(val)}
-    outputs = _execute(recipe, train, val, jobs, config, out_dir, workers, backend, progress, "selection")
+    outputs = _execute(recipe, train, val, jobs, config, out_dir, workers, backend, progress, "selection", wait,
+                       overwrite)
     per = outputs.reshape(2, seeds, len(measures), -1)
     loss = per[:, :, measures.index("loss")].mean(axis=(1, 2))
     acc = (per[:, :, measures.index("margin")] > 0).mean(axis=(1, 2)) if "margin" in measures else None

@@ -14,18 +14,30 @@ Backends:
 * ``"ray"``: one Ray task per job (``num_cpus=1``); connects to the cluster named by ``RAY_ADDRESS`` or starts a
   local one. Needs ``pip install ray``.
 
-Ctrl-C (or any error) cancels the jobs not yet started; results already handed to ``on_result`` stay handed.
+Ctrl-C, SIGTERM (as ``timeout``, a scheduler or systemd send) or any error cancels the jobs not yet started and
+stops the worker processes; results already handed to ``on_result`` stay handed (a signal that arrives while
+``on_result`` runs takes effect once it returns, so a result is never half written). SIGTERM then raises
+``SystemExit(143)``. Worker processes die with their parent even when it is killed outright (SIGKILL): on Linux
+the kernel kills them (``PR_SET_PDEATHSIG``), and everywhere a watchdog thread in each worker exits as soon as its
+parent is gone, so no orphan keeps training for nothing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ctypes
+import importlib.util
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +48,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import example_ids
 from ..errors import DataError, NonFiniteError
 
-__all__ = ["BACKENDS", "Job", "JobList", "run_job", "run_jobs", "take"]
+__all__ = ["BACKENDS", "Job", "JobList", "check_backend", "run_job", "run_jobs", "take"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,20 @@ OnResult = Callable[[int, np.ndarray, float], None]  # (job index, outputs (n_me
 
 _IN_FLIGHT_PER_WORKER = 2
 _WORKER: dict[str, Any] = {}  # per worker process: the recipe and datasets, set once by _init_worker
+_WATCH_PARENT_S = 0.25  # how often a worker checks that its parent is alive (where PR_SET_PDEATHSIG is missing)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_STOP_WORKERS_S = 5.0  # grace period for workers to exit on SIGTERM before they are killed
+RAY_MISSING = ("backend='ray' needs Ray, which is not installed: pip install ray (or pip install 'datacredit[ray]'), "
+               "or use backend='process'")
+
+
+def check_backend(backend: str) -> None:
+    """ValueError for an unknown backend, ImportError (saying what to install) for Ray when it is missing; cheap,
+    so builds call it before any work."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ImportError(RAY_MISSING)
 
 
 class JobList(Sequence[Job]):
@@ -101,7 +127,27 @@ def run_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray
     return np.stack(rows), seconds
 
 
-def _init_worker(payload: bytes) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process exit when process ``parent`` (the one that started it) dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl (unusual libc): the watchdog suffices
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:  # once the parent is gone the worker is re-parented (pid 1 or a subreaper)
+            time.sleep(_WATCH_PARENT_S)
+        os._exit(1)  # skip atexit and finalizers: nothing of the worker's is worth saving
+
+    threading.Thread(target=watch, name="datacredit-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(payload: bytes, parent: int) -> None:
+    _die_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group; the parent handles it (and stops the workers), so the
+    # workers ignore it instead of each printing a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER["recipe"], _WORKER["train"], _WORKER["queries"] = pickle.loads(payload)
 
@@ -121,8 +167,7 @@ def run_jobs(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
              progress: bool = True, desc: str = "retrain") -> None:
     """Run ``jobs[j]`` for each ``j`` in ``todo`` (default: all) and call ``on_result(j, outputs, seconds)``
     in this process as each finishes. The progress bar counts jobs not in ``todo`` as already done."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if int(workers) < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     todo = list(range(len(jobs))) if todo is None else [int(j) for j in todo]
@@ -131,21 +176,73 @@ def run_jobs(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
     logger.info("%d of %d retraining jobs to run (backend=%s, workers=%d)", len(todo), len(jobs), backend, workers)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not progress,
                dynamic_ncols=True)
+    signals = _Signals()
 
     def done(j: int, result: tuple[np.ndarray, float]) -> None:
-        on_result(j, *result)
+        with signals.deferred():
+            on_result(j, *result)
         bar.update(1)
 
     try:
-        if backend == "serial" or (backend == "process" and workers == 1):
-            for j in todo:
-                done(j, _guard(j, jobs, lambda j=j: run_job(recipe, train, queries, *jobs[j])))
-        elif backend == "process":
-            _run_processes(recipe, train, queries, jobs, todo, done, int(workers))
-        else:
-            _run_ray(recipe, train, queries, jobs, todo, done)
+        with signals.installed():
+            if backend == "serial" or (backend == "process" and workers == 1):
+                for j in todo:
+                    done(j, _guard(j, jobs, lambda j=j: run_job(recipe, train, queries, *jobs[j])))
+            elif backend == "process":
+                _run_processes(recipe, train, queries, jobs, todo, done, int(workers))
+            else:
+                _run_ray(recipe, train, queries, jobs, todo, done)
     finally:
         bar.close()
+
+
+class _Signals:
+    """SIGINT and SIGTERM as exceptions (KeyboardInterrupt, SystemExit(128 + 15)) raised in the main thread, but
+    held back while a result is being written (``deferred``), so a signal never leaves half a result behind."""
+
+    def __init__(self) -> None:
+        self._critical = False
+        self._pending: int | None = None
+
+    def _raise(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("signal %d received: stopping; finished jobs are kept, rerun to resume", signum)
+        raise SystemExit(128 + signum)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._critical:
+            self._pending = signum
+        else:
+            self._raise(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Install the handlers for the duration (only from the main thread, the only one Python lets)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # keep an ignored or custom SIGINT (e.g. a caller's own handler) as it is; replace only the defaults
+        ours = [s for s, h in old.items() if h in (signal.SIG_DFL, signal.default_int_handler)]
+        for s in ours:
+            signal.signal(s, self._handler)
+        try:
+            yield
+        finally:
+            for s in ours:
+                signal.signal(s, old[s])
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            self._raise(signum)
 
 
 def _guard(j: int, jobs: Sequence[Job], call: Callable[[], Any]) -> Any:
@@ -167,7 +264,7 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
                         "or use backend='serial'") from exc
     workers = min(workers, len(todo))
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(payload,))
+                                  initializer=_init_worker, initargs=(payload, os.getpid()))
     queue, running = iter(todo), {}
     try:
         while True:
@@ -181,9 +278,28 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
                 j = running.pop(future)
                 done(j, _guard(j, jobs, future.result))
     except BaseException:
+        # ProcessPoolExecutor has no public way to stop running work; _processes (pid -> Process, since 3.2) is
+        # read before shutdown, which drops it
+        procs = [p for p in (getattr(pool, "_processes", None) or {}).values() if p is not None]
         pool.shutdown(wait=False, cancel_futures=True)
+        _stop_workers(procs)
         raise
     pool.shutdown(wait=True)
+
+
+def _stop_workers(procs: list[multiprocessing.process.BaseProcess]) -> None:
+    """Terminate the pool's workers (their running jobs are abandoned: the build stops, or failed); without this
+    an interrupted build would wait at exit for every running job to finish."""
+    for proc in procs:
+        with contextlib.suppress(OSError, ValueError):
+            proc.terminate()
+    deadline = time.monotonic() + _STOP_WORKERS_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                proc.kill()
+    logger.info("stopped %d worker processes", len(procs))
 
 
 def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], todo: list[int],
@@ -191,8 +307,7 @@ def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
     try:
         import ray
     except ImportError:
-        raise ImportError("backend='ray' needs Ray, which is not installed: pip install ray "
-                          "(or pip install 'datacredit[ray]'), or use backend='process'") from None
+        raise ImportError(RAY_MISSING) from None
     if not ray.is_initialized():
         ray.init()  # joins the cluster in RAY_ADDRESS if set, else starts a local one
     task = ray.remote(num_cpus=1)(_ray_job)
