@@ -87,9 +87,33 @@ def test_unprojected_trak_equals_direct_computation(setup, projection, kind, n_m
 def test_per_model_average(setup):
     models, train, test = setup
     scores = TRAK(models[0], ClassificationTask(measurement="margin"), models, projection=None, average="per-model",
-                  progress=False).fit(train).score(test)
+                  ridge=RIDGE, progress=False).fit(train).score(test)
     want = direct_trak(models, train, test, average="per-model")
     np.testing.assert_allclose(scores.values, want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+
+
+def test_gcv_ridge_is_the_minimiser_of_the_gcv_score_by_definition(setup):
+    """ridge="gcv" (the default): the relative ridge minimising GCV of regressing 1 − p on Φ, each GCV score computed
+    directly (hat matrix, residual) as the slow twin; the scores then equal TRAK at that fixed ridge."""
+    from datacredit.methods.trak import GCV_GRID, gcv_ridge
+
+    models, train, test = setup
+    task = ClassificationTask(measurement="margin")
+    trak = TRAK(models[0], task, projection=None, progress=False).fit(train)
+    phi, r = np.asarray(trak.train_features[0], dtype=np.float64), trak.one_minus_p[0]
+    kernel = phi.T @ phi
+    mean = np.trace(kernel) / len(kernel)
+    n = len(r)
+    direct = []
+    for rho in GCV_GRID:
+        hat = phi @ np.linalg.solve(kernel + rho * mean * np.eye(len(kernel)), phi.T)
+        direct.append(n * np.sum((r - hat @ r) ** 2) / (n - np.trace(hat)) ** 2)
+    best, scores = gcv_ridge(torch.from_numpy(kernel), torch.from_numpy(phi.T @ r), float(r @ r), n)
+    np.testing.assert_allclose(scores, direct, rtol=1e-6)
+    assert best == GCV_GRID[int(np.argmin(direct))] == trak.relative_ridges[0]
+    fixed = TRAK(models[0], task, projection=None, ridge=best, progress=False).fit(train)
+    np.testing.assert_allclose(trak.score(test).values, fixed.score(test).values, rtol=1e-10)
+    assert trak.score(test).config["ridge"] == "gcv" and trak.score(test).config["relative_ridges"] == [best]
 
 
 def test_inverse_kernel_survives_a_singular_kernel():
@@ -192,10 +216,20 @@ def test_duplicated_query_is_its_own_top_proponent(hidden):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-    scores = TRAK(model, ClassificationTask(measurement="margin"), projection=512, progress=False).fit(data).score(
-        queries)
+    task = ClassificationTask(measurement="margin")
+    # the paper's near-unregularised estimator: the copy is the top proponent of every query
+    scores = TRAK(model, task, projection=512, ridge=1e-6, progress=False).fit(data).score(queries)
     assert [scores.topk(1, q)[0][0] for q in range(10)] == [300 + q for q in range(10)]
     assert (scores.values[300 + np.arange(10), np.arange(10)] > 0).all()
+    # the GCV ridge (larger, ρ = 0.1 for logistic regression: closer to a reweighted Grad-Dot) keeps the sign and
+    # the copy near the top: measured ranks 0, 0, 4, 2, 0, 0, 13, 0, 3, 0 of 310 for logistic regression
+    # (for the MLP GCV picks a larger ridge and the copies fall to ranks up to ~60: LDS, not this, judges the ridge)
+    if hidden:
+        return
+    gcv = TRAK(model, task, projection=512, progress=False).fit(data).score(queries)
+    assert (gcv.values[300 + np.arange(10), np.arange(10)] > 0).all()
+    ranks = [int((gcv.values[:, q] > gcv.values[300 + q, q]).sum()) for q in range(10)]
+    assert np.median(ranks) == 0 and max(ranks) < 0.05 * len(data), ranks
 
 
 def test_bad_input(setup):

@@ -20,10 +20,24 @@ right answer) works; a ClassificationTask measuring the loss is refused.
 
 Numerics (DESIGN "TRAK numerics"). Margin gradients of a linear softmax model are rank-deficient (they are orthogonal
 to the all-classes direction), so ``ΦᵀΦ`` can be singular: it is accumulated and solved in float64 with a ridge
-``λ_m = ridge · trace(Φ_mᵀΦ_m) / k`` (relative to the mean eigenvalue; default 1e-6, i.e. the paper's unregularised
-estimator made safe). The ridge is also a regulariser: on digits a relative ridge of 0.1–1 raised LDS markedly
-(logistic regression, k = 1024: 0.28 → 0.72); tune it with the evaluation tools. Each model's projection is built
-once from seed ``seed + m`` (the Projector caches it) and never regenerated per batch.
+``λ_m = ρ_m · trace(Φ_mᵀΦ_m) / k`` (ρ relative to the mean eigenvalue). Each model's projection is built once from
+seed ``seed + m`` (the Projector caches it) and never regenerated per batch.
+
+Choosing the ridge (``ridge="gcv"``, the default). ``(ΦᵀΦ + λI)⁻¹Φᵀ`` is the ridge regression TRAK's linearised model
+fits: the one-step Newton update of the linearised logistic regression regresses the training residuals
+``r_i = 1 − p_i`` (the ``Q`` above) on the features ``φ_i``. ρ is chosen per model by generalized cross-validation
+(Golub, Heath, Wahba 1979) of that regression, using no ground truth:
+
+    ``GCV(λ) = n · ‖(I − S_λ) r‖² / (n − tr S_λ)²``,  ``S_λ = Φ(ΦᵀΦ + λI)⁻¹Φᵀ``
+
+minimised over :data:`GCV_GRID` (relative ridges 1e-6 … 1e2, log-spaced). With the eigen-decomposition
+``ΦᵀΦ = V diag(e) Vᵀ`` and ``c = VᵀΦᵀr`` both terms are sums over the k eigenvalues (the residual picks up
+``c_j²/e_j · (λ/(e_j + λ))²``, ``tr S_λ = Σ e_j/(e_j + λ)``): one ``(k × k)`` eigendecomposition and one pass
+``Φᵀr``, O(k) per grid point. A number fixes ρ instead: ``ridge=1e-6`` is the previous default (the paper's
+unregularised estimator made safe). Measured (benchmarks/QUERIES.md, LDS against cached retraining ground truth):
+digits logistic regression, k = 2048: 0.28 at ρ = 1e-6, 0.41 at the GCV choice (ρ = 0.03); k = 512: 0.30 → 0.36
+(ρ = 0.001); Fashion-MNIST MLP, k = 512, 500 queries: 0.084 → 0.099 (ρ = 0.3, the best ρ of the sweep). On digits LDS
+keeps rising to ρ ≈ 1–3 (0.74–0.76): GCV is a data-driven improvement over the old default, not the LDS optimum.
 
 Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (in chunks of ~2048 rows: an interrupted fit resumes) and the
 Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) per model in the store; ``score`` then costs
@@ -64,25 +78,28 @@ from .base import (
 
 AVERAGES = ("separate", "per-model")
 KERNEL_ROWS = 4096  # training rows per step when accumulating ΦᵀΦ
+GCV_GRID = tuple(float(x) for x in np.logspace(-6, 2, 33))  # relative ridges ρ tried by ridge="gcv"
 
 
 @dataclass(frozen=True)
 class TRAKConfig:
     """projection: the projected dimension k, or None for the exact (unprojected, ``k = numel``) features.
     projection_kind: ``"gaussian"`` / ``"rademacher"`` (dense, as the paper) or ``"kronecker"`` (per layer; exact for
-    parameters with at most ``projection`` entries). ridge: ``λ / mean eigenvalue of ΦᵀΦ``. average: see module doc."""
+    parameters with at most ``projection`` entries). ridge: ``"gcv"`` (chosen per model by generalized
+    cross-validation, module doc) or ρ = ``λ / mean eigenvalue of ΦᵀΦ`` (1e-6 was the default before GCV).
+    average: see module doc."""
 
     projection: int | None = 2048
     projection_kind: str = "gaussian"
     seed: int = 0
-    ridge: float = 1e-6
+    ridge: float | str = "gcv"
     average: str = "separate"
 
     def __post_init__(self):
         if self.projection is not None and self.projection < 1:
             raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.ridge != "gcv" and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ValueError(f"ridge must be 'gcv' or a number >= 0, got {self.ridge!r}")
         if self.average not in AVERAGES:
             raise ValueError(f"average must be one of {AVERAGES}, got {self.average!r}")
 
@@ -99,6 +116,29 @@ def _members(model: nn.Module, models: Any) -> Trajectory:
     return Trajectory.from_states(list(models))
 
 
+def gcv_ridge(kernel: Tensor, phi_r: Tensor, r_sq: float, n: int,
+              grid: Sequence[float] = GCV_GRID) -> tuple[float, list[float]]:
+    """The relative ridge ρ in ``grid`` minimising the GCV score of the ridge regression of ``r`` on Φ, and the
+    scores ``(len(grid),)``. kernel: ``ΦᵀΦ`` ``(k, k)`` float64; phi_r: ``Φᵀr`` ``(k,)``; r_sq: ``‖r‖²``; n: rows.
+
+    ``GCV(λ) = n‖r − Φβ_λ‖² / (n − tr S_λ)²`` with ``β_λ = (ΦᵀΦ + λI)⁻¹Φᵀr``; in the eigenbasis of ``ΦᵀΦ`` (e, V),
+    ``c = VᵀΦᵀr``: ``‖r − Φβ‖² = ‖r‖² − Σ c_j²/e_j + Σ (c_j²/e_j)(λ/(e_j+λ))²`` and ``tr S = Σ e_j/(e_j+λ)``
+    (eigenvalues below ``k·eps·max`` are null directions of Φ and drop out). Cost: one ``k³`` eigendecomposition.
+    """
+    e, v = torch.linalg.eigh(kernel)
+    keep = e > e.max() * kernel.shape[0] * torch.finfo(torch.float64).eps
+    e, c = e[keep], (v.T @ phi_r)[keep]
+    explained = c**2 / e  # (Uᵀr)_j² of the thin SVD Φ = U diag(√e) Vᵀ
+    mean = kernel.diagonal().mean()
+    scores = []
+    for rho in grid:
+        lam = rho * mean
+        residual = r_sq - explained.sum() + (explained * (lam / (e + lam)) ** 2).sum()
+        dof = (e / (e + lam)).sum()
+        scores.append(float(n * residual / (n - dof).clamp(min=1e-12) ** 2))
+    return float(grid[int(np.argmin(scores))]), scores
+
+
 class KernelSolver:
     """``(ΦᵀΦ + λI)⁻¹`` applied without forming it: a Cholesky factor ``L`` (``K = LLᵀ``), or, where the kernel is not
     numerically positive definite (ridge 0 on a singular kernel), an eigen-basis with pseudo-inverted eigenvalues.
@@ -106,27 +146,37 @@ class KernelSolver:
     Forming the inverse (``cholesky_inverse``) costs ~3× the factorisation and was the slowest step at ``k = 4096``.
     """
 
-    def __init__(self, tensors: dict[str, Tensor], ridge: float):
-        self.tensors, self.ridge = tensors, ridge
+    def __init__(self, tensors: dict[str, Tensor], ridge: float, relative: float | None = None):
+        self.tensors, self.ridge, self.relative = tensors, ridge, relative
 
     @classmethod
-    def fit(cls, features: np.ndarray, ridge: float) -> KernelSolver:
-        """From ``features`` Φ ``(n, k)`` (may be a memmap, read in row blocks); λ = ``ridge`` · mean eigenvalue."""
+    def fit(cls, features: np.ndarray, ridge: float | str, residuals: np.ndarray | None = None) -> KernelSolver:
+        """From ``features`` Φ ``(n, k)`` (may be a memmap, read in row blocks); λ = ρ · mean eigenvalue, with
+        ρ = ``ridge`` or, for ``ridge="gcv"``, chosen by :func:`gcv_ridge` for the regression of ``residuals``
+        ``(n,)`` on Φ. The chosen ρ is kept as ``relative``."""
         k = features.shape[1]
         kernel = torch.zeros(k, k, dtype=torch.float64)
+        phi_r = torch.zeros(k, dtype=torch.float64)
         for start in range(0, features.shape[0], KERNEL_ROWS):
             block = torch.from_numpy(np.asarray(features[start : start + KERNEL_ROWS], dtype=np.float64))
             kernel.addmm_(block.T, block)
+            if residuals is not None:
+                phi_r += block.T @ torch.from_numpy(np.asarray(residuals[start : start + KERNEL_ROWS], np.float64))
         scale = kernel.diagonal().mean().item()
+        if ridge == "gcv":
+            if residuals is None:
+                raise ValueError("ridge='gcv' needs the regression's residuals")
+            r = np.asarray(residuals, dtype=np.float64)
+            ridge = gcv_ridge(kernel, phi_r, float(r @ r), len(r))[0] if scale > 0 else 1e-6
         lam = ridge * scale if scale > 0 else max(ridge, 1e-30)
         kernel.diagonal().add_(lam)
         chol, info = torch.linalg.cholesky_ex(kernel)
         if info.item() == 0:
-            return cls({"cholesky": chol}, lam)
+            return cls({"cholesky": chol}, lam, ridge)
         vals, vecs = torch.linalg.eigh(kernel)
         keep = vals > vals.max() * k * torch.finfo(torch.float64).eps
         inv = torch.where(keep, 1.0 / vals.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(vals))
-        return cls({"eigvecs": vecs, "inv_eigvals": inv}, lam)
+        return cls({"eigvecs": vecs, "inv_eigvals": inv}, lam, ridge)
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(ΦᵀΦ + λI)⁻¹ rhs`` for ``rhs`` ``(k, m)`` float64."""
@@ -167,7 +217,7 @@ class TRAK(GradientMethod):
     def __init__(self, model: nn.Module, task: Task,
                  models: Sequence[Mapping[str, Tensor] | nn.Module] | Trajectory | str | None = None, *,
                  projection: int | None = 2048, projection_kind: str = "gaussian", seed: int = 0,
-                 ridge: float = 1e-6, average: str = "separate", store: Store | str | None = None,
+                 ridge: float | str = "gcv", average: str = "separate", store: Store | str | None = None,
                  batch_size: int = 64, progress: bool = True):
         if isinstance(task, ClassificationTask) and task.kind != "margin":
             raise ValueError("TRAK needs the margin measurement: pass ClassificationTask(measurement='margin')")
@@ -185,6 +235,7 @@ class TRAK(GradientMethod):
         self.one_minus_p: list[np.ndarray] | None = None  # (n_train,) per member
         self._kernels: list[KernelSolver | None] = []  # per member (None: read from the store on demand)
         self.ridges: list[float] = []  # λ_m
+        self.relative_ridges: list[float] = []  # ρ_m (the GCV choice, or the given ridge)
 
     @property
     def n_models(self) -> int:
@@ -227,27 +278,30 @@ class TRAK(GradientMethod):
             phi = arrays[names["phi"]]
             features.append(phi)
             weights.append(np.asarray(arrays[names["q"]][:, 0]))
-            kernel, lam = self._kernel(m, phi, meta, ids)
+            kernel, lam, rho = self._kernel(m, phi, weights[-1], meta, ids)
             kernels.append(kernel)
-            ridges.append(lam)
+            ridges.append((lam, rho))
         self.train_ids, self.train_features, self.one_minus_p = ids, features, weights
-        self._kernels, self.ridges = kernels, ridges
+        self._kernels = kernels
+        self.ridges, self.relative_ridges = [lam for lam, _ in ridges], [rho for _, rho in ridges]
         return self
 
-    def _kernel(self, m: int, phi: np.ndarray, meta: dict[str, Any], ids: np.ndarray
-                ) -> tuple[KernelSolver | None, float]:
-        """Member m's kernel solver (kept in memory without a store; with one, saved and read back on demand)."""
+    def _kernel(self, m: int, phi: np.ndarray, residuals: np.ndarray, meta: dict[str, Any], ids: np.ndarray
+                ) -> tuple[KernelSolver | None, float, float]:
+        """Member m's kernel solver (kept in memory without a store; with one, saved and read back on demand), its
+        absolute ridge λ_m and relative ridge ρ_m."""
         name = f"trak-kernel-{m:03d}"
         meta = {**meta, "ridge": self.config.ridge, "train_ids": ids_digest(ids), "n": len(ids)}
         if self.store is not None and self.store.has(name):
             info = self.store.info(name)["meta"]
-            if {k: v for k, v in info.items() if k != "lambda"} == meta:
-                return None, info["lambda"]
-        solver = KernelSolver.fit(phi, self.config.ridge)
+            if {k: v for k, v in info.items() if k not in ("lambda", "relative")} == meta and "relative" in info:
+                return None, info["lambda"], info["relative"]
+        solver = KernelSolver.fit(phi, self.config.ridge, residuals)
         if self.store is None:
-            return solver, solver.ridge
-        self.store.save_tensors(name, solver.tensors, meta={**meta, "lambda": solver.ridge})  # replaces a stale one
-        return None, solver.ridge
+            return solver, solver.ridge, solver.relative
+        info = {**meta, "lambda": solver.ridge, "relative": solver.relative}
+        self.store.save_tensors(name, solver.tensors, meta=info)  # replaces a stale one
+        return None, solver.ridge, solver.relative
 
     def kernel(self, m: int) -> KernelSolver:
         """Member m's ``(Φ_mᵀΦ_m + λ_m I)⁻¹`` as a :class:`KernelSolver`."""
@@ -316,4 +370,5 @@ class TRAK(GradientMethod):
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
 
     def _config(self) -> dict[str, Any]:
-        return {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges)}
+        return {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges),
+                "relative_ridges": list(self.relative_ridges)}
