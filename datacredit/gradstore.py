@@ -71,9 +71,11 @@ from .task import Task
 __all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "TopK", "data_digest", "model_digest"]
 
 FORMAT = "datacredit.gradstore"
+KIND = "gradstore"
 VERSION = 1
 FEATURES = "features"
 IDS = "train_ids"
+SCORES = "scores"
 DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "bfloat16": "<u2"}
 
 Data = Dataset | DataLoader
@@ -270,10 +272,14 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 # -- raw row I/O ---------------------------------------------------------------------------------------------------
 class _Rows:
-    """``pread``/``pwrite`` of whole rows of an ``.npy`` memmap's file, bypassing the mapping (see module doc)."""
+    """``pread``/``pwrite`` of whole rows of a store's ``.npy`` array file, bypassing the mapping (module doc).
 
-    def __init__(self, array: np.memmap, writable: bool = False):
-        self.path, self.offset = Path(array.filename), int(array.offset)
+    store, name: the artefact; its file is looked up in the manifest (a chunked array is created under a temporary
+    name and renamed, so the memmap's own ``filename`` may be stale). array: its memmap (data offset, shape, dtype).
+    """
+
+    def __init__(self, store: Store, name: str, array: np.memmap, writable: bool = False):
+        self.path, self.offset = store.root / store.info(name)["file"], int(array.offset)
         self.dtype, self.width = array.dtype, int(np.prod(array.shape[1:], dtype=np.int64))
         self.row_bytes = self.width * self.dtype.itemsize
         self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
@@ -439,6 +445,8 @@ class GradientStore:
         n = len(ids)
         n_chunks = max(1, -(-n // self.chunk_size))
         with BuildLock(self.root, wait=self.lock_wait):
+            # a directory holding another kind of artefact (a Scores directory, a method's cache) is refused
+            self.store.claim(KIND, adopt=(FEATURES, IDS, SCORES))
             stored = self.header()
             overwrite = False
             if stored is not None and stored != header:
@@ -455,7 +463,7 @@ class GradientStore:
             pending = chunked.pending()
             if not pending:
                 return self
-            rows = _Rows(chunked.array, writable=True)
+            rows = _Rows(self.store, FEATURES, chunked.array, writable=True)
             try:
                 for i in pending:
                     start, stop = i * self.chunk_size, min(n, (i + 1) * self.chunk_size)
@@ -496,7 +504,7 @@ class GradientStore:
         """``(start, stop, features (rows, D) in the compute dtype on the model's device)`` over the whole store."""
         array = self.features()
         n = array.shape[0]
-        reader = _Rows(array)
+        reader = _Rows(self.store, FEATURES, array)
         buf = np.empty((min(rows_per_block, max(n, 1)), self.dim), dtype=array.dtype)
         try:
             for start in range(0, n, rows_per_block):
@@ -547,8 +555,9 @@ class GradientStore:
         """Scores ``(n_train, n_query)``: ``⟨φ_i, M φ_q⟩``; positive = training example ``i`` helps query ``q``.
 
         memory_gb: budget for the query features, one block of training rows and their scores, and the result when
-            it is kept in memory. A result larger than half the budget (or any result when ``out`` is given) is
-            written to an ``.npy`` memmap (``out``, default ``<store>/scores.npy``) and returned as one.
+            it is kept in memory. A result larger than half the budget, or any result when ``out`` (a store
+            directory) is given, is written block by block to the chunked array ``scores`` of that store (default:
+            this gradient store; replaced by the next such call) and returned as a read-only memmap.
         preconditioner: ``M``, applied to the query features only: a callable ``(Q, D) -> (Q, D)``, or per-layer
             matrices ``{parameter name: (size, size)}`` applied to that parameter's block (``size`` from the layout),
             e.g. :meth:`fisher_inverse`.
@@ -562,30 +571,31 @@ class GradientStore:
         result_bytes = n * nq * item
         npdtype = np.float64 if self.compute_dtype == torch.float64 else np.float32
         to_disk = out is not None or resident + result_bytes > memory_gb * 2**30 / 2
-        if to_disk:
-            path = Path(out) if out is not None else self.root / "scores.npy"
-            values = np.lib.format.open_memmap(path, mode="w+", dtype=npdtype, shape=(n, nq))
-            writer = _Rows(values, writable=True)
-        else:
-            values = np.empty((n, nq), dtype=npdtype)
+        if not to_disk:
             resident += result_bytes
         rows = self._rows_per_block(nq, memory_gb, resident)
         qt = q.T.contiguous()
-        try:
+        config = self._score_config(preconditioner)
+        if not to_disk:
+            values = np.empty((n, nq), dtype=npdtype)
             for start, stop, block in self._blocks(rows):
-                part = (block @ qt).cpu().numpy()
-                if to_disk:
-                    writer.write(start, part)
-                else:
-                    values[start:stop] = part
-        finally:
-            if to_disk:
+                values[start:stop] = (block @ qt).cpu().numpy()
+            return Scores(values, train_ids, qids, self.method, config)
+        target = self.store if out is None else Store(out)
+        n_blocks = max(1, -(-n // rows))
+        meta = {"method": self.method, "config": config, "train_ids_sha256": self.header()["data"]["ids_sha256"],
+                "query_ids": [int(i) for i in qids[:16]], "n_query": nq}
+        chunked = target.chunked(SCORES, (n, nq), npdtype, n_blocks, meta=meta, overwrite=True)
+        writer = _Rows(target, SCORES, chunked.array, writable=True)
+        try:
+            for i, (start, _, block) in enumerate(self._blocks(rows)):
+                writer.write(start, (block @ qt).cpu().numpy())
                 writer.sync()
-                writer.close()
-        if to_disk:
-            del values
-            values = np.load(path, mmap_mode="r", allow_pickle=False)
-        return Scores(values, train_ids, qids, self.method, self._score_config(preconditioner))
+                chunked.mark_done(i)
+        finally:
+            writer.close()
+        del chunked
+        return Scores(target.load_array(SCORES, mmap=True), train_ids, qids, self.method, config)
 
     def topk(self, queries: Data, k: int, *, memory_gb: float = 1.0,
              preconditioner: Preconditioner | None = None) -> TopK:
@@ -606,12 +616,12 @@ class GradientStore:
         best_idx = torch.empty(0, nq, dtype=torch.int64)
         qt = q.T.contiguous()
         for start, _, block in self._blocks(rows):
-            s = (block @ qt).cpu()
-            idx = torch.arange(start, start + s.shape[0]).unsqueeze(1).expand_as(s)
-            # candidates so far come first and have smaller training indices than this block's rows, so a
-            # stable sort keeps training order among ties, as Scores.topk does
-            vals, inds = torch.cat([best_val, s]), torch.cat([best_idx, idx])
-            best_val, best_idx = _stable_topk(vals, inds, k)
+            val, idx = _block_topk((block @ qt).cpu(), k)
+            # candidates so far come first and have smaller training indices than this block's rows, and the
+            # block's own candidates are in training order: a stable sort by value keeps training order among ties
+            vals, inds = torch.cat([best_val, val]), torch.cat([best_idx, idx + start])
+            order = torch.sort(vals, dim=0, descending=True, stable=True).indices[:k]
+            best_val, best_idx = vals.gather(0, order), inds.gather(0, order)
         order_ids = train_ids[best_idx.T.numpy()]
         return TopK(qids, order_ids, best_val.T.double().numpy())
 
@@ -653,12 +663,18 @@ class GradientStore:
                 f"dim={self.dim})")
 
 
-def _stable_topk(vals: Tensor, inds: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per column, the ``k`` largest of ``vals`` ``(r, Q)`` with their ``inds``, ties broken by row order."""
-    k = min(k, vals.shape[0])
-    _, order = torch.sort(vals, dim=0, descending=True, stable=True)
-    order = order[:k]
-    return vals.gather(0, order), inds.gather(0, order)
+def _block_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per column of ``scores`` ``(r, Q)``, the ``k`` largest values and their rows, listed in row order; among
+    values tied at the k-th place, the first rows (as a stable sort would pick). Temporaries ``O(r·Q)`` bytes."""
+    k = min(k, scores.shape[0])
+    val, idx = torch.topk(scores, k, dim=0)
+    kth = val[-1:]
+    ties = ((scores >= kth).sum(0) > k).nonzero().flatten()
+    for j in ties.tolist():  # rare: values tied across the k-th place; topk's pick among them is unspecified
+        order = torch.sort(scores[:, j], descending=True, stable=True).indices[:k]
+        idx[:, j], val[:, j] = order, scores[order, j]
+    idx, perm = torch.sort(idx, dim=0)
+    return val.gather(0, perm), idx
 
 
 def _tracked_shapes(model: nn.Module, modules: list[str] | None) -> dict[str, torch.Size]:

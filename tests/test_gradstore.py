@@ -20,6 +20,7 @@ from datacredit.data.dataset import ArrayDataset
 from datacredit.errors import StoreError
 from datacredit.gradstore import DenseProjection, ExactFeatures, GradientStore
 from datacredit.models import TinyGPT, mlp
+from datacredit.store import Store
 from datacredit.task import ClassificationTask, LanguageModelingTask
 
 from .helpers import torch_func_grads
@@ -185,15 +186,29 @@ def test_topk_equals_dense_topk_with_ties_and_small_blocks(tmp_path):
         assert top.for_query(j) == dense.topk(7, j)
     np.testing.assert_array_equal(gs.score(queries, memory_gb=tiny).values, dense.values)
 
+    # ties across the k-th place inside one block: 20 copies of one example among 6 others
+    many = ArrayDataset(torch.cat([x[:3], x[3:4].expand(20, -1), x[4:7]]),
+                        torch.cat([y[:3], y[3:4].expand(20), y[4:7]]))
+    gs = GradientStore(tmp_path / "ties", model, task, projection=KronProjection(3), batch_size=8).build(many)
+    dense = gs.score(queries)
+    assert (dense.values[3:23] == dense.values[3]).all()  # really tied
+    for memory_gb in (tiny, 1.0):
+        top = gs.topk(queries, 5, memory_gb=memory_gb)
+        for j in range(len(queries)):
+            assert top.for_query(j) == dense.topk(5, j)
+
 
 def test_large_result_goes_to_a_memmap_and_budget_too_small_raises(tmp_path):
     model, task, data = _mlp_setup(torch.float32)
     queries = _mlp_setup(torch.float32, n=3, seed=1)[2]
     gs = GradientStore(tmp_path / "gs", model, task, projection=KronProjection(3)).build(data)
     in_ram = gs.score(queries)
-    on_disk = gs.score(queries, out=tmp_path / "s.npy")
+    on_disk = gs.score(queries, out=tmp_path / "spill")
     assert isinstance(on_disk.values, np.memmap)
     np.testing.assert_array_equal(np.asarray(on_disk.values), in_ram.values)
+    spilled = gs.score(queries, memory_gb=800 / 2**30)  # result + queries (432 bytes) > half the budget: spilled
+    assert isinstance(spilled.values, np.memmap) and Store(gs.root, create=False).has("scores")
+    np.testing.assert_array_equal(np.asarray(spilled.values), in_ram.values)
     with pytest.raises(ValueError, match="memory_gb"):
         gs.score(queries, memory_gb=1e-9)
 
@@ -292,7 +307,7 @@ def test_killed_build_resumes_without_recomputing_finished_chunks(tmp_path):
 
     model, task, data, kw = resume_setup()
     gs = GradientStore(path, model, task, **kw)
-    flags = np.load(path / "features.npy.done")
+    flags = np.load(path / Store(path, create=False).info("features")["chunks"]["file"])
     n_done = int(flags.sum())
     assert 1 <= n_done < len(flags)
     gs.build(data)
