@@ -21,6 +21,7 @@ not first; it costs one extra backward on the first batch only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -181,6 +182,8 @@ class Capture:
         self.enabled = True
         self.verified = False
         self.seen_dtypes: set[torch.dtype] = set()  # output-gradient dtypes before promotion: the precision to check at
+        self.measure = False  # collect also fills `scales` (for the one-off check; reads every factor once more)
+        self.scales: dict[str, float] = {}
         self._listening = True  # node pre-hooks record; off while example_grads reads gradients itself
 
     def __enter__(self) -> Capture:
@@ -256,6 +259,7 @@ class Capture:
 
     def _pieces(self, ids: Sequence[int] | None, check_finite: bool) -> list[tuple[str, str, Piece]]:
         found: list[tuple[str, str, Piece]] = []
+        self.scales = {}
         for call in self._calls:
             changed = call.changed()
             if "input" in changed or (call.grad is None and changed):
@@ -273,8 +277,23 @@ class Capture:
             self.seen_dtypes.add(call.grad.dtype)
             inputs, grad = _common_dtype(call.module, call.inputs, call.grad)
             for attr, piece in call.rule.pieces(call.module, inputs, grad).items():
-                found.append((call.path, self._names[id(getattr(call.module, attr))], piece))
+                name = self._names[id(getattr(call.module, attr))]
+                found.append((call.path, name, piece))
+                if self.measure:
+                    self.scales[name] = self.scales.get(name, 0.0) + _call_scale(inputs, grad)
         return found
+
+
+def _call_scale(inputs: tuple, grad: Tensor) -> float:
+    """``‖B‖·(‖A‖ + √rows)``: a bound on the size of any parameter gradient the call's output gradient ``B`` and input
+    ``A`` make (products of the two, or of ``B`` with ones / one-hots). It floors the rounding scale of the one-off
+    check where the pieces' own terms vanish (a LayerNorm of width 1 has x̂ = 0 but autograd's rounding does not)."""
+    x = inputs[0] if inputs else None
+    if not isinstance(x, Tensor):
+        return float(grad.double().norm())
+    rows = x.numel() / max(x.shape[-1], 1) if x.is_floating_point() else x.numel()
+    x_norm = float(x.double().norm()) if x.is_floating_point() else 0.0
+    return float(grad.double().norm()) * (x_norm + math.sqrt(rows))
 
 
 def _common_dtype(module: nn.Module, inputs: tuple, grad: Tensor) -> tuple[tuple, Tensor]:
@@ -354,14 +373,17 @@ def tolerance(*dtypes: torch.dtype) -> float:
     return 3e-2
 
 
-def unexplained(sums: dict[str, tuple[Tensor, Tensor]], true: dict[str, Tensor | None], tol: float
-                ) -> dict[str, float]:
+def unexplained(sums: dict[str, tuple[Tensor, Tensor]], true: dict[str, Tensor | None], tol: float,
+                floors: dict[str, float] | None = None) -> dict[str, float]:
     """Parameters whose true gradient differs from the per-example gradients' sum beyond rounding.
 
     sums: name -> (Σ_i r_i g_i, Σ_i |r_i||g_i| bound) in the parameter's shape; true: name -> its true gradient (None
     = no gradient, treated as 0). A parameter missing from ``sums`` had no piece (its module never took part).
-    Returns name -> ``‖difference‖ / ‖true‖`` for every parameter that fails ``‖difference‖ ≤ tol·‖bound‖``.
+    floors: name -> a scale added to ``‖bound‖`` (:attr:`Capture.scales`, times ``tol`` like the bound, so a missing
+    contribution of the size of the layer's own gradient still fails by orders of magnitude).
+    Returns name -> ``‖difference‖ / ‖true‖`` for every parameter that fails ``‖difference‖ ≤ tol·(‖bound‖ + floor)``.
     """
+    floors = floors or {}
     bad: dict[str, float] = {}
     for name, g in true.items():
         total, bound = sums.get(name, (None, None))
@@ -372,7 +394,7 @@ def unexplained(sums: dict[str, tuple[Tensor, Tensor]], true: dict[str, Tensor |
             continue
         g = torch.zeros_like(total) if g is None else g.detach().to(total.dtype).reshape(total.shape)
         diff = float((g - total).double().norm())
-        if diff > tol * float(bound.double().norm()) + 1e-300:
+        if diff > tol * (float(bound.double().norm()) + floors.get(name, 0.0)) + 1e-300:
             bad[name] = diff / max(float(g.double().norm()), 1e-300)
     return bad
 
@@ -407,7 +429,11 @@ def example_grads(capture: Capture, per_example: Tensor, ids: Sequence[int] | No
     for call, g in zip(calls, grads):
         if g is not None:
             call.grad = call.output_grad(g.detach())
-    out = capture.collect(ids, expected=n)
+    capture.measure = verify
+    try:
+        out = capture.collect(ids, expected=n)
+    finally:
+        capture.measure = False
     if verify:
         _verify(capture, out, r, dict(zip(names, true)))
         capture.verified = True
@@ -424,7 +450,7 @@ def _check_weights(n: int, like: Tensor) -> Tensor:
 def _verify(capture: Capture, grads: ExampleGrads, r: Tensor, true: dict[str, Tensor | None]) -> None:
     sums = {name: (grads.total(r)[name], grads.total(r, absolute=True)[name]) for name in grads.pieces}
     dtypes = [t.dtype for t, _ in sums.values()] + [p.dtype for p in capture.params.values()] + [*capture.seen_dtypes]
-    bad = unexplained(sums, true, tolerance(*dtypes))
+    bad = unexplained(sums, true, tolerance(*dtypes), capture.scales)
     if bad:
         listed = ", ".join(f"{name!r} (off by {100 * err:.3g} %)" for name, err in bad.items())
         raise UnsupportedModuleError(

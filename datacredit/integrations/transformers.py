@@ -7,6 +7,10 @@ by the batch: put per-example ``position_ids`` in the batch, or leave ``wpe`` ou
 
 The Trainer clips gradients before the optimizer step; the callback takes clipping over (``max_grad_norm`` is applied
 through :meth:`InRunShapley.clip_grad_norm_`) so each example's share is clipped by the same factor as the update.
+
+Mixed precision: under ``fp16=True`` accelerate scales the loss with a ``GradScaler`` (the wrapped optimizer's
+``scaler``); the callback hands it to :class:`InRunShapley`, which divides the captured gradients by the scale and
+adds nothing for steps the scaler skips, and unscales before clipping (as accelerate does). ``bf16`` needs no scaler.
 """
 
 from __future__ import annotations
@@ -33,14 +37,17 @@ class InRunShapleyCallback(TrainerCallback):
         self.options = {"order": order, "targeted": targeted, "keep_history": keep_history}
         self.shapley: InRunShapley | None = None
         self._hook = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self._max_norm = 0.0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("InRunShapleyCallback needs the Trainer's model and optimizer at on_train_begin")
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's GradScaler under fp16 (None otherwise)
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the real one
-        self.shapley = InRunShapley(model, self.task, self.validation, optimizer, **self.options)
+        self._optimizer = optimizer
+        self.shapley = InRunShapley(model, self.task, self.validation, optimizer, scaler=scaler, **self.options)
         self._max_norm, args.max_grad_norm = args.max_grad_norm, 0.0  # we clip, so the shares see the factor
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
@@ -54,6 +61,9 @@ class InRunShapleyCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._max_norm and self._max_norm > 0:
+            scaler = self.shapley.scaler
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(self._optimizer)  # clip the true gradients; scaler.step will not unscale twice
             self.shapley.clip_grad_norm_(self._max_norm)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -17,12 +17,20 @@ the validation loss. ``Σ_z φ_z`` over a step equals the Taylor utility of the 
 Momentum: z's share is what z put into *this* step's update; what the momentum buffer carries into later steps is part
 of those steps' baseline ``c``, so it is not credited to z. Gradient clipping between ``backward`` and ``step`` would
 rescale shares we cannot see: clip with :meth:`InRunShapley.clip_grad_norm_` so the factor is applied to the shares.
+
+Never silently wrong. On the first step the batch gradient ``p.grad`` of every tracked parameter must equal the sum of
+the examples' captured gradients up to float rounding (measured against the sum of absolute terms); otherwise the step
+raises naming the parameters (a weight used outside its module, a loss scaled by hand, a regularizer: pass
+``unexplained_gradient="baseline"`` to treat the latter as part of the baseline ``c``). Parameters of untracked modules
+are always baseline. The validation measurement goes through the same capture check once (it also catches a model
+whose batch dimension is not first). Mixed precision: pass the ``torch.amp.GradScaler`` as ``scaler=``; captured
+gradients are divided by its scale (a power of two: exact), and a step the scaler skips (inf/nan gradients) adds no
+value.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,15 +40,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..capture import Capture, ExampleGrads, example_grads
+from ..capture.engine import tolerance, unexplained
 from ..capture.pieces import Outer, ghost_cost, piece_dot, piece_gram
 from ..data.dataset import example_ids
-from ..errors import DataError, NonFiniteError
+from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step
 from ..scores import Scores
-from ..task import Task
+from ..task import Task, batch_size
 from .base import batches, eval_mode
-
-log = logging.getLogger(__name__)
 
 
 class InRunShapley:
@@ -60,18 +67,27 @@ class InRunShapley:
     loss; costs one HVP per validation example per step when ``order=2``. keep_history: keep per-step values.
     Several ``step`` blocks before one ``optimizer.step()`` are micro-batches of one step (gradient accumulation).
     Under DistributedDataParallel each rank values its own examples; :meth:`values` gathers them.
+    scaler: the ``torch.amp.GradScaler`` of the loop (``scaler.scale(loss).backward(); scaler.step(opt);
+    scaler.update()``): values are those of unscaled training, skipped steps add nothing (``skipped`` counts them).
+    unexplained_gradient: ``"raise"`` (default) if ``p.grad`` of a tracked parameter is not the examples' summed
+    gradient on the first step, or ``"baseline"`` to count the difference (e.g. a regularizer added to the loss) as
+    the step's baseline.
     """
 
     def __init__(self, model: nn.Module, task: Task, validation: Any, optimizer: torch.optim.Optimizer, *,
                  order: int = 1, targeted: bool = False, keep_history: bool = False,
-                 validation_batch_size: int = 256):
+                 validation_batch_size: int = 256, scaler: torch.amp.GradScaler | None = None,
+                 unexplained_gradient: str = "raise"):
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
+        if unexplained_gradient not in ("raise", "baseline"):
+            raise ValueError(f"unexplained_gradient must be 'raise' or 'baseline', got {unexplained_gradient!r}")
         self.model, self.task, self.optimizer = model, task, optimizer
         self.order, self.targeted, self.keep_history = order, targeted, keep_history
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.inner = inner
         self.capture = Capture(inner, task.tracked_modules(inner))
+        self._val_capture = Capture(inner, task.tracked_modules(inner))  # kept: its one-off check runs once
         self._names = {p: name for name, p in inner.named_parameters()}
         self.validation, self.validation_batch_size = validation, validation_batch_size
         self.query_ids = self._validation_ids(validation)
@@ -83,15 +99,31 @@ class InRunShapley:
         self._sums = np.zeros((0, len(self.query_ids)))
         self.history: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, ids, values (B, Q))
         self.steps = 0
-        self._warned = False
+        self.skipped = 0  # optimizer steps the GradScaler skipped (inf/nan gradients): no value added
+        self.unexplained_gradient = unexplained_gradient
+        self._checked = False  # set once a step has compared p.grad with the examples' summed gradients
+        self._scales: dict[str, float] = {}  # rounding floors of that check, summed over the step's micro-batches
         self._explained = False  # set once a step shows that p.grad is exactly the examples' summed gradients
         self._hook = optimizer.register_step_pre_hook(self._on_step)
+        self.scaler = scaler
+        if scaler is not None:
+            # the optimizer's pre-hook never runs on a skipped step, so the step's pending gradients are dropped when
+            # the scaler updates (once per step, after scaler.step): an instance attribute, removed by close()
+            original = scaler.update
+
+            def update(*args, **kwargs):
+                self._after_scaler_update()
+                return original(*args, **kwargs)
+
+            scaler.update = update
 
     # -- recording ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def step(self, ids: Sequence[int] | Tensor | np.ndarray, batch: Any = None) -> Iterator[None]:
-        """Record the per-example gradients of the forward + backward run inside the block (``batch`` is unused,
-        accepted for symmetry with the design sketch). ``ids`` are the batch's stable example ids, ``(B,)``."""
+        """Record the per-example gradients of the forward + backward run inside the block. ``ids`` are the batch's
+        stable example ids, ``(B,)``; ``batch`` (optional) is only checked to hold ``B`` examples."""
+        if batch is not None and batch_size(batch) != len(ids):
+            raise DataError(f"step got {len(ids)} ids for a batch of {batch_size(batch)} examples")
         self.begin(ids)
         try:
             yield
@@ -113,24 +145,43 @@ class InRunShapley:
         ids, self._open = self._open, None
         if ids is None:
             return
+        self.capture.measure = not self._checked  # rounding scales for the first step's check
         try:
             grads = self.capture.collect(ids, check_finite=False)  # the step's values are checked instead
         finally:
+            self.capture.measure = False
             self.capture.__exit__(None, None, None)
         if grads.n != len(ids):
-            raise DataError(f"step got {len(ids)} ids for a batch of {grads.n} examples")
-        self._pending.append((ids, grads if self.world == 1 else grads.scale(1.0 / self.world)))
+            raise DataError(f"step got {len(ids)} ids for a batch of {grads.n} examples (the leading dimension of "
+                            "the tracked modules' inputs: the batch dimension must come first)")
+        factor = 1.0 / self.world
+        if self.scaler is not None and self.scaler.is_enabled():
+            factor /= float(self.scaler.get_scale())  # the backward ran on scale × loss; a power of two: exact
+        self._pending.append((ids, grads if factor == 1.0 else grads.scale(factor)))
+        for name, size in self.capture.scales.items():
+            self._scales[name] = self._scales.get(name, 0.0) + size * factor
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` on the model's parameters that also scales this step's shares."""
+        """``torch.nn.utils.clip_grad_norm_`` on the model's parameters that also scales this step's shares.
+
+        With a GradScaler call ``scaler.unscale_(optimizer)`` first, as PyTorch's AMP recipe does."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
         self._clip = float(min(1.0, max_norm / (float(total) + 1e-6)))
         return total
 
     def close(self) -> None:
-        """Stop listening to the optimizer (values stay available)."""
+        """Stop listening to the optimizer and the scaler (values stay available)."""
         self._hook.remove()
+        if self.scaler is not None and "update" in vars(self.scaler):
+            del self.scaler.update
+
+    def _after_scaler_update(self) -> None:
+        """Runs right before ``scaler.update()``: gradients still pending belong to a step the scaler skipped."""
+        self.finish()
+        if self._pending:
+            self._pending, self._clip, self._scales = [], 1.0, {}
+            self.skipped += 1
 
     # -- the value of one step ---------------------------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -158,15 +209,19 @@ class InRunShapley:
         affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
         if self.order == 1 and self.steps > 0:  # the batch total is only needed for w, and once for the check
             return self._first_order(pending, {self._names[p]: s * clip for p, (s, _) in affine.items()})
-        if self._explained:  # checked on the first step: p.grad is the (clipped) sum of the examples' gradients
-            total = None
-        else:
+        if self.order == 2 and not self._val_capture.verified:  # first order checks it while capturing validation
+            self._check_validation()
+        total = bound = None
+        if not self._explained:  # checked on the first step: p.grad is the (clipped) sum of the examples' gradients
             total = _sum_totals([g for _, g in pending])
+            if not self._checked:
+                bound = _sum_totals([g for _, g in pending], absolute=True)
             if self.world > 1:
-                for t in total.values():
+                for t in [*total.values(), *(bound or {}).values()]:
                     torch.distributed.all_reduce(t)
         shares, w = {}, {}  # per parameter: s (scalar or tensor), and w = c + ½ Σ x
         residual, norm = 0.0, 0.0
+        sums, true = {}, {}  # tracked parameters: (Σ g_z, Σ |g_z|) and p.grad, for the first step's check
         for p, (s, c0) in affine.items():
             name = self._names[p]
             c0 = 0 if c0 is None else c0
@@ -179,24 +234,56 @@ class InRunShapley:
             residual += float(rest.square().sum())
             norm += float(p.grad.square().sum())
             w[name] = s * rest + c0 + 0.5 * s * g_batch
+            if bound is not None and name in self.capture.params:
+                true[name] = p.grad.detach()
+                if name in total:
+                    sums[name] = (g_batch, bound[name] * clip)
+                    self._scales[name] = self._scales.get(name, 0.0) * clip
         if total is not None:
             self._explained = residual <= 1e-10 * max(norm, 1e-30)
-            if residual > 1e-6 * max(norm, 1e-30) and not self._warned:
-                self._warned = True
-                log.warning("%.2g%% of the update's gradient norm² is not explained by per-example losses of "
-                            "tracked modules (a regularizer, an untracked module, or clipping done outside "
-                            "clip_grad_norm_); it is treated as the baseline of each step", 100 * residual / norm)
+        if bound is not None:
+            self._checked = True
+            if self.unexplained_gradient == "raise":
+                self._check_explained(sums, true)
         if self.order == 1:
             return self._first_order(pending, shares)
         weights = self._validation_weights(affine, shares, w)
         return np.concatenate([_np(grads.dot(weights)) for _, grads in pending])
+
+    def _check_explained(self, sums: dict[str, tuple[Tensor, Tensor]], true: dict[str, Tensor]) -> None:
+        """Raise naming the tracked parameters whose ``p.grad`` is not the examples' summed gradient (first step)."""
+        dtypes = [p.dtype for p in self.capture.params.values()] + [*self.capture.seen_dtypes]
+        bad = unexplained(sums, true, tolerance(*dtypes), self._scales)
+        if not bad:
+            return
+        listed = ", ".join(f"{name!r} (off by {100 * err:.3g} %)" for name, err in bad.items())
+        # a loss scale multiplies every tracked parameter's gradient by one factor; anything else is another cause
+        ratios = [_ratio(sums[name][0], true[name]) for name in sums] if set(bad) == set(sums) else []
+        if ratios and all(r is not None for r in ratios) and max(ratios) <= min(ratios) * (1 + 1e-3):
+            cause = (f"the examples' summed gradient is {ratios[0]:.6g} × p.grad, so the backward ran on a scaled "
+                     "loss that was unscaled afterwards: pass the torch.amp.GradScaler as InRunShapley(..., "
+                     "scaler=scaler), or do not scale the loss by hand")
+        else:
+            cause = ("the parameter is used outside its module's call (F.linear(x, layer.weight), a weight tied by "
+                     "hand as h @ emb.weight.T), by an untracked module, or a term other than the per-example losses "
+                     "(a regularizer) reached it; route every use through a tracked module, or pass "
+                     "unexplained_gradient='baseline' to count that part as the step's baseline")
+        raise DataCreditError(f"In-Run Shapley at step {self.steps}: the batch gradient of tracked parameters "
+                              f"{listed} is not the sum of the examples' gradients: {cause}")
+
+    def _check_validation(self) -> None:
+        """The capture engine's one-off check (see :func:`datacredit.capture.example_grads`) on the first validation
+        batch, for the routes that do not capture the validation side (second order, targeted)."""
+        batch = next(iter(self._val_batches()))
+        with self._val_capture as cap:
+            example_grads(cap, self.task.measurement(self.inner, batch))
 
     def _first_order(self, pending: list[tuple[np.ndarray, ExampleGrads]], shares: dict) -> np.ndarray:
         """``⟨g_z, s ⊙ g_val⟩`` per layer by the cheaper exact route: ghost dots with the validation examples' pieces,
         or a val-first dot with their sum (the only route when ``s`` is a tensor, as for Adam)."""
         val = []
         for batch in self._val_batches():
-            with Capture(self.inner, self.task.tracked_modules(self.inner)) as cap:
+            with self._val_capture as cap:
                 grads = example_grads(cap, self.task.measurement(self.inner, batch))
             val.append(ExampleGrads({k: v for k, v in grads.pieces.items() if k in shares}, grads.shapes, grads.n))
         if self.targeted:
@@ -316,10 +403,10 @@ def _ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()
 
 
-def _sum_totals(all_grads: list[ExampleGrads]) -> dict[str, Tensor]:
+def _sum_totals(all_grads: list[ExampleGrads], absolute: bool = False) -> dict[str, Tensor]:
     total: dict[str, Tensor] = {}
     for grads in all_grads:
-        for name, t in grads.total().items():
+        for name, t in grads.total(absolute=absolute).items():
             total[name] = total[name] + t if name in total else t.detach().clone()
     return total
 
@@ -329,6 +416,16 @@ def _ghost_is_cheaper(a, val_pieces: list) -> bool:
     if not isinstance(a, Outer) or not all(isinstance(b, Outer) for b in val_pieces):
         return False
     return sum(ghost_cost(a, b) for b in val_pieces) < a.n_examples * a.length * a.m * a.n
+
+
+def _ratio(a: Tensor, b: Tensor) -> float | None:
+    """``k`` with ``a = k·b`` to 1e-6 (relative), else None."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    nb = float(b @ b)
+    if nb == 0:
+        return None
+    k = float(a @ b) / nb
+    return k if float((a - k * b).norm()) <= 1e-6 * float(a.norm()) else None
 
 
 def _np(t: Tensor) -> np.ndarray:
