@@ -180,18 +180,23 @@ class Scores:
         Every array is size- and sha256-checked, the memmap included (one streaming pass when it is opened).
         """
         store = Store(path, create=False)
-        if store.kind not in (None, KIND):
-            raise StoreError(f"{store.manifest_path}: holds a {store.kind!r} store, not Scores")
-        info = store.info("values")
-        meta = info["meta"]
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "method" not in meta:
-            raise StoreError(f"{store.manifest_path}: not a Scores directory of format {FORMAT_VERSION}")
-        values = store.load_array("values", mmap=mmap)
-        train_ids = store.load_array("train_ids")
-        query_ids = store.load_array("query_ids")
+
+        def read(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            # one manifest snapshot for the kind, the meta and all three arrays: never a mix of two saves
+            if doc.get("kind") not in (None, KIND):
+                raise StoreError(f"{store.manifest_path}: holds a {doc['kind']!r} store, not Scores")
+            entry = store._entry("values", "array", doc["artefacts"])
+            meta = entry.get("meta")
+            if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "method" not in meta:
+                raise StoreError(f"{store.manifest_path}: not a Scores directory of format {FORMAT_VERSION}")
+            arrays = {name: store._load_array(doc, name, name == "values" and mmap, True) for name in ARTEFACTS}
+            return entry, arrays
+
+        entry, arrays = store._retrying(read)
+        meta, values, train_ids, query_ids = entry["meta"], arrays["values"], arrays["train_ids"], arrays["query_ids"]
         if values.ndim != 2 or values.shape != (len(train_ids), len(query_ids)):
             raise StoreError(
-                f"{store.root / info['file']}: shape {values.shape} does not match {len(train_ids)} "
+                f"{store.root / entry['file']}: shape {values.shape} does not match {len(train_ids)} "
                 f"train_ids and {len(query_ids)} query_ids"
             )
         try:

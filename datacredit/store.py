@@ -56,10 +56,10 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import numpy as np
 import safetensors.torch
@@ -79,6 +79,11 @@ _HASH_BLOCK = 1 << 22
 _TMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _atomic_file and staged saves create
 _TOKEN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.[0-9a-f]{16}\.(?:npy|npy\.done|safetensors|json)")
 _READ_RETRIES = 3
+_T = TypeVar("_T")
+
+
+class _Stale(StoreError):
+    """A file looked up in the manifest was retired by a concurrent save before we opened it."""
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -225,9 +230,9 @@ class _Staged:
                 f.close()
         self.handles = []
 
-    def discard(self, root: Path) -> None:
-        """Remove whatever this save created and never committed (temp files or placed final names)."""
-        for p in self.temps + [root / f for f in self.finals]:
+    def discard(self, root: Path, keep: Collection[str] = ()) -> None:
+        """Remove whatever this save created and never committed (temp files, placed names not in ``keep``)."""
+        for p in self.temps + [root / f for f in self.finals if f not in keep]:
             with contextlib.suppress(OSError):
                 p.unlink()
         self.close()
@@ -434,48 +439,49 @@ class Store:
         return self.root / (self._check_name(name) + _SUFFIX[kind])
 
     @contextlib.contextmanager
-    def _open_checked(self, name: str, kind: str, *, verify: bool = True
-                      ) -> Iterator[tuple[dict[str, Any], Path, BinaryIO]]:
-        """Open ``name``'s file after checking size (and hash, if asked) on the open descriptor.
+    def _open_entry(self, name: str, entry: dict[str, Any], *, verify: bool = True
+                    ) -> Iterator[tuple[Path, BinaryIO]]:
+        """Open ``entry``'s file after checking its size (and hash, if asked) on the open descriptor.
 
-        A concurrent save may retire the file between our manifest read and the open; then the entry has
-        changed and we look it up again (a few times) instead of reporting a missing file.
+        A problem with a file whose entry has meanwhile changed (a concurrent save retired it) raises
+        :class:`_Stale`, which :meth:`_retrying` answers by reading the manifest again.
         """
-        for attempt in range(_READ_RETRIES):
-            last = attempt == _READ_RETRIES - 1
-            entry = self._entry(name, kind)
-            path = self._file(entry["file"], name)
-            try:
-                f = _open_nofollow(path)
-            except FileNotFoundError:
-                if not last and self._changed(name, entry):
-                    continue
-                raise StoreError(f"{path}: file is missing (listed in {self.manifest_path})") from None
-            try:
-                size = os.fstat(f.fileno()).st_size
-                problem = None
-                if size != entry["bytes"]:
-                    problem = f"truncated or wrong size: {size} bytes, manifest says {entry['bytes']}"
-                elif verify and entry.get("sha256") and _stream_sha256(f) != entry["sha256"]:
-                    problem = "corrupt, sha256 does not match the manifest"
-                if problem is not None:
-                    if not last and self._changed(name, entry):
-                        f.close()
-                        continue
-                    raise StoreError(f"{path}: {problem}")
-                f.seek(0)
-            except BaseException:
-                f.close()
-                raise
-            with f:
-                yield entry, path, f
-            return
-
-    def _changed(self, name: str, entry: dict[str, Any]) -> bool:
+        path = self._file(entry["file"], name)
         try:
-            return self._read_manifest().get(name) != entry
+            f = _open_nofollow(path)
+        except FileNotFoundError:
+            self._problem(name, entry, f"{path}: file is missing (listed in {self.manifest_path})")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                self._problem(name, entry, f"{path}: truncated or wrong size: {size} bytes, manifest says "
+                                           f"{entry['bytes']}")
+            if verify and entry.get("sha256") and _stream_sha256(f) != entry["sha256"]:
+                self._problem(name, entry, f"{path}: corrupt, sha256 does not match the manifest")
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        with f:
+            yield path, f
+
+    def _problem(self, name: str, entry: dict[str, Any], message: str) -> NoReturn:
+        try:
+            changed = self._read_manifest().get(name) != entry
         except StoreError:
-            return False
+            changed = False
+        raise (_Stale if changed else StoreError)(message)
+
+    def _retrying(self, load: Callable[[dict[str, Any]], _T]) -> _T:
+        """``load(manifest)`` on one manifest snapshot, again on a fresh one if a concurrent save retired a file
+        it needed: every artefact a load returns comes from the same committed version of the store."""
+        for attempt in range(_READ_RETRIES):
+            try:
+                return load(self._read_doc())
+            except _Stale as exc:
+                if attempt == _READ_RETRIES - 1:
+                    raise StoreError(str(exc)) from None
+        raise AssertionError("unreachable")
 
     # -- commits --------------------------------------------------------------------------------------------
     def _kind_conflict(self, doc: dict[str, Any], kind: str, adopt: Collection[str]) -> str | None:
@@ -560,8 +566,14 @@ class Store:
                 for file in retired:
                     self._unlink(file)
         except BaseException:
+            # An interrupt can land after the manifest was replaced but before we noted it: never delete a
+            # file the manifest on disk names.
+            try:
+                keep = {f for e in self._read_manifest().values() for f in _files(e)}
+            except StoreError:
+                keep = set()
             for s in staged:
-                s.discard(self.root)
+                s.discard(self.root, keep)
             raise
         finally:
             for s in staged:
@@ -759,6 +771,10 @@ class Store:
                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "meta": meta}
         self._save(self._stage_bytes(name, "tensors", data, entry))
 
+    def _read_bytes(self, doc: dict[str, Any], name: str, kind: str) -> tuple[Path, bytes]:
+        with self._open_entry(name, self._entry(name, kind, doc["artefacts"])) as (path, f):
+            return path, f.read()
+
     def _stage_bytes(self, name: str, kind: str, data: bytes, entry: dict[str, Any]) -> _Staged:
         staged = _Staged(name, entry, [_SUFFIX[kind]])
         with self._stage(name, _SUFFIX[kind]) as (f, tmp):
@@ -768,8 +784,7 @@ class Store:
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Load tensors saved by ``save_tensors`` (on CPU), after checking size and sha256."""
-        with self._open_checked(name, "tensors") as (_, path, f):
-            data = f.read()
+        path, data = self._retrying(lambda doc: self._read_bytes(doc, name, "tensors"))
         try:
             return safetensors.torch.load(data)
         except Exception as exc:  # safetensors raises several types for a malformed file
@@ -785,8 +800,7 @@ class Store:
         self._save(self._stage_bytes(name, "json", data, entry))
 
     def load_json(self, name: str) -> Any:
-        with self._open_checked(name, "json") as (_, path, f):
-            data = f.read()
+        path, data = self._retrying(lambda doc: self._read_bytes(doc, name, "json"))
         try:
             return json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -821,7 +835,17 @@ class Store:
         ``mark_done``) costs the same one pass (2.7 s). ``verify=False`` skips the check for a caller that has
         just verified the same file. A chunked array loads only once every chunk is done.
         """
-        with self._open_checked(name, "array", verify=verify) as (entry, path, f):
+        return self._retrying(lambda doc: self._load_array(doc, name, mmap, verify))
+
+    def load_arrays(self, names: Collection[str], *, mmap: Collection[str] = (), verify: bool = True
+                    ) -> dict[str, np.ndarray]:
+        """Several arrays from one committed version of the store (those named in ``mmap`` memory-mapped):
+        never a mix of versions, even while another process saves new ones."""
+        return self._retrying(lambda doc: {n: self._load_array(doc, n, n in mmap, verify) for n in names})
+
+    def _load_array(self, doc: dict[str, Any], name: str, mmap: bool, verify: bool) -> np.ndarray:
+        entry = self._entry(name, "array", doc["artefacts"])
+        with self._open_entry(name, entry, verify=verify) as (path, f):
             if "chunks" in entry:
                 flags = self._load_flags(name, entry)
                 if not flags.all():
@@ -835,7 +859,10 @@ class Store:
 
     def _load_flags(self, name: str, entry: dict[str, Any]) -> np.ndarray:
         path = self._file(entry["chunks"]["file"], name)
-        flags = _load_npy(path, None)
+        try:
+            flags = _load_npy(path, None)
+        except StoreError as exc:  # retired by a concurrent overwrite? then look again
+            self._problem(name, entry, str(exc))
         if flags.dtype != np.bool_ or flags.shape != (entry["chunks"]["n"],):
             raise StoreError(f"{path}: done flags have dtype {flags.dtype} and shape {flags.shape}, "
                              f"expected bool ({entry['chunks']['n']},)")
@@ -905,10 +932,12 @@ class Store:
         return self._resume(name)
 
     def _resume(self, name: str) -> ChunkedArray:
-        entry = self._entry(name, "array")
+        return self._retrying(lambda doc: self._resume_from(doc, name))
+
+    def _resume_from(self, doc: dict[str, Any], name: str) -> ChunkedArray:
+        entry = self._entry(name, "array", doc["artefacts"])
         flags = self._load_flags(name, entry)
-        complete = bool(flags.all())
-        with self._open_checked(name, "array", verify=complete) as (entry, path, f):
+        with self._open_entry(name, entry, verify=bool(flags.all())) as (path, f):
             array = _read_npy(f, path, mmap=True, mode="r+")
         _check_layout(path, array, entry["shape"], entry["dtype"])
         return ChunkedArray(array, flags, self._file(entry["chunks"]["file"], name), store=self, name=name,

@@ -298,3 +298,41 @@ def test_reader_never_fails_while_a_writer_replaces(tmp_path):
         done, code = os.waitpid(pid, os.WNOHANG)
         status = code if done else None
     assert status == 0 and reads > 0
+
+
+def test_interrupt_right_after_the_commit_point_keeps_the_new_artefact(tmp_path, monkeypatch):
+    from datacredit import store as store_module
+
+    store = Store(tmp_path)
+    store.save_array("a", np.zeros(3))
+    real = store_module._fsync_dir
+
+    def interrupted(directory):
+        real(directory)
+        if store._read_manifest()["a"]["shape"] == [5]:  # the new manifest is in place: Ctrl-C lands now
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "_fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_array("a", np.ones(5))
+    monkeypatch.undo()
+    assert store.load_array("a").tolist() == [1.0] * 5
+
+
+def test_scores_load_never_mixes_two_saves(tmp_path):
+    # same shapes, different ids and values: a load that took values from one save and ids from the other
+    # would pass every shape check
+    a = Scores(np.zeros((300, 40)), np.arange(300), np.arange(40), "a", {})
+    b = Scores(np.ones((300, 40)), np.arange(300) + 1000, np.arange(40) + 1000, "b", {})
+    a.save(tmp_path)
+    pid = _fork(lambda: [(b if k % 2 else a).save(tmp_path) for k in range(1, 40)])
+    loads, status = 0, None
+    while status is None:
+        s = Scores.load(tmp_path, mmap=loads % 2 == 0)
+        ref = a if s.method == "a" else b
+        assert np.array_equal(s.values, ref.values) and np.array_equal(s.train_ids, ref.train_ids)
+        assert np.array_equal(s.query_ids, ref.query_ids)
+        loads += 1
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else None
+    assert status == 0 and loads > 0
