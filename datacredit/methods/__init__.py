@@ -1,5 +1,6 @@
 """Attribution methods: each ``fit(train)`` then ``score(queries) -> Scores``."""
 
+from .base import TopK
 from .graddot import GradDot, GradDotConfig
 from .influence import Influence, InfluenceConfig
 from .inrun import InRunShapley
@@ -7,4 +8,5 @@ from .source import Source
 from .tracin import TracIn
 from .trak import TRAK
 
-__all__ = ["TRAK", "GradDot", "GradDotConfig", "InRunShapley", "Influence", "InfluenceConfig", "Source", "TracIn"]
+__all__ = ["TRAK", "GradDot", "GradDotConfig", "InRunShapley", "Influence", "InfluenceConfig", "Source", "TopK",
+           "TracIn"]

@@ -105,6 +105,66 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` strongest training examples per query, found without the ``(n_train, n_query)`` matrix.
+
+    train_ids, values: ``(n_query, k)``, strongest first (most positive; most negative for ``largest=False``); ties
+    keep training order, as :meth:`Scores.topk`. query_ids: ``(n_query,)``. Same sign convention as the scores.
+    """
+
+    train_ids: np.ndarray
+    values: np.ndarray
+    query_ids: np.ndarray
+    method: str
+
+    def query(self, j: int) -> list[tuple[int, float]]:
+        """``(train_id, score)`` pairs of query column ``j``, strongest first (the form of :meth:`Scores.topk`)."""
+        return [(int(i), float(v)) for i, v in zip(self.train_ids[j], self.values[j], strict=True)]
+
+
+class TopKAccumulator:
+    """Running top-k per query over blocks of training rows: memory ``O((k + block rows) × n_query)``.
+
+    Blocks of one column range must arrive in increasing row order (then a stable sort keeps earlier rows first
+    among equal values, matching :meth:`Scores.topk`).
+    """
+
+    def __init__(self, k: int, n_query: int, largest: bool = True):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.sign = k, 1.0 if largest else -1.0
+        self.rows = np.full((0, n_query), -1, dtype=np.int64)  # (≤ k, n_query) candidate rows
+        self.values = np.zeros((0, n_query))
+
+    def add(self, rows: slice, cols: slice, values: np.ndarray) -> None:
+        """Merge ``values`` ``(len(rows), len(cols))`` of training rows ``rows`` for query columns ``cols``."""
+        n_cols = self.values.shape[1]
+        start, stop, _ = cols.indices(n_cols)
+        if self.rows.shape[0] < self.k:  # grow the candidate table with empty slots (-inf) first
+            pad = self.k - self.rows.shape[0]
+            self.rows = np.concatenate([self.rows, np.full((pad, n_cols), -1, dtype=np.int64)])
+            self.values = np.concatenate([self.values, np.full((pad, n_cols), -np.inf * self.sign)])
+        r = np.arange(rows.start, rows.stop)[:, None].repeat(stop - start, 1)
+        cand_rows = np.concatenate([self.rows[:, start:stop], r])
+        cand_vals = np.concatenate([self.values[:, start:stop], np.asarray(values, dtype=np.float64)])
+        order = np.argsort(-self.sign * cand_vals, axis=0, kind="stable")[: self.k]
+        self.rows[:, start:stop] = np.take_along_axis(cand_rows, order, 0)
+        self.values[:, start:stop] = np.take_along_axis(cand_vals, order, 0)
+
+    def result(self, train_ids: np.ndarray, query_ids: np.ndarray, method: str) -> TopK:
+        k = min(self.k, len(train_ids))
+        rows, values = self.rows[:k].T, self.values[:k].T
+        return TopK(np.asarray(train_ids)[rows], values.copy(), np.asarray(query_ids), method)
+
+
+def score_rows(n: int, n_query: int, rows_multiple: int) -> list[slice]:
+    """The row blocks :func:`fill_scores` (and top-k) use: about ``SCORE_CHUNK_BYTES`` of float64 each, a multiple of
+    ``rows_multiple`` (the batch size) rows."""
+    step = max(rows_multiple, (SCORE_CHUNK_BYTES // max(1, n_query * 8)) // rows_multiple * rows_multiple)
+    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+
 class GradientMethod:
     """Base of gradient-based post-hoc methods: owns the model, task, capture and batching.
 
@@ -134,6 +194,21 @@ class GradientMethod:
                     yield batch, example_grads(cap, fn(self.model, batch.data), batch.ids)
 
         return ids, gen()
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+        """Query ids and ``block(rows) -> (len(rows), n_query)`` scores (and the stored scores' metadata)."""
+        raise NotImplementedError(f"{type(self).__name__} has no block-wise scoring")
+
+    def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
+        """The ``k`` training examples with the largest (``largest=False``: smallest) scores for each query, computed
+        block by block (:func:`score_rows`): never more than one block of ``(rows, n_query)`` scores plus the
+        ``(k, n_query)`` candidates in memory, and nothing written to the store. Same numbers as
+        ``score(queries).topk(k, j)``; cost the same as :meth:`score` without a store."""
+        query_ids, block, _ = self._blocks(queries)
+        acc = TopKAccumulator(k, len(query_ids), largest)
+        for rows in score_rows(len(self.train_ids), len(query_ids), self.batch_size):
+            acc.add(rows, slice(None), block(rows))
+        return acc.result(self.train_ids, query_ids, getattr(self, "_method", self.name))
 
 
 def val_first_cost(piece: Outer, n_query: int) -> int:
@@ -330,21 +405,17 @@ def fill_scores(store: Store | None, shape: tuple[int, int], dtype: np.dtype, ro
     Without a store it is built in memory (float64). With one it goes to a chunked memmap named after ``meta``
     (same meta, same file: a finished one is reused, an interrupted one resumes) and is returned mapped read-only.
     """
-    n, nq = shape
-    per_row = max(1, nq * 8)
-    step = max(rows_multiple, (SCORE_CHUNK_BYTES // per_row) // rows_multiple * rows_multiple)
-    starts = list(range(0, n, step))
+    blocks = score_rows(*shape, rows_multiple)
     if store is None:
         out = np.empty(shape, dtype=np.float64)
-        for s in starts:
-            out[s : s + step] = block(slice(s, min(n, s + step)))
+        for rows in blocks:
+            out[rows] = block(rows)
         return out
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     name = f"scores-{key}"
-    chunked = store.chunked(name, shape, dtype, len(starts), meta=meta, overwrite=_stale(store, name, meta))
-    for k, s in enumerate(starts):
+    chunked = store.chunked(name, shape, dtype, len(blocks), meta=meta, overwrite=_stale(store, name, meta))
+    for k, rows in enumerate(blocks):
         if not chunked.done(k):
-            rows = slice(s, min(n, s + step))
             chunked.write(k, rows, block(rows).astype(dtype, copy=False))
     del chunked
     return store.load_array(name, mmap=True)

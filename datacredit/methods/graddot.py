@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -132,6 +133,14 @@ class GradDot(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
+        query_ids, block, meta = self._blocks(queries)
+        shape = (len(self.train_ids), len(query_ids))
+        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        return self._scores(values, query_ids)
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
+        prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
@@ -165,8 +174,7 @@ class GradDot(GradientMethod):
         if self.store is not None:
             meta = {**self._digests(self._train), "queries_sha256": data_digest(queries),
                     "batch_size": self.batch_size}
-        values = fill_scores(self.store, (n, len(query_ids)), storage_dtype(self.model), self.batch_size, block, meta)
-        return self._scores(values, query_ids)
+        return query_ids, block, meta
 
     def self_scores(self, train: Data | None = None) -> Scores:
         """``⟨∇ℓ_i, ∇ℓ_i⟩`` (self-influence), ``(n_train, 1)``; all ones for Grad-Cos."""

@@ -45,7 +45,7 @@ from ..errors import DataError, StoreError
 from ..scores import Scores
 from ..store import ChunkedArray, Store
 from ..task import Task
-from .base import Batch, Data, GradientMethod, as_loader, batches, eval_mode, products
+from .base import Batch, Data, GradientMethod, TopK, TopKAccumulator, as_loader, batches, eval_mode, products
 
 logger = logging.getLogger(__name__)
 
@@ -237,19 +237,7 @@ class Influence(GradientMethod):
         if isinstance(out, ChunkedArray) and out.complete:
             return self._scores(np.asarray(array), query_ids)
 
-        def rounds() -> Iterator[tuple[int, slice, list[ExampleGrads]]]:
-            group, start, stop = [], None, 0
-            for k, batch, g in self._grads(queries, measurement=True, desc="queries"):
-                start = batch.rows.start if start is None else start
-                group.append(g)
-                stop = batch.rows.stop
-                if (k + 1) % per_round == 0:
-                    yield k // per_round, slice(start, stop), group
-                    group, start = [], None
-            if group:
-                yield n_rounds - 1, slice(start, stop), group
-
-        for r, cols, group in rounds():
+        for r, cols, group in self._rounds(queries, per_round, n_rounds):
             chunk = {b: r * n_train_batches + b for b in range(n_train_batches)}
             done = frozenset(b for b, c in chunk.items() if isinstance(out, ChunkedArray) and out.done(c))
             if len(done) == n_train_batches:
@@ -262,6 +250,35 @@ class Influence(GradientMethod):
                 if isinstance(out, ChunkedArray):
                     out.mark_done(chunk[b])
         return self._scores(np.asarray(array), query_ids)
+
+    def _rounds(self, queries: Data, per_round: int, n_rounds: int) -> Iterator[tuple[int, slice, list[ExampleGrads]]]:
+        """``(round index, query columns, query gradients)`` for each round of ``per_round`` query batches."""
+        group, start, stop = [], None, 0
+        for k, batch, g in self._grads(queries, measurement=True, desc="queries"):
+            start = batch.rows.start if start is None else start
+            group.append(g)
+            stop = batch.rows.stop
+            if (k + 1) % per_round == 0:
+                yield k // per_round, slice(start, stop), group
+                group, start = [], None
+        if group:
+            yield n_rounds - 1, slice(start, stop), group
+
+    def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
+        """The ``k`` strongest training examples per query (:class:`~datacredit.methods.base.TopK`), merged training
+        batch by training batch in each query round: memory ``(k + batch) × n_query`` scores, never the
+        ``(n_train, n_query)`` matrix, nothing written to the store. Same numbers as ``score(queries).topk(k, j)``."""
+        self._require_fit()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        per_round = max(1, self._round_size() // self.batch_size)
+        n_rounds = -(-len(as_loader(queries, self.batch_size)[0]) // per_round)
+        acc = TopKAccumulator(k, len(query_ids), largest)
+        for _, cols, group in self._rounds(queries, per_round, n_rounds):
+            combine = self._query_side(group)
+            del group
+            for _, batch, g in self._grads(self._train, desc="top-k"):
+                acc.add(batch.rows, cols, combine(g).detach().double().cpu().numpy())
+        return acc.result(self.train_ids, query_ids, self._method)
 
     def _output(self, query_ids: np.ndarray, n_chunks: int, round_size: int) -> np.ndarray | ChunkedArray:
         shape = (len(self.train_ids), len(query_ids))

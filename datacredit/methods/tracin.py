@@ -26,6 +26,7 @@ Checkpoints are loaded into a private copy of the model: the user's model is nev
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,6 +163,14 @@ class TracIn(GradientMethod):
     # -- score ---------------------------------------------------------------------------------------------------
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
+        query_ids, block, meta = self._blocks(queries)
+        shape = (len(self.train_ids), len(query_ids))
+        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
+        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
+        prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
@@ -192,8 +201,8 @@ class TracIn(GradientMethod):
             return out
 
         meta = {**self._meta(), "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids)}
-        values = fill_scores(self.store, (n, len(query_ids)), storage_dtype(self.model), self.batch_size, block, meta)
-        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+        return query_ids, block, meta
+
 
     def self_scores(self, train: Data | None = None) -> Scores:
         """``Σ_k η_k ‖∇ℓ_i(θ_k)‖²`` (TracIn self-influence, used to find mislabelled examples), ``(n_train, 1)``."""

@@ -49,7 +49,7 @@ the training side.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -325,6 +325,14 @@ class TRAK(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``: TRAK's τ; positive = the training example helps the query."""
+        query_ids, block, meta = self._blocks(queries)
+        shape = (len(self.train_ids), len(query_ids))
+        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
+        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
+        prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
         query_ids = as_loader(queries, self.batch_size)[1]
         prepared: list[np.ndarray] = []  # per member (k, n_query): (ΦᵀΦ + λI)⁻¹ φ_q
@@ -350,9 +358,8 @@ class TRAK(GradientMethod):
         meta = {"method": self.name, "config": asdict(self.config), "batch_size": self.batch_size,
                 "members": [self._meta(m)["member"] for m in range(self.n_models)],
                 "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids)}
-        shape = (len(self.train_ids), len(query_ids))
-        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
-        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+        return query_ids, block, meta
+
 
     def self_scores(self, train: Data | None = None) -> Scores:
         """TRAK's τ of each training example for itself, ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i)`` averaged as in
