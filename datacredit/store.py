@@ -9,6 +9,7 @@ Layout of a store directory::
       <name>.npy             kind "array": a numpy array (plain, or a memmap filled chunk by chunk)
       <name>.npy.done        done flags of a chunked array: a bool .npy of shape (n_chunks,)
       <name>.json            kind "json": any JSON-serialisable object
+      <name>.<16 hex>.npy    the same, when the canonical name is still in use by the version being replaced
       .manifest.lock         flock taken around every manifest read-modify-write (see datacredit.lock)
 
 An entry is ``{"file", "kind", "shape", "dtype", "bytes", "sha256", "meta"}`` (chunked arrays add
@@ -26,10 +27,13 @@ uses (``<name>.npy`` when free, else ``<name>.<16 hex>.npy``), fsyncs the direct
 atomically (temp + fsync + rename) and only then unlinks the file the old entry named. A process killed at any
 instant therefore leaves the old or the new artefact loadable, never neither. Several saves can be committed in
 one manifest update (:meth:`Store.transaction`), which is how ``Scores.save`` swaps values and ids together.
-Files the store may leave unreferenced after a kill are recognisable: temp files (skipped while their writer
-holds their flock), token-named data files, and files named in the manifest's ``journal`` (canonical names
-about to be placed, or just retired). The next ``Store(root)`` opened for writing deletes those strays, and only
-those, when no other process holds the manifest lock; unknown files are never touched.
+A chunked memmap is created the same way (data and all-pending flags committed together), then filled in
+place: after each chunk the memmap is flushed and the done flags are rewritten atomically, so a resume trusts
+exactly the chunks whose flag is set. Files the store may leave unreferenced after a kill are recognisable:
+temp files (skipped while their writer holds their flock), token-named data files, and files named in the
+manifest's ``journal`` (canonical names about to be placed, or just retired). The next ``Store(root)`` opened
+for writing deletes those strays, and only those, when no other process holds the manifest lock; unknown files
+are never touched.
 
 **Hashes.** Every plain artefact records its sha256; loads check size and hash, memory-mapped loads included
 (one streaming pass at open, never the whole array in RAM; about 2 s per GiB, see :meth:`Store.load_array`).
@@ -43,7 +47,8 @@ recorded load unchecked.
 
 Nothing is ever pickled: tensors go through safetensors, arrays through ``np.save``/``np.load`` with
 ``allow_pickle=False``. Several processes may save different artefacts into one store concurrently (the manifest
-lock serialises commits); readers never lock and retry once if a concurrent save retired the file they looked up.
+lock serialises commits). Readers never lock: a load reads one manifest snapshot (:meth:`Store.load_arrays` for
+several artefacts of one version) and starts again from a fresh one if a concurrent save retired a file it needed.
 """
 
 from __future__ import annotations
@@ -284,17 +289,25 @@ class ChunkedArray:
     def mark_done(self, i: int) -> None:
         """Flush the memmap to disk, then persist chunk ``i``'s done flag atomically.
 
+        With a store (always, from :meth:`Store.chunked`) this happens under the manifest lock and merges the
+        flags on disk, so two processes filling different chunks of one array never erase each other's flags.
         When this completes the array, its sha256 is committed to the manifest first: a crash in between
         leaves that chunk pending (it is redone and rehashed), never a complete array without a hash.
         """
         i = self._check(i)
         self.array.flush()
-        flags = self._flags.copy()
-        flags[i] = True
-        if flags.all() and self._store is not None:
-            self._store._seal(self._name, self._file)
-        _write_flags(self._flags_path, flags)
+        if self._store is None or self._name is None or self._file is None:
+            flags = self._flags.copy()
+            flags[i] = True
+            _write_flags(self._flags_path, flags)
+        else:
+            flags = self._store._mark_done(self._name, self._file, self._flags_path, i, self._flags)
         self._flags = flags
+
+    def refresh(self) -> None:
+        """Re-read the done flags from disk (chunks another process finished since this one opened the array)."""
+        if self._store is not None and self._name is not None:
+            self._flags = self._flags | self._store._load_flags(self._name, self._store._entry(self._name, "array"))
 
     def write(self, i: int, rows: slice | int | np.ndarray | None, values: np.ndarray) -> None:
         """``array[rows] = values`` then ``mark_done(i)``; ``rows=None`` means ``self.rows(i)``."""
@@ -648,20 +661,23 @@ class Store:
         """What this store holds, as recorded by :meth:`claim` (None for a store that never claimed one)."""
         return self._read_doc().get("kind")
 
-    def _seal(self, name: str | None, file: str | None) -> None:
-        """Record the sha256 of a completed chunked array (under the manifest lock, as any commit)."""
-        if name is None or file is None:
-            return
+    def _mark_done(self, name: str, file: str, flags_path: Path, i: int, mine: np.ndarray) -> np.ndarray:
+        """Set chunk ``i``'s flag on disk, merged with the flags there; seal the array when it is complete."""
         with manifest_lock(self.root):
             doc = self._read_doc()
             entry = doc["artefacts"].get(name)
-            if entry is None or entry.get("file") != file:
+            if entry is None or entry.get("file") != file or "chunks" not in entry:
                 raise StoreError(f"{self.root / file}: artefact {name!r} was replaced or removed by another "
                                  "writer while this process was filling it")
-            path = self._file(file, name)
-            entry["sha256"] = _file_sha256(path)
-            entry["bytes"] = path.stat().st_size
-            self._write_doc(doc)
+            flags = self._load_flags(name, entry) | mine
+            flags[i] = True
+            if flags.all():  # hash before the last flag: a complete array always has its sha256 recorded
+                path = self._file(file, name)
+                entry["sha256"] = _file_sha256(path)
+                entry["bytes"] = path.stat().st_size
+                self._write_doc(doc)
+            _write_flags(flags_path, flags)
+        return flags
 
     def clean(self) -> list[str]:
         """Delete strays a killed writer left, return their names; done by ``Store(root)`` opened for writing.

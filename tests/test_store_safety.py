@@ -336,3 +336,19 @@ def test_scores_load_never_mixes_two_saves(tmp_path):
         done, code = os.waitpid(pid, os.WNOHANG)
         status = code if done else None
     assert status == 0 and loads > 0
+
+
+def test_two_processes_filling_one_chunked_array_keep_each_others_flags(tmp_path):
+    Store(tmp_path).chunked("g", (40, 3), np.float64, 20)
+
+    def fill(parity: int):
+        c = Store(tmp_path).chunked("g", (40, 3), np.float64, 20)
+        for i in range(parity, 20, 2):
+            c.write(i, None, np.full((2, 3), float(i)))
+
+    pids = [_fork(lambda p=p: fill(p)) for p in (0, 1)]
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    c = Store(tmp_path).chunked("g", (40, 3), np.float64, 20)
+    assert c.complete and len(Store(tmp_path).info("g")["sha256"]) == 64
+    np.testing.assert_array_equal(Store(tmp_path).load_array("g")[::2, 0], np.arange(20.0))
