@@ -182,18 +182,32 @@ class GradientMethod:
         self.modules = task.tracked_modules(model)
         Capture(model, self.modules)  # fail now, not in the middle of a pass, on an unsupported module
 
+    def stream(self, data: Data, *, measurement: bool = False, losses: Callable[[Batch], Tensor] | None = None,
+               skip: Callable[[int], bool] | None = None, desc: str | None = None
+               ) -> Iterator[tuple[int, Batch, ExampleGrads, Tensor]]:
+        """The one batch loop of every post-hoc method: ``(k, batch, per-example gradients, per-example values (N,))``
+        for each batch ``k`` of ``data`` not skipped (a skipped batch costs no forward or backward: what makes
+        resuming cheap). The values are the measurement's, the training loss's, or ``losses(batch)``'s (e.g. a loss
+        at sampled labels). The model is in eval mode throughout; recording is switched off while the consumer works
+        on a batch, so model calls it makes then (Hessian-vector products, checkpoint loads) never leak into the
+        capture."""
+        _, it = batches(data, self.batch_size, self.device, desc or self.name, self.progress)
+        fn = self.task.measurement if measurement else self.task.loss
+        with eval_mode(self.model), Capture(self.model, self.modules) as cap:
+            for k, batch in enumerate(it):
+                if skip is not None and skip(k):
+                    continue
+                cap.enabled = True
+                values = losses(batch) if losses is not None else fn(self.model, batch.data)
+                grads = example_grads(cap, values, batch.ids)
+                cap.enabled = False
+                yield k, batch, grads, values.detach()
+
     def grads(self, data: Data, *, measurement: bool = False, desc: str | None = None
               ) -> tuple[np.ndarray, Iterator[tuple[Batch, ExampleGrads]]]:
         """Ids of ``data`` and an iterator of (batch, per-example gradients of the loss or the measurement)."""
-        ids, it = batches(data, self.batch_size, self.device, desc or self.name, self.progress)
-        fn = self.task.measurement if measurement else self.task.loss
-
-        def gen() -> Iterator[tuple[Batch, ExampleGrads]]:
-            with eval_mode(self.model), Capture(self.model, self.modules) as cap:
-                for batch in it:
-                    yield batch, example_grads(cap, fn(self.model, batch.data), batch.ids)
-
-        return ids, gen()
+        ids = as_loader(data, self.batch_size)[1]
+        return ids, ((b, g) for _, b, g, _ in self.stream(data, measurement=measurement, desc=desc))
 
     def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
         """Query ids and ``block(rows) -> (len(rows), n_query)`` scores (and the stored scores' metadata)."""
@@ -333,22 +347,9 @@ def check_train_ids(store: Store, ids: np.ndarray) -> None:
 def iter_grads(method: GradientMethod, data: Data, *, measurement: bool, desc: str,
                skip: Callable[[int], bool] = lambda k: False
                ) -> tuple[np.ndarray, int, Iterator[tuple[int, Batch, ExampleGrads, torch.Tensor]]]:
-    """Ids, number of batches and ``(k, batch, per-example gradients, per-example values (N,))`` of each batch whose
-    index ``k`` is not skipped (skipped batches cost no forward or backward: what makes resuming cheap)."""
-    loader, _ = as_loader(data, method.batch_size)
-    n_batches = len(loader)
-    ids, it = batches(data, method.batch_size, method.device, desc, method.progress)
-    fn = method.task.measurement if measurement else method.task.loss
-
-    def gen():
-        with eval_mode(method.model), Capture(method.model, method.modules) as cap:
-            for k, batch in enumerate(it):
-                if skip(k):
-                    continue
-                values = fn(method.model, batch.data)
-                yield k, batch, example_grads(cap, values, batch.ids), values.detach()
-
-    return ids, n_batches, gen()
+    """Ids, number of batches and :meth:`GradientMethod.stream` over ``data``."""
+    loader, ids = as_loader(data, method.batch_size)
+    return ids, len(loader), method.stream(data, measurement=measurement, skip=skip, desc=desc)
 
 
 def cached_rows(method: GradientMethod, data: Data, *, measurement: bool, desc: str, store: Store | None,

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import Capture, ExampleGrads, example_grads
+from ..capture import ExampleGrads
 from ..curvature import Curvature, Damping, as_damping, curvature_class, curvature_names, tracked_parameters
 from ..curvature.factored import IdentityCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
@@ -111,25 +111,12 @@ class Influence(GradientMethod):
     def _grads(self, data: Data, *, measurement: bool = False, fisher: bool = False, desc: str = "",
                skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, Batch, ExampleGrads]]:
         """(batch index, batch, per-example gradients) for every batch not in ``skip``: of the measurement, of the
-        loss at sampled labels (``fisher``), or of the training loss.
-
-        Recording is switched off while the consumer works on a batch, so model calls made then (CG's
-        Hessian-vector products) never leak into the capture.
-        """
-        _, it = batches(data, self.batch_size, self.device, f"{self.name} {desc}".strip(), self.progress)
-        fn = self.task.measurement if measurement else self.task.loss
-        with eval_mode(self.model), Capture(self.model, self.modules) as cap:
-            for k, batch in enumerate(it):
-                if k in skip:
-                    continue
-                cap.enabled = True
-                if fisher:
-                    losses = sampled_loss(self.task, self.model, batch.data, batch.ids, self.config.seed)
-                else:
-                    losses = fn(self.model, batch.data)
-                grads = example_grads(cap, losses, batch.ids)
-                cap.enabled = False
-                yield k, batch, grads
+        loss at sampled labels (``fisher``), or of the training loss (:meth:`GradientMethod.stream`)."""
+        seed = self.config.seed
+        losses = (lambda b: sampled_loss(self.task, self.model, b.data, b.ids, seed)) if fisher else None
+        it = self.stream(data, measurement=measurement, losses=losses, skip=skip.__contains__,
+                         desc=f"{self.name} {desc}".strip())
+        return ((k, batch, g) for k, batch, g, _ in it)
 
     def _raw_batches(self, data: Data) -> Iterator:
         _, it = batches(data, self.batch_size, self.device, f"{self.name} hessian", self.progress)
