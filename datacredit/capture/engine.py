@@ -448,7 +448,8 @@ def _check_weights(n: int, like: Tensor) -> Tensor:
 
 
 def _verify(capture: Capture, grads: ExampleGrads, r: Tensor, true: dict[str, Tensor | None]) -> None:
-    sums = {name: (grads.total(r)[name], grads.total(r, absolute=True)[name]) for name in grads.pieces}
+    totals, bounds = grads.total(r), grads.total(r, absolute=True)
+    sums = {name: (totals[name], bounds[name]) for name in grads.pieces}
     dtypes = [t.dtype for t, _ in sums.values()] + [p.dtype for p in capture.params.values()] + [*capture.seen_dtypes]
     bad = unexplained(sums, true, tolerance(*dtypes), capture.scales)
     if bad:
