@@ -170,6 +170,17 @@ def test_source_on_a_real_run_is_batch_invariant_and_self_scores_match_the_diago
     b = Source(model, task, traj, batch_size=30, progress=False).fit(train)
     sa, sb = a.score(train), b.score(train)
     np.testing.assert_allclose(sa.values, sb.values, rtol=1e-8, atol=1e-14)
+    # the checkpoint sums in blocks of 7 rows (SUM_ELEMENTS tiny) and one product per checkpoint (the slow twin)
+    import datacredit.methods.source as source_module
+
+    small = pytest.MonkeyPatch()
+    small.setattr(source_module, "SUM_ELEMENTS", 1)
+    try:
+        np.testing.assert_allclose(a.score(train).values, sa.values, rtol=1e-10, atol=1e-15)
+        small.setattr(Source, "_summable", lambda self, u: set())  # every parameter: one product per checkpoint
+        np.testing.assert_allclose(a.score(train).values, sa.values, rtol=1e-10, atol=1e-15)
+    finally:
+        small.undo()
     assert sa.config["segments"] == [2, 2, 2]
     np.testing.assert_allclose(a.self_scores().values[:, 0], np.diag(sa.values), rtol=1e-8, atol=1e-14)
     assert all(torch.equal(model.state_dict()[k], states[-1][k]) for k in states[-1])  # user's model untouched

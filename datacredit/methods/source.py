@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import Capture, example_grads
+from ..capture import Capture, ExampleGrads, example_grads
 from ..curvature import Curvature, make_curvature
 from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
 from ..trajectory import Trajectory
-from .base import Data, GradientMethod, batches, eval_mode, products
+from .base import Data, GradientMethod, as_loader, batches, eval_mode, products, row_subset
 
 
 @dataclass
@@ -103,6 +103,11 @@ def _accumulator(seg: _Segment, time: str) -> Callable[[Tensor], Tensor]:
         return total
 
     return fn
+
+
+# Entries of the per-block sums of training gradients over a segment's checkpoints (rows × tracked parameters):
+# 2**25 is 128 MB in float32, the memory score adds on top of the queries' segment weights.
+SUM_ELEMENTS = 2**25
 
 
 class Source(GradientMethod):
@@ -220,15 +225,59 @@ class Source(GradientMethod):
             for seg, u in zip(self.segments, weights):
                 n_stage = len(self._stage_ids[seg.stage])
                 scale = 1.0 / (len(seg.trajectory) * n_stage)  # average over checkpoints, 1/N of the mean loss
-                for k in range(len(seg.trajectory)):
-                    self._load(seg.trajectory, k)
-                    _, it = self.grads(self._train[seg.stage], desc="source score")
-                    for batch, g in it:
-                        rows = slice(offsets[seg.stage] + batch.rows.start, offsets[seg.stage] + batch.rows.stop)
-                        values[rows] += scale * products(g, u).detach().cpu().double().numpy()
+                data, offset = self._train[seg.stage], offsets[seg.stage]
+                for rows in self._row_blocks(n_stage, u):
+                    part = self._segment_block(seg, u, row_subset(data, rows, n_stage))
+                    values[offset + rows.start : offset + rows.stop] += scale * part
         config = {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
                   "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
         return Scores(values, self.train_ids, query_ids, self.name, config)
+
+    def _summable(self, u: dict[str, Tensor]) -> set[str]:
+        """Parameters whose training gradients are summed over a segment's checkpoints before one product with the
+        queries (every parameter but Embedding-like ones, whose materialized gradient is a vocabulary-sized row
+        table: those keep one val-first product per checkpoint)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        skip = {names[id(p)] for m in self.model.modules() if isinstance(m, nn.Embedding)
+                for p in m.parameters(recurse=False) if id(p) in names}
+        return {name for name in u if name not in skip}
+
+    def _row_blocks(self, n: int, u: dict[str, Tensor]) -> list[slice]:
+        """Training rows per block: the summed gradients of a block, ``rows × D``, stay under SUM_ELEMENTS."""
+        width = sum(w[0].numel() for name, w in u.items() if name in self._summable(u))
+        step = max(self.batch_size, SUM_ELEMENTS // max(width, 1) // self.batch_size * self.batch_size)
+        return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+    def _segment_block(self, seg: _Segment, u: dict[str, Tensor], data: Data) -> np.ndarray:
+        """``Σ_k ⟨g_i(θ_k), u_q⟩`` over the segment's checkpoints k for the examples of ``data``, ``(n, Q)``.
+
+        The segment's query weights ``u`` are the same at all its checkpoints, so the per-example gradients are
+        materialized and summed over the checkpoints first and multiplied with the queries once (one GEMM per
+        segment instead of one per checkpoint: ``C·N·T·m·n + N·Q·m·n`` instead of ``C·(N·T·m·n + N·Q·m·n)``).
+        """
+        summed: dict[str, Tensor] = {}
+        out: np.ndarray | None = None
+        keep = self._summable(u)
+        for k in range(len(seg.trajectory)):
+            self._load(seg.trajectory, k)
+            _, it = self.grads(data, desc="source score")
+            for batch, g in it:
+                for name in keep & set(g.pieces):
+                    mat = sum(p.materialize() for p in g.pieces[name])  # (B, numel)
+                    if name not in summed:
+                        summed[name] = mat.new_zeros(len(as_loader(data, self.batch_size)[1]), mat.shape[1])
+                    summed[name][batch.rows] += mat
+                rest = {n: ps for n, ps in g.pieces.items() if n not in keep}
+                if rest:  # Embedding-like parameters: one product per checkpoint
+                    part = products(ExampleGrads(rest, g.shapes, g.n), u).detach().cpu().double().numpy()
+                    if out is None:
+                        out = np.zeros((len(as_loader(data, self.batch_size)[1]), part.shape[1]))
+                    out[batch.rows] += part
+        for name, total in summed.items():
+            w = u[name].reshape(u[name].shape[0], -1).to(total.dtype)
+            part = (total @ w.T).detach().cpu().double().numpy()
+            out = part if out is None else out + part
+        return out
 
     def self_scores(self, train: Data | Sequence[Data] | None = None) -> Scores:
         """τ(z, z) per training example, ``(n_train, 1)``: each example's own gradient at θ_T as the query."""
