@@ -262,3 +262,92 @@ def test_save_run_rejects_unsafe_names(tmp_path):
     d = synthetic()
     with pytest.raises(DataError, match="directory name"):
         save_run(tmp_path, scores={"../escape": d["scores"]})
+
+
+# -- a run directory with a broken part: that part is skipped with a note, the rest is rendered ----------------------
+def _npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc["artefacts"])
+    path.write_text(json.dumps(doc))
+
+
+def _bad_npy_header(run: Path) -> None:
+    """A zip whose .npy header ends mid-dict: numpy's header parser raises tokenize.TokenError."""
+    import zipfile
+
+    with zipfile.ZipFile(run / "items.npz", "w") as z:
+        z.writestr("train_ids.npy", b"\x93NUMPY\x01\x00\x06\x00{'de'\n")
+
+
+BROKEN = {  # name: (how to break a full run, a note the report must then show)
+    "corrupt metrics.json": (lambda run: (run / "metrics.json").write_text("{"),
+                             "metrics.json could not be read and was skipped: JSONDecodeError"),
+    "metrics rows not dicts": (lambda run: (run / "metrics.json").write_text("[1, 2]"),
+                               "metrics.json (methods table): could not be drawn and was skipped"),
+    "bad zip": (lambda run: (run / "items.npz").write_bytes(b"PK\x03\x04 not really a zip"),
+                "items.npz could not be read and was skipped: BadZipFile"),
+    "bad npy header": (_bad_npy_header, "items.npz could not be read and was skipped: TokenError"),
+    "history without ids": (lambda run: _npz(run / "inrun_history.npz", steps=np.arange(3)),
+                            "inrun_history.npz: could not be drawn and was skipped"),
+    "history with text steps": (lambda run: _npz(run / "inrun_history.npz", steps=np.array(["a", "b"]),
+                                                 ids=np.array([100, 101]), values=np.zeros((2, 1))),
+                                "inrun_history.npz: could not be drawn and was skipped: ValueError"),
+    "manifest entry without bytes": (
+        lambda run: _edit_manifest(run / "scores" / "grad-cos" / "manifest.json",
+                                   lambda a: [e.pop("bytes") for e in a.values()]),
+        "scores/grad-cos could not be read and was skipped"),
+    "manifest with a bad dtype": (
+        lambda run: _edit_manifest(run / "values" / "inrun" / "manifest.json",
+                                   lambda a: a["values"].update(dtype="not-a-dtype")),
+        "values/inrun could not be read and was skipped"),
+    "invalid run.json settings": (
+        lambda run: (run / "run.json").write_text(json.dumps({"image_shape": "ab", "gallery_k": "x", "kind": "video",
+                                                              "suspicious": {"inrun": "middle"}})),
+        "run.json: invalid 'image_shape' ('ab') ignored; using [8, 8]"),
+    "lone surrogates in run.json and metrics.json": (
+        lambda run: ((run / "run.json").write_text(json.dumps({"title": "t\ud800", "notes": "n\udfff"})),
+                     (run / "metrics.json").write_text(json.dumps([{"method": "m\ud800", "lds": 0.1, "time_s": 1}]))),
+        None),
+}
+# each render breaks several parts at once (a render takes seconds); the sections listed must still be there
+GROUPS = {
+    "a": (["corrupt metrics.json", "bad zip", "history without ids", "manifest entry without bytes"],
+          ["Values: inrun", "Values: self-influence"]),
+    "b": (["metrics rows not dicts", "bad npy header", "history with text steps", "manifest with a bad dtype"],
+          ["Values: self-influence", "Scores: grad-cos"]),
+    "c": (["invalid run.json settings"], ["Methods", "Proponents and opponents: grad-cos"]),
+    "d": (["lone surrogates in run.json and metrics.json"], ["Methods", "LDS against time", "Values: inrun"]),
+}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_render_report_skips_broken_parts_with_a_note(tmp_path, group):
+    broken, kept = GROUPS[group]
+    run = tmp_path / "run"
+    _save_full_run(run)
+    for name in broken:
+        BROKEN[name][0](run)
+    html = render_report(run).read_text(encoding="utf-8")
+    for heading in kept:
+        assert f">{heading}</h2>" in html, heading
+    for name in broken:
+        note = BROKEN[name][1]
+        if note is not None:
+            assert note.replace("'", "&#x27;") in html, note
+            assert ">What this run holds</h2>" in html
+
+
+def test_render_report_survives_lone_surrogates_in_text_items(tmp_path):
+    ids = np.arange(4)
+    scores = Scores(np.arange(8, dtype=float).reshape(4, 2) - 3, ids, np.array([0, 1]), "tracin")
+    save_run(tmp_path, scores={"tracin": scores}, run={"kind": "text"})
+    _npz(tmp_path / "items.npz", train_ids=ids, train_data=np.array(["bad \ud800 text"] * 4), query_ids=ids[:2],
+         query_data=np.array(["q \udfff"] * 2))
+    html = render_report(tmp_path).read_text(encoding="utf-8")
+    assert "<pre>bad ? text</pre>" in html  # the surrogate that UTF-8 cannot hold is replaced, the rest is kept

@@ -110,7 +110,9 @@ class Report:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the report to ``path`` atomically (parents created); returns the path."""
         path = Path(path)
-        data = self.html().encode("utf-8")  # render fully before touching the file
+        # render fully before touching the file; a lone surrogate (from JSON "\\ud800", or a file name that is not
+        # UTF-8) cannot be encoded, and is shown as "?" rather than failing the whole report
+        data = self.html().encode("utf-8", errors="replace")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
         return path

@@ -24,7 +24,10 @@ Layout (every part optional; a missing part is skipped with a note in the report
 
 Sections appear in this order: notes, methods table, LDS vs time, values, In-Run history, mislabel candidates,
 galleries. All ``.npz`` files are read with ``allow_pickle=False``. A missing ``RUN_DIR``, or one holding none of
-these parts, raises ``StoreError``; an unreadable part is skipped with a note naming the error.
+these parts, raises ``StoreError``. Anything else wrong is skipped with a note naming the error, and the rest is
+rendered: an unreadable part (corrupt JSON, a bad zip or ``.npy``, a bad dtype, missing keys, a broken manifest), a
+section that cannot be drawn from what was read, an invalid ``run.json`` setting (its default is used instead).
+Strings holding lone surrogates (which UTF-8 cannot encode) are shown with U+FFFD in their place.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,38 @@ logger = logging.getLogger(__name__)
 
 PARTS = ("run.json", "metrics.json", "values", "scores", "inrun_history.npz", "items.npz")
 _SUSPICIOUS = ("low", "high")
+# A part of a run directory is data from anywhere (a crashed writer, a hand edit, another tool), and the report
+# promises to skip what it cannot read rather than fail: so reading and drawing a part catch every Exception, each
+# noted in the report by type and message and logged (one line; the traceback at DEBUG level, to find a bug).
+_UNREADABLE = Exception
+
+
+def _clean(obj: Any) -> Any:
+    """``obj`` (parsed JSON, a name) with lone surrogates in its strings replaced by U+FFFD (UTF-8 cannot encode
+    them, and the plots cannot draw them)."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(obj) else obj
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_clean(k): _clean(v) for k, v in obj.items()}
+    return obj
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _why(exc: BaseException) -> str:
+    return _clean(f"{type(exc).__name__}: {exc}" if not isinstance(exc, DataCreditError) else str(exc))
+
+
+def _skipping(what: str | Path, exc: BaseException) -> str:
+    """Log that ``what`` is skipped because of ``exc``; returns the reason for the report's note."""
+    why = _why(exc)
+    logger.warning("skipping %s: %s", what, why)
+    logger.debug("why %s was skipped", what, exc_info=exc)
+    return why
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -136,11 +171,34 @@ def _scores_dirs(root: Path, folder: str, notes: list[str]) -> dict[str, Scores]
     if not base.is_dir():
         return out
     for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+        name = _clean(sub.name)
         try:
-            out[sub.name] = Scores.load(sub, mmap=True)
-        except DataCreditError as exc:
-            logger.warning("skipping %s: %s", sub, exc)
-            notes.append(f"{folder}/{sub.name} could not be read and was skipped: {exc}")
+            out[name] = Scores.load(sub, mmap=True)
+        except _UNREADABLE as exc:
+            notes.append(f"{folder}/{name} could not be read and was skipped: {_skipping(sub, exc)}")
+    return out
+
+
+# run.json settings: (check, default); a value failing its check is noted and replaced by the default
+_SETTINGS: dict[str, tuple[Callable[[Any], bool], Any]] = {
+    "title": (lambda v: isinstance(v, str), None),
+    "notes": (lambda v: isinstance(v, str), None),
+    "kind": (lambda v: v in ("image", "text"), "image"),
+    "image_shape": (lambda v: isinstance(v, list) and 1 <= len(v) <= 3
+                    and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v), [8, 8]),
+    "gallery_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 3),
+    "max_queries": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), 8),
+    "suspicious": (lambda v: isinstance(v, dict) and all(e in _SUSPICIOUS for e in v.values()), {}),
+}
+
+
+def _settings(run: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``run.json`` with every known setting valid: an invalid one is noted and its default used."""
+    out = dict(run)
+    for key, (valid, default) in _SETTINGS.items():
+        if key in out and not valid(out[key]):
+            notes.append(f"run.json: invalid {key!r} ({out[key]!r}) ignored; using {default!r}")
+            out[key] = default
     return out
 
 
@@ -149,7 +207,7 @@ class _Parts:
 
     def __init__(self, root: Path) -> None:
         self.notes: list[str] = []
-        self.run = self._json(root / "run.json", dict) or {}
+        self.run = _settings(self._json(root / "run.json", dict) or {}, self.notes)
         self.kind = check_kind(str(self.run.get("kind", "image")))
         self.metrics = self._json(root / "metrics.json", list)
         self.values = _scores_dirs(root, "values", self.notes)
@@ -162,9 +220,9 @@ class _Parts:
         if not path.is_file():
             return None
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            self.notes.append(f"{path.name} could not be read and was skipped: {exc}")
+            obj = _clean(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            self.notes.append(f"{path.name} could not be read and was skipped: {_why(exc)}")
             return None
         if not isinstance(obj, kind):
             self.notes.append(f"{path.name} should hold a JSON {kind.__name__}, holds a {type(obj).__name__}")
@@ -176,19 +234,33 @@ class _Parts:
             return None
         try:
             return load(path)
-        except (OSError, ValueError, KeyError, DataCreditError) as exc:
-            self.notes.append(f"{path.name} could not be read and was skipped: {exc}")
+        except _UNREADABLE as exc:  # BadZipFile, a TokenError from a mangled .npy header, missing keys, ...
+            self.notes.append(f"{path.name} could not be read and was skipped: {_skipping(path, exc)}")
             return None
 
 
 def _suspicious(run: Mapping[str, Any], name: str) -> bool:
-    table = run.get("suspicious", {})
-    if not isinstance(table, Mapping):
-        raise DataError(f"run.json: 'suspicious' must map values names to 'low' or 'high', got {table!r}")
-    end = table.get(name, "low")
-    if end not in _SUSPICIOUS:
-        raise DataError(f"run.json: suspicious[{name!r}] must be 'low' or 'high', got {end!r}")
-    return end == "high"
+    return run.get("suspicious", {}).get(name, "low") == "high"  # checked by _settings
+
+
+def _there(path: Path) -> bool:
+    """Whether a part is on disk (a folder counts when it holds a subfolder, as ``_scores_dirs`` reads them)."""
+    if path.is_dir():
+        return any(p.is_dir() for p in path.iterdir())
+    return path.exists()
+
+
+class _Sections:
+    """Adds sections to a report; one that cannot be drawn from what was read is skipped with a note."""
+
+    def __init__(self, report: Report, notes: list[str]) -> None:
+        self.report, self.notes = report, notes
+
+    def add(self, what: str, draw: Callable[[], Any]) -> None:
+        try:
+            draw()  # a section is appended only once fully rendered, so a failure leaves no half section
+        except _UNREADABLE as exc:
+            self.notes.append(f"{what}: could not be drawn and was skipped: {_skipping(what, exc)}")
 
 
 def render_report(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None) -> Path:
@@ -201,33 +273,43 @@ def render_report(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[s
         raise StoreError(f"{root}: not a run directory; it holds none of {', '.join(PARTS)}")
     parts = _Parts(root)
     run = parts.run
-    report = Report(str(run.get("title", f"datacredit report: {root.resolve().name}")), f"run directory {root}")
-    shape = tuple(int(s) for s in run.get("image_shape", (8, 8)))
+    title = run.get("title") or f"datacredit report: {_clean(root.resolve().name)}"
+    report = Report(title, _clean(f"run directory {root}"))
+    shape = tuple(run.get("image_shape", (8, 8)))
+    # a part that is there but could not be read already has its note
     skipped = [f"{part}: not present, its section is skipped" for part, present in (
         ("metrics.json", parts.metrics is not None), ("values/", bool(parts.values)),
         ("inrun_history.npz", parts.history is not None), ("scores/", bool(parts.scores)),
-        ("items.npz", parts.train is not None)) if not present]
+        ("items.npz", parts.train is not None)) if not present and not _there(root / part)]
     if parts.scores and parts.train is not None and parts.queries is None:
         skipped.append("items.npz holds no query_ids/query_data: the galleries are skipped")
     if run.get("notes"):
-        report.add_text(str(run["notes"]))
-    if parts.notes or skipped:
-        report.add_notes(parts.notes + skipped, "What this run holds")
+        report.add_text(run["notes"])
+    notes_at = len(report.sections)  # the notes go here, once every section has had its chance to fail
+    drawn: list[str] = []
+    sections = _Sections(report, drawn)
     if parts.metrics:
-        report.add_table(parts.metrics, "Methods")
-        report.add_lds_vs_time(parts.metrics)
+        sections.add("metrics.json (methods table)", lambda: report.add_table(parts.metrics, "Methods"))
+        sections.add("metrics.json (LDS against time)", lambda: report.add_lds_vs_time(parts.metrics))
     for name, values in parts.values.items():
-        report.add_values(values, name=name)
+        sections.add(f"values/{name}", lambda values=values, name=name: report.add_values(values, name=name))
     if parts.history is not None:
-        report.add_history(parts.history)
+        sections.add("inrun_history.npz", lambda: report.add_history(parts.history))
     for name, values in parts.values.items():
-        report.add_mislabel_candidates(values, items=parts.train, flipped_ids=parts.flipped, kind=parts.kind,
-                                       image_shape=shape, higher_is_suspicious=_suspicious(run, name),
-                                       title=f"Mislabel candidates: {name}")
+        sections.add(f"values/{name} (mislabel candidates)", lambda values=values, name=name: (
+            report.add_mislabel_candidates(values, items=parts.train, flipped_ids=parts.flipped, kind=parts.kind,
+                                           image_shape=shape, higher_is_suspicious=_suspicious(run, name),
+                                           title=f"Mislabel candidates: {name}")))
     for name, scores in parts.scores.items():
-        report.add_values(scores, name=name, title=f"Scores: {name}")
+        sections.add(f"scores/{name}", lambda scores=scores, name=name: (
+            report.add_values(scores, name=name, title=f"Scores: {name}")))
         if parts.train is not None and parts.queries is not None:
-            report.add_gallery(scores, parts.train, parts.queries, k=int(run.get("gallery_k", 3)), kind=parts.kind,
-                               image_shape=shape, max_queries=run.get("max_queries", 8), flipped_ids=parts.flipped)
+            sections.add(f"scores/{name} (gallery)", lambda scores=scores: report.add_gallery(
+                scores, parts.train, parts.queries, k=run.get("gallery_k", 3), kind=parts.kind, image_shape=shape,
+                max_queries=run.get("max_queries", 8), flipped_ids=parts.flipped))
+    notes = parts.notes + drawn + skipped
+    if notes:
+        report.add_notes(notes, "What this run holds")
+        report.sections.insert(notes_at, report.sections.pop())
     out = root / "report.html" if out_path is None else Path(out_path)
     return report.write(out)
