@@ -17,6 +17,7 @@ holder's host is recorded so that the message says so).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -51,10 +52,21 @@ def _describe(path: Path) -> str:
         return "another process (owner unknown)"
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (create) a lock file, refusing a symlink: BuildLock writes its owner into the file, and a planted link
+    must not make it truncate a file outside the store."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{path}: lock file is a symlink; refusing to open it") from exc
+        raise
+
+
 @contextlib.contextmanager
 def manifest_lock(root: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the short manifest lock of store ``root`` (blocking) for one read-modify-write."""
-    fd = os.open(Path(root) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock_file(Path(root) / MANIFEST_LOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -77,7 +89,7 @@ class BuildLock:
 
     def acquire(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(self.path)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:

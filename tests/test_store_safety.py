@@ -352,3 +352,19 @@ def test_two_processes_filling_one_chunked_array_keep_each_others_flags(tmp_path
     c = Store(tmp_path).chunked("g", (40, 3), np.float64, 20)
     assert c.complete and len(Store(tmp_path).info("g")["sha256"]) == 64
     np.testing.assert_array_equal(Store(tmp_path).load_array("g")[::2, 0], np.arange(20.0))
+
+
+def test_symlinked_lock_files_are_refused_and_their_targets_untouched(tmp_path):
+    from datacredit.lock import BuildLock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / ".build.lock").symlink_to(victim)
+    (root / ".manifest.lock").symlink_to(victim)
+    with pytest.raises(StoreError, match=r"\.build\.lock: lock file is a symlink"):
+        BuildLock(root).acquire()
+    with pytest.raises(StoreError, match=r"\.manifest\.lock: lock file is a symlink"):
+        Store(root).save_json("x", 1)
+    assert victim.read_text() == "precious"
