@@ -2,28 +2,96 @@
 
 Each subcommand is a pair of functions — ``_<name>_args(subparsers)`` declares it and sets ``run`` to its
 ``_<name>(args) -> int`` — listed in :data:`COMMANDS`; a new subcommand (``report``) adds one pair and one entry.
+
+Mistakes get one line on stderr and exit status 2, before any work: argument types and ranges are checked by the
+parser, what needs a look at the disk or the environment (an ``--out`` that is a file, Ray not installed, an
+unknown method) right after it, and a DataCreditError raised later (a store built with other settings, a build
+already running there) is printed as ``datacredit: error: <message>``. Anything else is a bug and keeps its
+traceback. Ctrl-C exits with 130, SIGTERM with 143; finished retrainings are kept either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import DataCreditError
+
 DEFAULT_ROOT = "runs/bench"
+
+
+class UsageError(DataCreditError):
+    """A command-line argument that cannot work (found after parsing: it needed a look at the disk or the system)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``datacredit demo: error: ...``) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def _check_dir(path: str | Path | None, flag: str) -> None:
+    """UsageError if ``path`` exists but is not a directory (it would fail only after the work)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a directory")
+
+
+def _check_backend(backend: str | None) -> None:
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--backend ray needs Ray, which is not installed: pip install ray (or pip install "
+                         "'datacredit[ray]'), or use --backend process")
 
 
 # -- demo ---------------------------------------------------------------------------------------------------------
 def _demo_args(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="end-to-end demo on the bundled digits data (no download)")
     demo.add_argument("--out", default="runs/demo", help="run directory: report, scores, cached ground truth")
-    demo.add_argument("--queries", type=int, default=30, help="test images to explain")
-    demo.add_argument("--m", type=int, default=40, help="retrainings for the demo's ground truth (LDS)")
-    demo.add_argument("--workers", type=int, default=2, help="parallel retraining processes")
+    demo.add_argument("--queries", type=_int_at_least(1), default=30, help="test images to explain")
+    demo.add_argument("--m", type=_int_at_least(3), default=40,
+                      help="retrainings for the demo's ground truth (LDS; at least 3)")
+    demo.add_argument("--workers", type=_int_at_least(1), default=2, help="parallel retraining processes")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
@@ -32,6 +100,7 @@ def _demo_args(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_dir(args.out, "--out")
     run_demo(args.out, n_queries=args.queries, m=args.m, workers=args.workers, seed=args.seed,
              progress=not args.no_progress)
     return 0
@@ -46,14 +115,11 @@ def _report_args(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .errors import DataCreditError
     from .report import render_report
 
-    try:
-        print(f"report written to {render_report(args.run_dir, args.out)}")
-    except DataCreditError as exc:
-        print(f"datacredit report: {exc}", file=sys.stderr)
-        return 2
+    if args.out is not None and Path(args.out).is_dir():
+        raise UsageError(f"-o/--out {args.out}: is a directory; give the report file's path")
+    print(f"report written to {render_report(args.run_dir, args.out)}")
     return 0
 
 
@@ -68,12 +134,11 @@ def _case_names(value: str) -> list[str]:
     return names
 
 
-def _bench_common(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def _bench_common(parser: argparse.ArgumentParser, threads_help: str, required: bool = True) -> None:
     parser.add_argument("--case", type=_case_names, required=required,
                         help="digits-lr, fmnist-mlp, text-gpt, a comma-separated list, or all")
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"where the cases live (default {DEFAULT_ROOT})")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in this process (default 1: stable timings on a shared machine)")
+    parser.add_argument("--threads", type=_int_at_least(1), default=1, help=threads_help)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -84,25 +149,37 @@ def _logging() -> None:
 # -- groundtruth --------------------------------------------------------------------------------------------------
 def _groundtruth_args(sub: argparse._SubParsersAction) -> None:
     gt = sub.add_parser("groundtruth", help="build (or resume) a benchmark case's ground truth by retraining")
-    _bench_common(gt)
-    gt.add_argument("--m", type=int, help="random subsets (default 100)")
-    gt.add_argument("--alpha", type=float, help="fraction of the training set in each subset (default 0.5)")
-    gt.add_argument("--seeds", type=int, help="training seeds per subset (default 2)")
-    gt.add_argument("--workers", type=int, help="parallel worker processes (default 2)")
+    _bench_common(gt, "torch threads of the retrainings that run in this process (--backend serial or --workers 1; "
+                      "default 1); worker processes use one thread each")
+    gt.add_argument("--m", type=_int_at_least(3), help="random subsets (default 100; at least 3 for an LDS)")
+    gt.add_argument("--alpha", type=_fraction, help="fraction of the training set in each subset (default 0.5)")
+    gt.add_argument("--seeds", type=_int_at_least(1), help="training seeds per subset (default 2)")
+    gt.add_argument("--workers", type=_int_at_least(1), help="parallel worker processes (default 2)")
     gt.add_argument("--backend", choices=("process", "serial", "ray"), help="where retrainings run (default process)")
     gt.add_argument("--seed", type=int, help="seed of the subsets and training seeds (default 0)")
     gt.add_argument("--out", help="store directory (default <root>/<case>/gt; only with one case)")
+    gt.add_argument("--wait", action="store_true",
+                    help="if another build is running in the store, wait for it, then run what it left "
+                         "(default: exit at once, naming it)")
+    gt.add_argument("--overwrite", action="store_true",
+                    help="replace what the store directory holds (a saved Scores, a build with other settings)")
     gt.set_defaults(run=_groundtruth)
 
 
 def _groundtruth(args: argparse.Namespace) -> int:
+    import torch
+
     from .bench.cases import load_case
 
-    _logging()
     if args.out and len(args.case) > 1:
-        raise SystemExit("--out needs a single --case")
+        raise UsageError("--out needs a single --case")
+    _check_dir(args.out, "--out")
+    _check_dir(args.root, "--root")
+    _check_backend(args.backend)
+    _logging()
+    torch.set_num_threads(args.threads)
     settings = {"m": args.m, "alpha": args.alpha, "seeds": args.seeds, "workers": args.workers,
-                "backend": args.backend, "seed": args.seed}
+                "backend": args.backend, "seed": args.seed, "wait": args.wait, "overwrite": args.overwrite}
     for name in args.case:
         case = load_case(name, args.root)
         out = Path(args.out) if args.out else case.gt_dir()
@@ -130,7 +207,8 @@ def _nanmedian(seconds) -> float:
 # -- bench --------------------------------------------------------------------------------------------------------
 def _bench_args(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="score methods (and peers) on a case against its ground truth")
-    _bench_common(bench, required=False)
+    _bench_common(bench, "torch threads in this process (default 1: stable timings on a shared machine)",
+                  required=False)
     bench.add_argument("--methods", help="comma-separated registry names (default: all of ours; see --list)")
     bench.add_argument("--peers", action="store_true", help="also run dattri, kronfluence and traker")
     bench.add_argument("--quick", action="store_true",
@@ -139,9 +217,9 @@ def _bench_args(sub: argparse._SubParsersAction) -> None:
                        help="mislabel-detection AUROC (default: on for full runs of classification cases)")
     bench.add_argument("--in-process", action="store_true",
                        help="run every method in this process (default: each in its own, with the limits below)")
-    bench.add_argument("--memory-limit-gb", type=float, default=8.0,
+    bench.add_argument("--memory-limit-gb", type=_positive_float, default=8.0,
                        help="stop a method whose process grows beyond this resident memory (default 8)")
-    bench.add_argument("--timeout", type=float, default=3600, help="stop a method after this many seconds")
+    bench.add_argument("--timeout", type=_positive_float, default=3600, help="stop a method after this many seconds")
     bench.add_argument("--list", action="store_true", help="list the registered methods and exit")
     bench.set_defaults(run=_bench)
 
@@ -160,10 +238,15 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"{spec.name:22s} {spec.family:12s} {'pair: ' + spec.pair if spec.pair else ''}")
         return 0
     if not args.case:
-        raise SystemExit("datacredit bench: --case is required (or --list)")
+        raise UsageError("bench: --case is required (or --list)")
+    _check_dir(args.root, "--root")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    unknown = [m for m in methods or () if m not in REGISTRY]
+    if unknown or (args.methods is not None and not methods):
+        raise UsageError(f"--methods: unknown method(s) {unknown or args.methods!r}; registered: "
+                         f"{', '.join(sorted(REGISTRY))} (see --list)")
     _logging()
     torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     for name in args.case:
         case = load_case(name, args.root)
         results = run_bench(case, methods, peers=args.peers, quick=args.quick, mislabel=args.mislabel,
@@ -182,12 +265,21 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="datacredit", description="Training-data attribution for PyTorch models.")
+    """Run the command line; returns the exit status (2 for a user's mistake, with a one-line message)."""
+    parser = _Parser(prog="datacredit", description="Training-data attribution for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except DataCreditError as exc:
+        print(f"datacredit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("datacredit: interrupted; finished retrainings are kept (rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

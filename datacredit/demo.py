@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import flip_labels, load_digits
 from .data.dataset import ArrayDataset
+from .errors import DataError
 from .scores import Scores
 from .task import ClassificationTask
 
@@ -86,7 +87,9 @@ def show_query(scores: Scores, q: int, train: ArrayDataset, test: ArrayDataset, 
 
 def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, workers: int = 2, seed: int = 0,
              progress: bool = True) -> Path:
-    """Run the demo; returns the report's path. Cached ground truth is reused from ``out/gt`` on a second run."""
+    """Run the demo; returns the report's path. Cached ground truth is reused from ``out/gt`` on a second run.
+
+    Every argument is checked before any training (DataError naming it), not after minutes of work."""
     from . import evaluate
     from .evaluate import ClassifierRecipe, build_groundtruth
     from .methods import GradDot, Influence, InRunShapley
@@ -94,8 +97,17 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
     from .report import as_examples, render_report, save_run
 
     out = Path(out)
+    if int(m) < 3 or int(workers) < 1 or int(n_queries) < 1:
+        raise DataError(f"the demo needs m >= 3 retrainings (for rank correlations), workers >= 1 and at least one "
+                        f"query; got m={m}, workers={workers}, n_queries={n_queries}")
+    for path in (out, out / "gt"):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path}: is a file; the demo writes a run directory there")
     torch.manual_seed(seed)
     clean, test = load_digits(seed=seed)
+    if n_queries >= len(test):
+        raise DataError(f"n_queries={n_queries}, but the digits test split has {len(test)} images and the demo keeps "
+                        "at least one for validation; use fewer queries")
     train, flipped = flip_labels(clean, 0.1, seed, 10)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(test))

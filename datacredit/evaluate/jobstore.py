@@ -86,7 +86,7 @@ def check_config(store: Store, config: dict[str, Any]) -> bool:
         diff = [f"{k}: stored {stored.get(k)!r}, requested {config.get(k)!r}" for k in keys
                 if stored.get(k) != config.get(k)]
         raise StoreError(f"{store.root} holds results built with other settings ({'; '.join(diff)}); "
-                         "use another directory or delete this one")
+                         "use another directory, or overwrite=True (--overwrite) to start afresh")
     return True
 
 
@@ -104,7 +104,7 @@ def _describe(store: Store, names: list[str]) -> str:
     if "values" in names:
         meta = store.info("values").get("meta")
         if isinstance(meta, dict) and "method" in meta:
-            return f"a saved Scores result (method {meta['method']!r}; artefacts {', '.join(names)})"
+            return f"a saved Scores result (method {meta['method']!r})"
     return f"artefacts of another kind ({', '.join(names)})"
 
 
