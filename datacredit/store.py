@@ -447,10 +447,6 @@ class Store:
             )
         return name
 
-    def _path(self, name: str, kind: str) -> Path:
-        """Canonical path of ``name`` (what a first save into an empty store uses)."""
-        return self.root / (self._check_name(name) + _SUFFIX[kind])
-
     @contextlib.contextmanager
     def _open_entry(self, name: str, entry: dict[str, Any], *, verify: bool = True
                     ) -> Iterator[tuple[Path, BinaryIO]]:
