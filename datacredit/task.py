@@ -18,7 +18,11 @@ class Task:
     """Subclass and implement :meth:`loss`; override :meth:`measurement` and :meth:`tracked_modules` as needed."""
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
-        """Per-example training loss, shape ``(N,)``, not reduced (the training objective is its mean or sum)."""
+        """Per-example training loss, shape ``(N,)``, not reduced (the training objective is its mean or sum).
+
+        The capture engine checks the shape against the batch its tracked modules saw (batch dimension first) and
+        raises :class:`~datacredit.errors.DataError` naming both: one value too few would credit the last example
+        with exactly zero."""
         raise NotImplementedError
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
