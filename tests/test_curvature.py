@@ -346,8 +346,11 @@ def test_apply_function_is_f_of_the_dense_matrix(tokens):
         got = curv.apply_function(w, lambda lam: torch.exp(-3.0 * lam))
         inv = curv.apply_function(w, lambda lam: 1.0 / (lam + 0.5))
         want_inv = curv.apply_inverse(w, 0.5)
+        both = curv.apply_functions(w, [lambda lam: torch.exp(-3.0 * lam), lambda lam: 1.0 / (lam + 0.5)])
         for k, wk in w.items():
             torch.testing.assert_close(inv[k], want_inv[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(both[0][k], got[k], rtol=1e-12, atol=1e-14)  # one rotation for both
+            torch.testing.assert_close(both[1][k], inv[k], rtol=1e-12, atol=1e-14)
             if name == "identity":
                 torch.testing.assert_close(got[k], wk * torch.exp(torch.tensor(-3.0)), rtol=1e-12, atol=0)
                 continue

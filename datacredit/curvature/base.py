@@ -163,6 +163,13 @@ class Curvature:
         """
         raise NotImplementedError(f"curvature {self.name!r} has no eigendecomposition to apply a function through")
 
+    def apply_functions(self, weights: dict[str, Tensor], fns: list[Callable[[Tensor], Tensor]]
+                        ) -> list[dict[str, Tensor]]:
+        """``[f(H) w for f in fns]``: the same as :meth:`apply_function` once per function; the eigen-based
+        curvatures rotate ``w`` into their eigenbasis once for all of them (SOURCE needs two functions per
+        segment)."""
+        return [self.apply_function(weights, fn) for fn in fns]
+
     def self_products(self, grads: ExampleGrads, damping: float | Damping = 0.0) -> Tensor:
         """``g_iᵀ (H + δI)⁻¹ g_i`` per example, ``(N,)``. Materializes the batch's gradients (memory ``N × numel``)."""
         mats = grads.materialize()

@@ -81,6 +81,14 @@ class EigenBlock:
         block = EigenBlock(lam, *(None if q is None else q.to(w.device, dtype) for q in (self.q_u, self.q_v)))
         return block.unrotate(block.rotate(w.to(dtype)) * fn(lam)).to(w.dtype)
 
+    def apply_functions(self, w: Tensor, fns: list) -> list[Tensor]:
+        """``[f(H_p) W for f in fns]`` with one rotation into the eigenbasis for all of them."""
+        dtype = torch.promote_types(w.dtype, self.eigenvalues.dtype)
+        lam = self.eigenvalues.to(device=w.device, dtype=dtype)
+        block = EigenBlock(lam, *(None if q is None else q.to(w.device, dtype) for q in (self.q_u, self.q_v)))
+        rotated = block.rotate(w.to(dtype))
+        return [block.unrotate(rotated * fn(lam)).to(w.dtype) for fn in fns]
+
     def matrix(self) -> Tensor:
         """The dense ``(m·n, m·n)`` matrix ``H_p`` (row-major vec); for tests and small blocks only."""
         eye = torch.eye(self.m * self.n, dtype=self.eigenvalues.dtype, device=self.eigenvalues.device)

@@ -87,7 +87,11 @@ class _BlockCurvature(Curvature):
     def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
         return self._per_block(weights, lambda block, w: block.apply_function(w, fn))
 
-    def _per_block(self, weights: dict[str, Tensor], op) -> dict[str, Tensor]:
+    def apply_functions(self, weights: dict[str, Tensor], fns: list) -> list[dict[str, Tensor]]:
+        per_name = self._per_block(weights, lambda block, w: block.apply_functions(w, fns), stack=True)
+        return [{name: outs[k] for name, outs in per_name.items()} for k in range(len(fns))]
+
+    def _per_block(self, weights: dict[str, Tensor], op, stack: bool = False) -> dict[str, Tensor]:
         self._require_fit()
         out = {}
         for name, w in weights.items():
@@ -98,7 +102,8 @@ class _BlockCurvature(Curvature):
             if w.numel() % (block.m * block.n):
                 raise ValueError(f"weights for {name!r} of shape {tuple(w.shape)} are not (Q, *shape) for a "
                                  f"parameter of {block.m * block.n} entries")
-            out[name] = op(block, w.reshape(-1, block.m, block.n)).reshape(w.shape)
+            result = op(block, w.reshape(-1, block.m, block.n))
+            out[name] = [r.reshape(w.shape) for r in result] if stack else result.reshape(w.shape)
         return out
 
     def to(self, device: torch.device | str) -> _BlockCurvature:

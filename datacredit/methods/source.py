@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import Capture, ExampleGrads, example_grads
+from ..capture import Capture, ExampleGrads, Outer, example_grads
 from ..curvature import Curvature, make_curvature
 from ..errors import DataError
 from ..scores import Scores
@@ -206,8 +206,11 @@ class Source(GradientMethod):
         out: list[dict[str, Tensor]] = [{} for _ in self.segments]
         for ell in range(len(self.segments) - 1, -1, -1):
             seg = self.segments[ell]
-            out[ell] = seg.curvature.apply_function(v, _accumulator(seg, self.time))
-            v = seg.curvature.apply_function(v, _propagator(seg, self.time))
+            if ell == 0:  # nothing earlier to propagate to
+                out[ell] = seg.curvature.apply_function(v, _accumulator(seg, self.time))
+                break
+            # one rotation into the segment's eigenbasis serves both functions
+            out[ell], v = seg.curvature.apply_functions(v, [_accumulator(seg, self.time), _propagator(seg, self.time)])
         return out
 
     def _require_fit(self) -> None:
@@ -222,12 +225,18 @@ class Source(GradientMethod):
             weights = self._segment_weights(v)
             values = np.zeros((len(self.train_ids), len(query_ids)))
             offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
+            buffers: dict[str, Tensor] = {}  # per parameter: a block's training gradients summed over checkpoints
             for seg, u in zip(self.segments, weights):
                 n_stage = len(self._stage_ids[seg.stage])
                 scale = 1.0 / (len(seg.trajectory) * n_stage)  # average over checkpoints, 1/N of the mean loss
                 data, offset = self._train[seg.stage], offsets[seg.stage]
-                for rows in self._row_blocks(n_stage, u):
-                    part = self._segment_block(seg, u, row_subset(data, rows, n_stage))
+                blocks = self._row_blocks(n_stage, u)
+                rows_max = max(r.stop - r.start for r in blocks)
+                for name in self._summable(u):  # allocated once per segment, zeroed per block
+                    if name not in buffers or buffers[name].shape[0] < rows_max:
+                        buffers[name] = u[name].new_empty(rows_max, u[name][0].numel())
+                for rows in blocks:
+                    part = self._segment_block(seg, u, row_subset(data, rows, n_stage), buffers)
                     values[offset + rows.start : offset + rows.stop] += scale * part
         config = {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
                   "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
@@ -248,34 +257,41 @@ class Source(GradientMethod):
         step = max(self.batch_size, SUM_ELEMENTS // max(width, 1) // self.batch_size * self.batch_size)
         return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
-    def _segment_block(self, seg: _Segment, u: dict[str, Tensor], data: Data) -> np.ndarray:
+    def _segment_block(self, seg: _Segment, u: dict[str, Tensor], data: Data,
+                       buffers: dict[str, Tensor]) -> np.ndarray:
         """``Σ_k ⟨g_i(θ_k), u_q⟩`` over the segment's checkpoints k for the examples of ``data``, ``(n, Q)``.
 
         The segment's query weights ``u`` are the same at all its checkpoints, so the per-example gradients are
-        materialized and summed over the checkpoints first and multiplied with the queries once (one GEMM per
-        segment instead of one per checkpoint: ``C·N·T·m·n + N·Q·m·n`` instead of ``C·(N·T·m·n + N·Q·m·n)``).
+        summed over the checkpoints first (in place, ``G += Σ_t u_t v_tᵀ`` by one batched multiply-add per piece, into
+        ``buffers[name]`` ``(rows, numel)``, reused across blocks) and multiplied with the queries once: one GEMM per
+        segment instead of one per checkpoint, ``C·N·T·m·n + N·Q·m·n`` instead of ``C·(N·T·m·n + N·Q·m·n)``.
         """
-        summed: dict[str, Tensor] = {}
-        out: np.ndarray | None = None
+        n = len(as_loader(data, self.batch_size)[1])
         keep = self._summable(u)
+        for name in keep:
+            buffers[name][:n].zero_()
+        out: np.ndarray | None = None
         for k in range(len(seg.trajectory)):
             self._load(seg.trajectory, k)
             _, it = self.grads(data, desc="source score")
             for batch, g in it:
                 for name in keep & set(g.pieces):
-                    mat = sum(p.materialize() for p in g.pieces[name])  # (B, numel)
-                    if name not in summed:
-                        summed[name] = mat.new_zeros(len(as_loader(data, self.batch_size)[1]), mat.shape[1])
-                    summed[name][batch.rows] += mat
+                    total = buffers[name][batch.rows]
+                    for piece in g.pieces[name]:
+                        if isinstance(piece, Outer) and not piece.indexed:
+                            view = total.view(piece.n_examples, piece.m, piece.n)
+                            view.baddbmm_(piece.u.transpose(1, 2).to(total.dtype), piece.v.to(total.dtype))
+                        else:
+                            total += piece.materialize().to(total.dtype)
                 rest = {n: ps for n, ps in g.pieces.items() if n not in keep}
                 if rest:  # Embedding-like parameters: one product per checkpoint
                     part = products(ExampleGrads(rest, g.shapes, g.n), u).detach().cpu().double().numpy()
                     if out is None:
-                        out = np.zeros((len(as_loader(data, self.batch_size)[1]), part.shape[1]))
+                        out = np.zeros((n, part.shape[1]))
                     out[batch.rows] += part
-        for name, total in summed.items():
-            w = u[name].reshape(u[name].shape[0], -1).to(total.dtype)
-            part = (total @ w.T).detach().cpu().double().numpy()
+        for name in keep:
+            w = u[name].reshape(u[name].shape[0], -1).to(buffers[name].dtype)
+            part = (buffers[name][:n] @ w.T).detach().cpu().double().numpy()
             out = part if out is None else out + part
         return out
 
