@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from datacredit.errors import DataError, StoreError
+from datacredit.sources import Sources, SourceValues
 from datacredit.store import Store
 
 __all__ = ["Scores"]
@@ -48,6 +49,8 @@ class Scores:
         query_ids: ``(n_query,)`` unique int64 ids of the queries (columns).
         method: name of the method that produced the scores.
         config: JSON-serialisable settings of that method.
+        sources: optional :class:`~datacredit.sources.Sources` of the training ids (owner, document, licence, ...);
+            kept through ``save``/``load``; ``by_source()`` rolls the scores up to them.
     """
 
     values: np.ndarray
@@ -55,6 +58,7 @@ class Scores:
     query_ids: np.ndarray
     method: str
     config: dict[str, Any] = field(default_factory=dict)
+    sources: Sources | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.values, torch.Tensor):
@@ -77,6 +81,16 @@ class Scores:
             json.dumps(self.config)
         except (TypeError, ValueError) as exc:
             raise DataError(f"config must be JSON-serialisable: {exc}") from exc
+        if self.sources is not None:
+            if not isinstance(self.sources, Sources):
+                raise DataError(f"sources must be a datacredit.Sources, got {type(self.sources).__name__}")
+            self.sources.keys_of(self.train_ids)  # every training id needs a source (DataError names the missing)
+
+    def by_source(self, level: str | None = None) -> SourceValues:
+        """Scores summed per source (``(n_source, n_query)``, see :mod:`datacredit.sources`); needs ``sources``."""
+        if self.sources is None:
+            raise DataError("these Scores carry no sources: pass sources=Sources(ids, keys) or use Sources.values")
+        return self.sources.values(self, level)
 
     def __repr__(self) -> str:
         return f"Scores(method={self.method!r}, n_train={self.n_train}, n_query={self.n_query})"
@@ -168,10 +182,11 @@ class Scores:
         """
         store = Store(path)
         meta = {"format_version": FORMAT_VERSION, "method": self.method, "config": self.config}
-        with store.transaction(kind=KIND, overwrite=overwrite, adopt=ARTEFACTS):
+        with store.transaction(kind=KIND, overwrite=overwrite, adopt=(*ARTEFACTS, "sources")):
             store.save_array("train_ids", self.train_ids)
             store.save_array("query_ids", self.query_ids)
             store.save_array("values", self.values, meta=meta)
+            store.save_json("sources", None if self.sources is None else self.sources.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Scores:
@@ -190,9 +205,16 @@ class Scores:
             if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "method" not in meta:
                 raise StoreError(f"{store.manifest_path}: not a Scores directory of format {FORMAT_VERSION}")
             arrays = {name: store._load_array(doc, name, name == "values" and mmap, True) for name in ARTEFACTS}
-            return entry, arrays
+            sources = None
+            if "sources" in doc["artefacts"]:  # absent in directories saved before sources existed
+                path, data = store._read_bytes(doc, "sources", "json")
+                try:
+                    sources = json.loads(data)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise StoreError(f"{path}: invalid JSON ({exc})") from exc
+            return entry, arrays, sources
 
-        entry, arrays = store._retrying(read)
+        entry, arrays, sources = store._retrying(read)
         meta, values, train_ids, query_ids = entry["meta"], arrays["values"], arrays["train_ids"], arrays["query_ids"]
         if values.ndim != 2 or values.shape != (len(train_ids), len(query_ids)):
             raise StoreError(
@@ -200,6 +222,7 @@ class Scores:
                 f"train_ids and {len(query_ids)} query_ids"
             )
         try:
-            return cls(values, train_ids, query_ids, meta["method"], meta.get("config", {}))
+            return cls(values, train_ids, query_ids, meta["method"], meta.get("config", {}),
+                       None if sources is None else Sources.from_json(sources))
         except DataError as exc:
             raise StoreError(f"{store.root}: invalid scores on disk ({exc})") from exc

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from datacredit.errors import DataError
-from datacredit.scores import Scores
+
+if TYPE_CHECKING:  # scores.py imports this module: Scores is needed here for annotations only
+    from datacredit.scores import Scores
 
 __all__ = ["SourceValues", "Sources", "across_members"]
 

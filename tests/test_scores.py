@@ -96,7 +96,7 @@ def test_save_load_roundtrip(tmp_path, mmap):
     s = _scores(6, 3)
     s.save(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "manifest.json", "query_ids.npy", "train_ids.npy", "values.npy",
+        "manifest.json", "query_ids.npy", "sources.json", "train_ids.npy", "values.npy",
     ]
     t = Scores.load(tmp_path / "run", mmap=mmap)
     assert isinstance(t.values, np.memmap) == mmap
@@ -166,7 +166,7 @@ def test_interrupted_save_keeps_the_old_scores(tmp_path, monkeypatch):
     np.testing.assert_array_equal(t.train_ids, old.train_ids)
     assert t.method == "graddot" and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert sorted(p for p in os.listdir(tmp_path) if not p.startswith(".")) == [
-        "manifest.json", "query_ids.npy", "train_ids.npy", "values.npy"]
+        "manifest.json", "query_ids.npy", "sources.json", "train_ids.npy", "values.npy"]
 
 
 def test_same_size_corruption_is_caught_under_mmap(tmp_path):
@@ -209,7 +209,7 @@ def test_save_over_another_kind_is_refused_unless_overwrite(tmp_path):
     s = _scores()
     s.save(tmp_path / "gt", overwrite=True)
     np.testing.assert_array_equal(Scores.load(tmp_path / "gt").values, s.values)
-    assert Store(tmp_path / "gt").names() == ["query_ids", "train_ids", "values"]
+    assert Store(tmp_path / "gt").names() == ["query_ids", "sources", "train_ids", "values"]
     assert not any(p.startswith("masks") for p in os.listdir(tmp_path / "gt"))
     with pytest.raises(StoreError, match="holds a 'scores' store"):  # and the other way round
         Store(tmp_path / "gt").claim("groundtruth")

@@ -154,3 +154,18 @@ def test_ledger_sums_to_the_amounts_and_writes_json_and_csv(tmp_path):
     rows = list(csv.DictReader((tmp_path / "ledger" / "ledger.csv").open()))
     assert len(rows) == len(ledger.lines)
     assert {r["source"] for r in rows} <= {*sv.names.tolist(), UNALLOCATED}
+
+
+def test_scores_keep_their_sources_through_save_and_load(tmp_path):
+    src = Sources([5, 6, 7], {"owner": ["x", "y", "x"], "licence": ["a", "a", "b"]})
+    scores = Scores(np.arange(6.0).reshape(3, 2), [5, 6, 7], [0, 1], "grad-dot", sources=src)
+    scores.save(tmp_path / "s")
+    back = Scores.load(tmp_path / "s", mmap=True)
+    assert back.sources.levels.keys() == src.levels.keys()
+    np.testing.assert_array_equal(back.by_source("owner").values, [[4.0, 6.0], [2.0, 3.0]])
+    Scores(scores.values, scores.train_ids, scores.query_ids, "grad-dot").save(tmp_path / "s")
+    assert Scores.load(tmp_path / "s").sources is None  # a later save without sources leaves none behind
+    with pytest.raises(DataError, match="have no source"):
+        Scores(np.ones((2, 1)), [5, 99], [0], "m", sources=src)
+    with pytest.raises(DataError, match="carry no sources"):
+        Scores(np.ones((1, 1)), [5], [0], "m").by_source()
