@@ -1,0 +1,185 @@
+"""Source-level attribution against retraining on the bundled text sample (issue: credit by data source).
+
+Set-up (all bundled, no download): the text sample cut into 32-character chunks; the first 1,000 chunks form 20
+"documents" (sources ``doc00``–``doc19``, 50 consecutive chunks each), plus one planted source ``random`` of 50 chunks
+of uniformly random characters. Queries: 25 near-verbatim windows (each straddles two consecutive chunks of one
+document, offset by 16 characters: the text is in the training set, cut differently) and 25 held-out chunks from the
+end of the sample. Model: the text-gpt recipe (TinyGPT d=32, 2 layers, Adam, 8 epochs).
+
+Ground truth, retrained with ``--seeds`` seeds each (common seeds across jobs): the full set; the full set without
+each source (leave-one-source-out, LOSO); ``--halves`` random halves of the sources (for a source-level LDS).
+The measured value of source s for query q is ``loss_without_s(q) − loss_full(q)`` (positive: the source helped q),
+averaged over seeds. Methods attribute the seed-0 full model; their source value is the sum of members' scores.
+
+Reported per method: Spearman over sources between predicted and measured LOSO values, per query then averaged (with
+a bootstrap interval over queries), and for the query-averaged values; the source-level LDS on the halves; the
+seed-to-seed noise ceiling of each; planted checks (the verbatim source ranks first for its windows; the random source
+gets ≤ 0 credit). Usage::
+
+    .venv/bin/python benchmarks/source_credit.py [--seeds 3] [--halves 24] [--workers 2] [--out runs/source-credit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datacredit import GradDot, Influence, LanguageModelingTask, Source, TracIn
+from datacredit.bench.training import InRunCallback, LMRecipe, TrajectoryCallback, train
+from datacredit.data import CharDataset, load_text_sample
+from datacredit.data.dataset import ArrayDataset
+from datacredit.evaluate.runner import run_jobs
+from datacredit.evaluate.stats import bootstrap_mean_ci, spearman_columns
+from datacredit.methods import TRAK
+from datacredit.sources import Sources
+from datacredit.store import Store, atomic_write_json
+
+SEQ, DOCS, PER_DOC, N_VERBATIM, N_HELDOUT = 32, 20, 50, 25, 25
+
+
+def make_data(seed: int = 0) -> tuple[ArrayDataset, ArrayDataset, Sources, np.ndarray]:
+    """(train, queries, sources, verbatim_doc) — ``verbatim_doc[q]`` is the source index of a verbatim query or -1."""
+    text = load_text_sample()
+    chunks = CharDataset(text, seq_len=SEQ)
+    rng = np.random.default_rng(seed)
+    tokens = chunks.tensors[0][: DOCS * PER_DOC]
+    noise = torch.from_numpy(rng.integers(0, chunks.vocab_size, size=(PER_DOC, SEQ + 1)))
+    train_tokens = torch.cat([tokens, noise])
+    keys = [f"doc{k // PER_DOC:02d}" for k in range(DOCS * PER_DOC)] + ["random"] * PER_DOC
+    train_set = ArrayDataset(train_tokens, ids=np.arange(len(train_tokens)))
+    encoded = chunks.encode(text)
+    starts = rng.choice(DOCS * PER_DOC - 1, size=N_VERBATIM, replace=False)
+    starts = starts[(starts + 1) % PER_DOC != 0][:N_VERBATIM]  # both halves of the window in one document
+    windows = torch.stack([encoded[s * SEQ + SEQ // 2 : s * SEQ + SEQ // 2 + SEQ + 1] for s in starts])
+    held = chunks.tensors[0][-N_HELDOUT:]
+    queries = ArrayDataset(torch.cat([windows, held]), ids=np.arange(10_000, 10_000 + len(windows) + N_HELDOUT))
+    verbatim = np.concatenate([starts // PER_DOC, -np.ones(N_HELDOUT, dtype=np.int64)])
+    return train_set, queries, Sources(np.arange(len(train_tokens)), {"document": keys}), verbatim
+
+
+def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarray]:
+    """Retrain the full set, each LOSO set and each half; resumable (one chunk per job in a Store)."""
+    keys = sources.levels["document"]
+    names = np.unique(keys)
+    rng = np.random.default_rng(1)
+    halves = np.stack([rng.permutation(len(names)) < len(names) // 2 for _ in range(args.halves)])
+    subsets = [np.ones(len(keys), bool)] + [keys != n for n in names] + [np.isin(keys, names[h]) for h in halves]
+    jobs = [(np.flatnonzero(mask), seed) for mask in subsets for seed in range(args.seeds)]
+    config = {"seeds": args.seeds, "halves": args.halves, "recipe": str(recipe), "n_train": len(keys)}
+    store = Store(Path(args.out) / "gt")
+    outputs = store.chunked("loss", (len(jobs), len(queries)), np.float64, len(jobs), meta=config)
+    todo = outputs.pending()
+    print(f"ground truth: {len(jobs)} retrainings, {len(todo)} to do", file=sys.stderr)
+    start = time.perf_counter()
+    run_jobs(recipe, train_set, queries, jobs, lambda j, out, sec: outputs.write(j, None, out[:1]),
+             todo=todo, workers=args.workers, progress=True)
+    loss = np.asarray(outputs.array).reshape(len(subsets), args.seeds, len(queries))
+    return {"full": loss[0], "loso": loss[1 : 1 + len(names)], "halves": loss[1 + len(names) :],
+            "half_masks": halves, "names": names, "seconds": time.perf_counter() - start}
+
+
+def attribute(recipe, train_set, queries, out: Path) -> dict[str, tuple]:
+    """Scores of every method for the seed-0 full model, with their wall time."""
+    task = LanguageModelingTask()
+    inrun, traj = InRunCallback(task, queries, order=1, targeted=True), TrajectoryCallback(str(out / "traj"), 6)
+    t0 = time.perf_counter()
+    model = train(recipe, train_set, 0, [traj])
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train(recipe, train_set, 0, [inrun])
+    results = {"inrun-1": (inrun.values(), time.perf_counter() - t0 - plain)}
+    factories = {
+        "grad-dot": lambda: GradDot(model, task, progress=False),
+        "influence-ekfac": lambda: Influence(model, task, curvature="ekfac", progress=False),
+        "trak": lambda: TRAK(model, task, projection=512, progress=False),
+        "tracin": lambda: TracIn(model, task, str(out / "traj"), progress=False),
+        "source": lambda: Source(model, task, str(out / "traj"), segments=3, progress=False),
+    }
+    for name, make in factories.items():
+        t0 = time.perf_counter()
+        scores = make().fit(train_set).score(queries)
+        results[name] = (scores, time.perf_counter() - t0)
+        print(f"{name}: {results[name][1]:.1f} s", file=sys.stderr)
+    return results
+
+
+def spearman_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman over the first axis for every column: ``(n_query,)``."""
+    return spearman_columns(pred, true)
+
+
+def evaluate(results, gt, sources, verbatim) -> list[dict]:
+    full = gt["full"].mean(0)
+    measured = gt["loso"].mean(1) - full  # (n_source, Q): positive = the source helped
+    seeds = gt["loso"].shape[1]
+    ceiling = float("nan")
+    if seeds > 1:
+        a = gt["loso"][:, 0] - gt["full"][0]
+        b = gt["loso"][:, 1:].mean(1) - gt["full"][1:].mean(0)
+        ceiling = float(np.nanmean(spearman_rows(a, b)))
+    half_loss = gt["halves"].mean(1)  # (m, Q)
+    lds_ceiling = float(np.nanmean(spearman_rows(-gt["halves"][:, 0], -gt["halves"][:, 1:].mean(1)))) \
+        if seeds > 1 else float("nan")
+    rows = []
+    for name, (scores, seconds) in results.items():
+        sv = sources.values(scores, "document")
+        assert (sv.names == gt["names"]).all()
+        per_query = spearman_rows(sv.values, measured)
+        lo, hi = bootstrap_mean_ci(per_query, 1000, 0.9, 0)
+        predicted_half = gt["half_masks"].astype(np.float64) @ sv.values  # (m, Q): summed credit of the half
+        lds = spearman_rows(predicted_half, -half_loss)
+        verb = verbatim >= 0
+        top = np.argmax(sv.values[:, verb], axis=0)
+        rnd = list(sv.names).index("random")
+        rows.append({
+            "method": name, "seconds": round(seconds, 2),
+            "loso_spearman": float(np.nanmean(per_query)), "loso_ci": [lo, hi],
+            "loso_spearman_mean_query": float(spearman_rows(sv.values.mean(1, keepdims=True),
+                                                             measured.mean(1, keepdims=True))[0]),
+            "source_lds": float(np.nanmean(lds)),
+            "verbatim_top1": float((top == verbatim[verb]).mean()),
+            "random_credit": float(sv.values[rnd].mean()),
+            "random_measured": float(measured[rnd].mean()),
+        })
+    for r in rows:
+        r["loso_ceiling"], r["lds_ceiling"] = ceiling, lds_ceiling
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--halves", type=int, default=24)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default="runs/source-credit")
+    parser.add_argument("--results", default="benchmarks/results/source-credit.json")
+    args = parser.parse_args()
+    if args.seeds < 1 or args.halves < 4 or args.workers < 1:
+        parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1")
+    torch.set_num_threads(1)
+    train_set, queries, sources, verbatim = make_data()
+    recipe = LMRecipe(72, SEQ)
+    gt = groundtruth(recipe, train_set, queries, sources, args)
+    results = attribute(recipe, train_set, queries, Path(args.out))
+    rows = evaluate(results, gt, sources, verbatim)
+    atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "rows": rows})
+    print("| method | LOSO Spearman (per query, 90% CI) | LOSO Spearman (query-mean) | source LDS | verbatim top-1 |"
+          " random source credit / measured | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['loso_spearman']:.3f} [{r['loso_ci'][0]:.3f}, {r['loso_ci'][1]:.3f}] | "
+              f"{r['loso_spearman_mean_query']:.3f} | {r['source_lds']:.3f} | {r['verbatim_top1']:.2f} | "
+              f"{r['random_credit']:.2e} / {r['random_measured']:.2e} | {r['seconds']} |")
+    print(f"\nnoise ceiling (seed 0 vs the other seeds): LOSO {rows[0]['loso_ceiling']:.3f}, "
+          f"source LDS {rows[0]['lds_ceiling']:.3f}")
+    print(json.dumps({"gt_seconds": round(gt["seconds"], 1)}))
+
+
+if __name__ == "__main__":
+    main()
