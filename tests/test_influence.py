@@ -124,6 +124,22 @@ def test_cg_equals_explicit(logistic):
     np.testing.assert_allclose(cg.self_scores().values, explicit.self_scores().values, rtol=1e-7)
 
 
+@pytest.mark.parametrize("curvature", FACTORED)
+def test_rotated_scoring_equals_apply_inverse_on_torch_func_gradients(mlp_problem, curvature):
+    """Scoring in the eigenbasis (both sides rotated, queries never rotated back) is exact: the same numbers as
+    ∇ℓ_iᵀ · apply_inverse(∇f_q) with torch.func gradients (apply_inverse is checked against dense blocks in
+    test_curvature)."""
+    model, train, test = mlp_problem
+    task = ClassificationTask()
+    inf = Influence(model, task, curvature=curvature, batch_size=7, query_batch=3, progress=False).fit(train)
+    names = list(inf.params)
+    g_train = flat(torch_func_grads(model, task, train.tensors), names)
+    q = torch_func_grads(model, task, test.tensors, measurement=True)
+    pre = inf.curvature.apply_inverse({k: q[k] for k in names}, inf.config.damping)
+    np.testing.assert_allclose(inf.score(test).values, (g_train @ flat(pre, names).T).numpy(), rtol=1e-9,
+                               atol=1e-12)
+
+
 def test_cg_runs_with_the_default_damping(logistic):
     """The default (relative 0.1) runs for CG: δ = 0.1 × Hutchinson's tr(H)/D, and it equals the explicit Hessian with
     that absolute damping; the estimate itself is close to the exact mean eigenvalue."""
