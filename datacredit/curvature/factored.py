@@ -111,6 +111,22 @@ class BlockCurvature(Curvature):
         damping = as_damping(damping)
         return self._per_block(weights, lambda block, w: block.divide(w, damping))
 
+    def rotate_weights(self, weights: dict[str, Tensor], back: bool = False) -> dict[str, Tensor]:
+        """``Q_uᵀ W Q_v`` (``back``: ``Q_u W Q_vᵀ``) per parameter for ``weights`` ``{name: (Q, *shape)}``."""
+        def op(block, w):
+            dtype = torch.promote_types(w.dtype, block.eigenvalues.dtype)
+            qs = (None if q is None else q.to(w.device, dtype) for q in (block.q_u, block.q_v))
+            moved = EigenBlock(block.eigenvalues, *qs)
+            return (moved.unrotate(w.to(dtype)) if back else moved.rotate(w.to(dtype))).to(w.dtype)
+        return self._per_block(weights, op)
+
+    def scale_rotated(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
+        """``W ⊙ f(Λ)`` for rotated weights: ``f(H)`` applied in the eigenbasis (rotate before, back after)."""
+        def op(block, w):
+            lam = block.eigenvalues.to(w.device, torch.promote_types(w.dtype, block.eigenvalues.dtype))
+            return (w.to(lam.dtype) * fn(lam)).to(w.dtype)
+        return self._per_block(weights, op)
+
     def apply_functions(self, weights: dict[str, Tensor], fns: list) -> list[dict[str, Tensor]]:
         per_name = self._per_block(weights, lambda block, w: block.apply_functions(w, fns), stack=True)
         return [{name: outs[k] for name, outs in per_name.items()} for k in range(len(fns))]
