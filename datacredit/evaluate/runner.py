@@ -281,8 +281,10 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
         # ProcessPoolExecutor has no public way to stop running work; _processes (pid -> Process, since 3.2) is
         # read before shutdown, which drops it
         procs = [p for p in (getattr(pool, "_processes", None) or {}).values() if p is not None]
-        pool.shutdown(wait=False, cancel_futures=True)
         _stop_workers(procs)
+        # with its workers gone the pool is broken and its manager thread ends at once; joining it frees the
+        # pool's queues now (else their semaphores are reported as leaked at exit)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
