@@ -117,8 +117,7 @@ def build_store(out_dir: str | os.PathLike[str], kind: str, own: Collection[str]
     Raises LockedError (a StoreError naming the holder's pid and host) if another process is building there,
     unless ``wait``: then it waits for that build to end, and the caller resumes whatever is left. Raises
     StoreError if ``out_dir`` is a file, holds another kind of build, or holds artefacts other than ``own`` (e.g.
-    a saved Scores), unless
-    ``overwrite``, which removes every artefact there first (the build then starts afresh).
+    a saved Scores), unless ``overwrite``, which removes every artefact there first (the build starts afresh).
     """
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -133,7 +132,7 @@ def build_store(out_dir: str | os.PathLike[str], kind: str, own: Collection[str]
     except LockedError as exc:
         if not wait:
             raise
-        logger.warning("%s: another build holds this store (%s); waiting for it to finish", root, exc)
+        logger.warning("waiting for the other build to finish, then resuming what it leaves: %s", exc)
         lock = BuildLock(root, wait=True).acquire()
     try:
         # everything below runs under the lock: the check of what is there, the config check, every write
