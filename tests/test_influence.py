@@ -125,10 +125,9 @@ def test_cg_equals_explicit(logistic):
 
 
 @pytest.mark.parametrize("curvature", FACTORED)
-def test_rotated_scoring_equals_apply_inverse_on_torch_func_gradients(mlp_problem, curvature):
-    """Scoring in the eigenbasis (both sides rotated, queries never rotated back) is exact: the same numbers as
-    ∇ℓ_iᵀ · apply_inverse(∇f_q) with torch.func gradients (apply_inverse is checked against dense blocks in
-    test_curvature)."""
+def test_scores_equal_apply_inverse_on_torch_func_gradients(mlp_problem, curvature):
+    """The GEMM scoring route is exact: the same numbers as ∇ℓ_iᵀ · apply_inverse(∇f_q) with torch.func gradients
+    (apply_inverse is checked against dense blocks in test_curvature), over several query rounds."""
     model, train, test = mlp_problem
     task = ClassificationTask()
     inf = Influence(model, task, curvature=curvature, batch_size=7, query_batch=3, progress=False).fit(train)

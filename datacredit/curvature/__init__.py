@@ -6,7 +6,7 @@ gradients) and the exact twins ``"explicit"`` and ``"cg"`` (true Hessian of the 
 
 from .base import Curvature, Damping, all_reduce_sum, as_damping, curvature_class, curvature_names, register_curvature
 from .eigen import EigenBlock
-from .factored import EKFAC, KFAC, BlockCurvature, DiagonalCurvature, IdentityCurvature
+from .factored import EKFAC, KFAC, DiagonalCurvature, IdentityCurvature
 from .hessian import ExplicitHessian, HessianCG, tracked_parameters
 
 
@@ -18,7 +18,6 @@ def make_curvature(name: str, **options) -> Curvature:
 __all__ = [
     "EKFAC",
     "KFAC",
-    "BlockCurvature",
     "Curvature",
     "Damping",
     "DiagonalCurvature",

@@ -73,17 +73,6 @@ class EigenBlock:
         block = EigenBlock(lam, *(None if q is None else q.to(w.device, dtype) for q in (self.q_u, self.q_v)))
         return block.unrotate(block.rotate(w.to(dtype)) / denominator).to(w.dtype)
 
-    def divide(self, w: Tensor, damping: Damping) -> Tensor:
-        """``W ⊘ (Λ + δ)`` for ``w`` ``(Q, m, n)`` already in the eigenbasis (the middle step of
-        :meth:`apply_inverse`, same damping rule and check)."""
-        dtype = torch.promote_types(w.dtype, self.eigenvalues.dtype)
-        lam = self.eigenvalues.to(device=w.device, dtype=dtype)
-        denominator = lam + damping.value(lam.mean())
-        if bool((denominator <= 0).any()):
-            raise ValueError(f"curvature block of shape ({self.m}, {self.n}) has eigenvalues + damping <= 0 "
-                             f"(smallest eigenvalue {lam.min().item():.3g}); increase the damping")
-        return (w.to(dtype) / denominator).to(w.dtype)
-
     def apply_function(self, w: Tensor, fn) -> Tensor:
         """``f(H_p) W = Q_u [ f(Λ) ⊙ (Q_uᵀ W Q_v) ] Q_vᵀ`` for ``w`` ``(Q, m, n)`` and an elementwise ``fn`` of the
         eigenvalues (SOURCE's ``exp(−ηKλ)`` and ``(1 − e^{−ηKλ})/λ``)."""

@@ -71,7 +71,7 @@ class _Sums:
         return int(count.item())
 
 
-class BlockCurvature(Curvature):
+class _BlockCurvature(Curvature):
     """A curvature made of one :class:`EigenBlock` per parameter (shared by diagonal, KFAC and EK-FAC)."""
 
     def __init__(self) -> None:
@@ -86,46 +86,6 @@ class BlockCurvature(Curvature):
 
     def apply_function(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
         return self._per_block(weights, lambda block, w: block.apply_function(w, fn))
-
-    def rotate_grads(self, grads: ExampleGrads) -> ExampleGrads:
-        """Per-example gradients in the eigenbasis, ``Q_uᵀ G_i Q_v`` per parameter, still factored (Outer pieces
-        become ``Σ_t (Q_uᵀu_t)(Q_vᵀv_t)ᵀ``): cost ``N·T·(m² + n²)``, no ``m × n`` tensor per example. Parameters
-        without a rotation (diagonal blocks, Dense pieces) pass through unchanged."""
-        self._require_fit()
-        pieces = {}
-        for name, ps in grads.pieces.items():
-            block = self.blocks[name]
-            if block.q_u is None and block.q_v is None:
-                pieces[name] = ps
-                continue
-            dtype, device = _acc_dtype(ps), _device(ps)
-            q_u, q_v = (None if q is None else q.to(device, dtype) for q in (block.q_u, block.q_v))
-            pieces[name] = [rotate_piece(cast(p, dtype), q_u, q_v) for p in ps]
-        return ExampleGrads(pieces, grads.shapes, grads.n)
-
-    def divide_rotated(self, weights: dict[str, Tensor], damping: float | Damping = 0.0) -> dict[str, Tensor]:
-        """``W ⊘ (Λ + δ)`` for rotated weights ``{name: (Q, *shape)}`` (``Q_uᵀ W Q_v``, e.g. rotated query
-        gradients): with :meth:`rotate_grads` on the other side, ``⟨rot(g_i), divide_rotated(rot(g_q))⟩`` equals
-        ``⟨g_i, (H + δI)⁻¹ g_q⟩`` (the rotation is orthogonal), without ever rotating the preconditioned queries back
-        (``Q·(m²n + mn²)`` saved per query)."""
-        damping = as_damping(damping)
-        return self._per_block(weights, lambda block, w: block.divide(w, damping))
-
-    def rotate_weights(self, weights: dict[str, Tensor], back: bool = False) -> dict[str, Tensor]:
-        """``Q_uᵀ W Q_v`` (``back``: ``Q_u W Q_vᵀ``) per parameter for ``weights`` ``{name: (Q, *shape)}``."""
-        def op(block, w):
-            dtype = torch.promote_types(w.dtype, block.eigenvalues.dtype)
-            qs = (None if q is None else q.to(w.device, dtype) for q in (block.q_u, block.q_v))
-            moved = EigenBlock(block.eigenvalues, *qs)
-            return (moved.unrotate(w.to(dtype)) if back else moved.rotate(w.to(dtype))).to(w.dtype)
-        return self._per_block(weights, op)
-
-    def scale_rotated(self, weights: dict[str, Tensor], fn) -> dict[str, Tensor]:
-        """``W ⊙ f(Λ)`` for rotated weights: ``f(H)`` applied in the eigenbasis (rotate before, back after)."""
-        def op(block, w):
-            lam = block.eigenvalues.to(w.device, torch.promote_types(w.dtype, block.eigenvalues.dtype))
-            return (w.to(lam.dtype) * fn(lam)).to(w.dtype)
-        return self._per_block(weights, op)
 
     def apply_functions(self, weights: dict[str, Tensor], fns: list) -> list[dict[str, Tensor]]:
         per_name = self._per_block(weights, lambda block, w: block.apply_functions(w, fns), stack=True)
@@ -146,7 +106,7 @@ class BlockCurvature(Curvature):
             out[name] = [r.reshape(w.shape) for r in result] if stack else result.reshape(w.shape)
         return out
 
-    def to(self, device: torch.device | str) -> BlockCurvature:
+    def to(self, device: torch.device | str) -> _BlockCurvature:
         self.blocks = {name: block.to(device) for name, block in self.blocks.items()}
         return self
 
@@ -172,7 +132,7 @@ class BlockCurvature(Curvature):
 
 
 @register_curvature
-class DiagonalCurvature(BlockCurvature):
+class DiagonalCurvature(_BlockCurvature):
     """Diagonal empirical Fisher ``(1/N) Σ_i g_i ⊙ g_i`` per parameter. One pass."""
 
     name = "diagonal"
@@ -190,7 +150,7 @@ class DiagonalCurvature(BlockCurvature):
 
 
 @register_curvature
-class KFAC(BlockCurvature):
+class KFAC(_BlockCurvature):
     """Kronecker-factored empirical Fisher ``U ⊗ V`` per parameter (see the module doc for the factors). One pass."""
 
     name = "kfac"

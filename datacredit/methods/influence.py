@@ -17,9 +17,6 @@ them (materialized per parameter, ``(Q, *shape)``); every training batch is then
 (``N·T·m·n``) and multiplies them with all the round's queries in one GEMM (``N·Q·m·n``), or takes val-first dots
 (``Σ_t u_tᵀ V v_t``, ``N·T·m·n·Q``) where that is much cheaper (Embedding rows). ``curvature="identity"`` skips the
 preconditioning and uses Grad-Dot's Gram products on the factored query gradients (ghost dots: ``N·Q·T²·(m+n)``).
-The eigen-based curvatures (diagonal, KFAC, EK-FAC) score in their eigenbasis: ``⟨Q_uᵀG_iQ_v, (Q_uᵀG_qQ_v) ⊘ (Λ+δ)⟩``,
-both sides rotated while still factored (``T·(m² + n²)`` per example), so the preconditioned queries are never rotated
-back (``Q·(m²n + mn²)`` saved); the rotation is orthogonal, so the numbers are the same.
 Each round is one pass over the training data, so memory is ``query_batch × (number of parameters)`` and the
 training backward passes are repeated only when the queries do not fit in one round. With a store, the curvature is
 cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled into a memmap
@@ -42,7 +39,7 @@ from torch import Tensor, nn
 
 from ..capture import ExampleGrads
 from ..curvature import Curvature, Damping, as_damping, curvature_class, curvature_names, tracked_parameters
-from ..curvature.factored import BlockCurvature, IdentityCurvature
+from ..curvature.factored import IdentityCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
 from ..errors import DataError, StoreError
 from ..scores import Scores
@@ -185,8 +182,8 @@ class Influence(GradientMethod):
         want = self.config.query_batch or max(1, QUERY_ELEMENTS // max(self.numel, 1))
         return max(1, -(-want // self.batch_size)) * self.batch_size  # whole query batches per round
 
-    def _stack(self, grads: list[ExampleGrads]) -> dict[str, Tensor]:
-        """The per-example gradients of ``grads`` materialized and stacked, ``{name: (Q, *shape)}``."""
+    def precondition(self, grads: list[ExampleGrads]) -> dict[str, Tensor]:
+        """``(H + δI)⁻¹ ∇f_q`` per parameter, ``{name: (Q, *shape)}``, for the queries of ``grads`` (in order)."""
         mats = [g.materialize() for g in grads]
         names = [name for name in self.params if any(name in m for m in mats)]
         weights = {}
@@ -195,11 +192,6 @@ class Influence(GradientMethod):
             parts = [m[name] if name in m else torch.zeros(g.n, *shape, dtype=g.flat_dtype, device=self.device)
                      for m, g in zip(mats, grads)]
             weights[name] = torch.cat(parts)
-        return weights
-
-    def precondition(self, grads: list[ExampleGrads]) -> dict[str, Tensor]:
-        """``(H + δI)⁻¹ ∇f_q`` per parameter, ``{name: (Q, *shape)}``, for the queries of ``grads`` (in order)."""
-        weights = self._stack(grads)
         with eval_mode(self.model):
             return self.curvature.apply_inverse(weights, self.config.damping)
 
@@ -214,12 +206,6 @@ class Influence(GradientMethod):
         if isinstance(self.curvature, IdentityCurvature):
             scale = self.curvature.scale(self.config.damping)
             return lambda g: torch.cat([g.gram(q) for q in group], dim=1) * scale
-        if isinstance(self.curvature, BlockCurvature):
-            # In the eigenbasis: ⟨Q_uᵀG_iQ_v, (Q_uᵀG_qQ_v) ⊘ (Λ+δ)⟩. Both sides are rotated factored (N·T·(m²+n²)),
-            # and the preconditioned queries are never rotated back (Q·(m²n + mn²) saved).
-            curvature, damping = self.curvature, self.config.damping
-            weights = curvature.divide_rotated(self._stack([curvature.rotate_grads(g) for g in group]), damping)
-            return lambda g: products(curvature.rotate_grads(g), weights)
         pre = self.precondition(group)
         return lambda g: products(g, pre)
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Capture, ExampleGrads, Outer, example_grads
-from ..curvature import BlockCurvature, Curvature, make_curvature
+from ..curvature import Curvature, make_curvature
 from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
@@ -202,24 +202,15 @@ class Source(GradientMethod):
         return ids, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _segment_weights(self, v: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-        """``u_ℓ = A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] v`` for every segment, latest first then reversed to segment order; for an
-        eigen-based segment curvature ``u_ℓ`` is returned in that curvature's eigenbasis (``Q_uᵀ u_ℓ Q_v``): dot it
-        with training gradients rotated by ``seg.curvature.rotate_grads``."""
+        """``u_ℓ = A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] v`` for every segment, latest first then reversed to segment order."""
         out: list[dict[str, Tensor]] = [{} for _ in self.segments]
         for ell in range(len(self.segments) - 1, -1, -1):
             seg = self.segments[ell]
-            curv = seg.curvature
-            if isinstance(curv, BlockCurvature):
-                # u_ℓ stays in the segment's eigenbasis (the training side is rotated to meet it, factored: cheap);
-                # only the propagated v is rotated back, and not after the earliest segment
-                rotated = curv.rotate_weights(v)
-                out[ell] = curv.scale_rotated(rotated, _accumulator(seg, self.time))
-                if ell > 0:
-                    v = curv.rotate_weights(curv.scale_rotated(rotated, _propagator(seg, self.time)), back=True)
-            elif ell == 0:  # nothing earlier to propagate to
-                out[ell] = curv.apply_function(v, _accumulator(seg, self.time))
-            else:  # one rotation into the segment's eigenbasis serves both functions
-                out[ell], v = curv.apply_functions(v, [_accumulator(seg, self.time), _propagator(seg, self.time)])
+            if ell == 0:  # nothing earlier to propagate to
+                out[ell] = seg.curvature.apply_function(v, _accumulator(seg, self.time))
+                break
+            # one rotation into the segment's eigenbasis serves both functions
+            out[ell], v = seg.curvature.apply_functions(v, [_accumulator(seg, self.time), _propagator(seg, self.time)])
         return out
 
     def _require_fit(self) -> None:
@@ -284,8 +275,6 @@ class Source(GradientMethod):
             self._load(seg.trajectory, k)
             _, it = self.grads(data, desc="source score")
             for batch, g in it:
-                if isinstance(seg.curvature, BlockCurvature):  # u is in the segment's eigenbasis (_segment_weights)
-                    g = seg.curvature.rotate_grads(g)
                 for name in keep & set(g.pieces):
                     total = buffers[name][batch.rows]
                     for piece in g.pieces[name]:
@@ -327,8 +316,6 @@ class Source(GradientMethod):
                             self._load(seg.trajectory, k)
                             with Capture(self.model, self.modules) as cap:
                                 g = example_grads(cap, self.task.loss(self.model, batch.data), batch.ids)
-                            if isinstance(seg.curvature, BlockCurvature):  # u is in the segment's eigenbasis
-                                g = seg.curvature.rotate_grads(g)
                             total += g.dot(u).diagonal().detach().cpu().double() / (len(seg.trajectory) * n_stage)
                     out.append(total.numpy())
         return Scores(np.concatenate(out)[:, None], self.train_ids, np.array([-1]), "source:self",
