@@ -35,9 +35,9 @@ minimised over :data:`GCV_GRID` (relative ridges 1e-6 … 1e2, log-spaced). With
 ``c_j²/e_j · (λ/(e_j + λ))²``, ``tr S_λ = Σ e_j/(e_j + λ)``): one ``(k × k)`` eigendecomposition and one pass
 ``Φᵀr``, O(k) per grid point. A number fixes ρ instead: ``ridge=1e-6`` is the previous default (the paper's
 unregularised estimator made safe). Measured (benchmarks/QUERIES.md, LDS against cached retraining ground truth):
-digits logistic regression, k = 2048: 0.28 at ρ = 1e-6, 0.41 at the GCV choice (ρ = 0.03); k = 512: 0.30 → 0.36
-(ρ = 0.001); Fashion-MNIST MLP, k = 512, 500 queries: 0.084 → 0.099 (ρ = 0.3, the best ρ of the sweep). On digits LDS
-keeps rising to ρ ≈ 1–3 (0.74–0.76): GCV is a data-driven improvement over the old default, not the LDS optimum.
+digits logistic regression, k = 2048: 0.278 at ρ = 1e-6, 0.412 at the GCV choice (ρ = 0.032); k = 512: 0.296 →
+0.379 (ρ = 0.0018); Fashion-MNIST MLP, k = 512, 500 queries: 0.084 → 0.099. On digits LDS keeps rising to ρ ≈ 1–3
+(0.68–0.76 in a sweep): GCV is a data-driven improvement over the old default, not the LDS optimum.
 
 Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (in chunks of ~2048 rows: an interrupted fit resumes) and the
 Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) per model in the store; ``score`` then costs
