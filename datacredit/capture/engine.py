@@ -22,7 +22,7 @@ not first; it costs one extra backward on the first batch only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +121,8 @@ class _Call:
     versions: tuple[int, ...]
     handle: object | None = None
     grad: Tensor | None = field(default=None)
+    saved: object | None = None  # what the rule kept from the forward (LayerRule.saved)
+    streamed: bool = False  # its pieces went to Capture.consumer (streaming mode) and its inputs were dropped
 
     def set_grad(self, grad: Tensor) -> None:
         self.grad = grad.detach() if self.grad is None else self.grad + grad.detach()
@@ -142,8 +144,14 @@ class _Call:
     def drop(self) -> None:
         if self.handle is not None:
             self.handle.remove()
-        self.output = self.target = self.edge = self.handle = self.grad = None
+        self.output = self.target = self.edge = self.handle = self.grad = self.saved = None
         self.inputs = ()
+
+    def pieces(self, inputs: tuple, grad: Tensor) -> dict[str, Piece]:
+        """The rule's pieces for this call (``saved=`` only for rules that keep something from the forward)."""
+        if self.saved is None:
+            return self.rule.pieces(self.module, inputs, grad)
+        return self.rule.pieces(self.module, inputs, grad, saved=self.saved)
 
 
 def _own_base(base: Tensor, inputs: tuple) -> bool:
@@ -164,6 +172,12 @@ class Capture:
     several times per forward (shared layers) and parameters shared by modules (tied weights) are both handled.
     ``verified`` is set once :func:`example_grads` has checked this capture's per-example gradients against the true
     gradient (the first batch); a Capture can be entered again for later batches and keeps it.
+
+    Streaming: with ``consumer`` set, each call's pieces are built inside the backward, in the node pre-hook that
+    receives the call's output gradient, and handed to ``consumer(path, [(parameter name, piece), ...])`` at once;
+    the call then drops its inputs, so nothing per-example outlives its layer's backward. :meth:`collect` is not used
+    then; :meth:`finish_stream` checks that no call was lost to an in-place op and clears. A call whose node receives
+    a gradient twice (a second backward through a retained graph) raises: its inputs are gone.
     """
 
     def __init__(self, model: nn.Module, modules: Iterable[str] | None = None):
@@ -185,6 +199,7 @@ class Capture:
         self.measure = False  # collect also fills `scales` (for the one-off check; reads every factor once more)
         self.scales: dict[str, float] = {}
         self._listening = True  # node pre-hooks record; off while example_grads reads gradients itself
+        self.consumer: Callable[[str, list[tuple[str, Piece]]], None] | None = None
 
     def __enter__(self) -> Capture:
         for path, (module, rule) in self.tracked.items():
@@ -207,17 +222,51 @@ class Capture:
             detached = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
             edge = get_gradient_edge(target)
             call = _Call(path, module, rule, detached, output, target, edge, _versions(output, target, detached))
+            call.saved = rule.saved(module, detached, output)
             index = edge.output_nr
 
             def on_grad(grad_outputs: tuple) -> None:
                 grad = grad_outputs[index]
-                if self._listening and grad is not None:
+                if not self._listening or grad is None:
+                    return
+                if self.consumer is not None:
+                    self._stream(call, call.output_grad(grad))
+                else:
                     call.set_grad(call.output_grad(grad))
 
             call.handle = edge.node.register_prehook(on_grad)
             self._calls.append(call)
 
         return hook
+
+    def _stream(self, call: _Call, grad: Tensor) -> None:
+        """Build the call's pieces from its output gradient and hand them to the consumer (streaming mode)."""
+        if call.streamed:
+            raise RuntimeError(f"module {call.path!r} received a second output gradient in one streamed backward "
+                               "(a backward through a retained graph?); its inputs were already released")
+        changed = call.changed()
+        if "input" in changed:
+            raise _inplace_error(call, changed)
+        grad = grad.detach()
+        self.seen_dtypes.add(grad.dtype)
+        inputs, grad = _common_dtype(call.module, call.inputs, grad)
+        found = [(self._names[id(getattr(call.module, attr))], piece)
+                 for attr, piece in call.pieces(inputs, grad).items()]
+        call.streamed, call.inputs, call.saved = True, (), None  # nothing per-example is kept past this layer
+        self.consumer(call.path, found)
+
+    def finish_stream(self) -> int:
+        """End a streamed backward: raise for a call whose gradient an in-place op hid (as :meth:`collect` does),
+        clear the calls, and return how many calls were streamed."""
+        try:
+            for call in self._calls:
+                if not call.streamed:
+                    changed = call.changed()
+                    if changed:
+                        raise _inplace_error(call, changed)
+            return sum(call.streamed for call in self._calls)
+        finally:
+            self.clear()
 
     @property
     def outputs(self) -> list[Tensor]:
@@ -263,25 +312,29 @@ class Capture:
         for call in self._calls:
             changed = call.changed()
             if "input" in changed or (call.grad is None and changed):
-                what = " and ".join(dict.fromkeys(changed))
-                raise UnsupportedModuleError(
-                    f"the {what} of module {call.path!r} ({_type_name(call.module)}) was modified in place after "
-                    "the call, so its per-example gradient cannot be computed from what the hooks saw; make the "
-                    "in-place op out-of-place (e.g. nn.ReLU(inplace=False)) or leave the module out of "
-                    "Task.tracked_modules"
-                )
+                raise _inplace_error(call, changed)
             if call.grad is None:  # output did not reach the loss
                 continue
             if check_finite:
                 _check_finite(call.grad, ids)
             self.seen_dtypes.add(call.grad.dtype)
             inputs, grad = _common_dtype(call.module, call.inputs, call.grad)
-            for attr, piece in call.rule.pieces(call.module, inputs, grad).items():
+            for attr, piece in call.pieces(inputs, grad).items():
                 name = self._names[id(getattr(call.module, attr))]
                 found.append((call.path, name, piece))
                 if self.measure:
                     self.scales[name] = self.scales.get(name, 0.0) + _call_scale(inputs, grad)
         return found
+
+
+def _inplace_error(call: _Call, changed: list[str]) -> UnsupportedModuleError:
+    what = " and ".join(dict.fromkeys(changed))
+    return UnsupportedModuleError(
+        f"the {what} of module {call.path!r} ({_type_name(call.module)}) was modified in place after "
+        "the call, so its per-example gradient cannot be computed from what the hooks saw; make the "
+        "in-place op out-of-place (e.g. nn.ReLU(inplace=False)) or leave the module out of "
+        "Task.tracked_modules"
+    )
 
 
 def _call_scale(inputs: tuple, grad: Tensor) -> float:

@@ -164,6 +164,9 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
     n_ex, t = a.v.shape[:2]
     q_total = weights.shape[0]
     v_flat = a.v.reshape(n_ex * t, a.n)
+    if q_total == 1:  # the In-Run case: one matmul and one row-wise dot, no einsum dispatch
+        rows = weights[0][a.u.reshape(-1)] if a.indexed else a.u.reshape(n_ex * t, a.m) @ weights[0]  # (N·T, n)
+        return (rows * v_flat).sum(-1).reshape(n_ex, t).sum(1, keepdim=True)
     step = max(1, CHUNK_ELEMENTS // max(n_ex * t * a.n, 1))
     cols = []
     for start in range(0, q_total, step):
@@ -174,6 +177,47 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
             rows = torch.einsum("pm,qmn->qpn", a.u.reshape(n_ex * t, a.m), w)
         cols.append(torch.einsum("qpn,pn->qp", rows, v_flat).reshape(-1, n_ex, t).sum(-1).T)
     return torch.cat(cols, dim=1)
+
+
+def ghost_factors(pieces: list[Outer]) -> list[tuple[Tensor, Tensor]]:
+    """The rows of all ``pieces`` (one parameter's pieces from other examples) stacked for :func:`ghost_total`:
+    ``[(u, v)]`` with ``u`` ``(P, m)`` dense or ``(P,)`` indices and ``v`` ``(P, n)``, one entry per kind of ``u``."""
+    dense = [p for p in pieces if not p.indexed]
+    indexed = [p for p in pieces if p.indexed]
+    out = []
+    if dense:
+        out.append((torch.cat([p.u.reshape(-1, p.m) for p in dense]), torch.cat([p.v.reshape(-1, p.n) for p in dense])))
+    if indexed:
+        out.append((torch.cat([p.u.reshape(-1) for p in indexed]), torch.cat([p.v.reshape(-1, p.n) for p in indexed])))
+    return out
+
+
+def ghost_total(a: Outer, factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``⟨G_i, Σ_j G'_j⟩`` for every example i of ``a``, ``(N,)``, from the stacked rows of the other side
+    (:func:`ghost_factors`): ``Σ_{t,p} (u_{i,t}·u'_p)(v_{i,t}·v'_p)`` without forming any ``m×n`` tensor.
+
+    Cost ``N·T·P·(m+n)`` for ``P`` rows on the other side (:func:`ghost_cost` summed over its pieces); temporaries
+    ``(N·T, P)``, split over ``P`` to stay under :data:`CHUNK_ELEMENTS`.
+    """
+    n_ex, t = a.v.shape[:2]
+    va = a.v.reshape(n_ex * t, a.n)
+    ua = a.u.reshape(-1) if a.indexed else a.u.reshape(n_ex * t, a.m)
+    out = torch.zeros(n_ex, dtype=a.v.dtype, device=a.v.device)
+    step = max(1, CHUNK_ELEMENTS // max(n_ex * t, 1))
+    for ub_all, vb_all in factors:
+        for start in range(0, vb_all.shape[0], step):
+            ub, vb = ub_all[start : start + step], vb_all[start : start + step]
+            vv = va @ vb.T  # (N·T, p)
+            if a.indexed and ub.dim() == 1:
+                uu = (ua[:, None] == ub[None, :]).to(vv.dtype)
+            elif a.indexed:  # one-hot · dense = the dense row's entry at the index
+                uu = ub[:, ua].T
+            elif ub.dim() == 1:
+                uu = ua[:, ub]
+            else:
+                uu = ua @ ub.T
+            out += (uu * vv).reshape(n_ex, -1).sum(1)
+    return out
 
 
 def materialized_gram(a: Piece, b: Piece) -> Tensor:

@@ -35,8 +35,15 @@ class LayerRule:
     params: tuple[str, ...] | None = None
 
     def pieces(self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Piece]:
-        """Map parameter attribute name (``"weight"``, ``"bias"``) to its piece; only parameters needing grad."""
+        """Map parameter attribute name (``"weight"``, ``"bias"``) to its piece; only parameters needing grad.
+
+        A rule whose :meth:`saved` returns something other than None also receives it as ``saved=``."""
         raise NotImplementedError
+
+    def saved(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> object | None:
+        """What the rule wants to keep from the forward call besides its inputs (called in the forward hook), e.g.
+        statistics autograd saved for its own backward, so :meth:`pieces` need not recompute them. Default: None."""
+        return None
 
     def check(self, module: nn.Module, path: str) -> None:
         """Raise :class:`UnsupportedModuleError` for configurations the rule cannot handle (called once)."""

@@ -18,6 +18,29 @@ Momentum: z's share is what z put into *this* step's update; what the momentum b
 of those steps' baseline ``c``, so it is not credited to z. Gradient clipping between ``backward`` and ``step`` would
 rescale shares we cannot see: clip with :meth:`InRunShapley.clip_grad_norm_` so the factor is applied to the shares.
 
+How a step is computed (exact unless a validation budget is asked for):
+
+* **Streaming** (first order, SGD with or without momentum, every step after the first): ``s`` is one number per
+  parameter group, so ``⟨g_z, s ⊙ g_val⟩ = s·⟨g_z, g_val⟩``. When the step's first micro-batch begins, the validation
+  forward/backward runs at ``θ_t`` (the parameters the training forward is about to use); then each tracked layer's
+  per-example dot ``⟨g_val, g_z⟩`` is taken inside that layer's backward hook, by ghost dots with the validation
+  examples' factors or a val-first dot with the summed validation gradient (whichever the cost model prices lower),
+  and reduced to ``(N,)`` at once: nothing per-example outlives its layer. ``s`` and clipping multiply the reduced
+  dots at ``optimizer.step()``.
+* **Deferred** (Adam/AdamW, second order, targeted, the first step): ``s`` is a tensor that depends on the finished
+  batch gradient (Adam's ``v̂_t`` includes ``g_t²``; clipping and the loss scale change ``p.grad`` after the
+  backward), or the weights need ``p.grad`` (second order). Each layer's factors are kept until the optimizer's
+  pre-hook, where one val-first dot per layer with ``s ⊙ g_val`` (second order: ``s ⊙ (g_val − H_val w)``) gives
+  the values. The summed validation gradient comes from one ordinary backward (no validation pieces).
+
+Validation budget (``validation_subsample=k``): each step draws k of the n validation examples uniformly without
+replacement (seeded by ``seed``) and scales their summed gradient (and, second order, their HVP) by ``n/k``. Both
+terms are linear in the validation set, so the step's value is an unbiased estimate of the full-validation value;
+for example z with per-validation-example values ``y_q`` (``φ_z = Σ_q y_q``) its variance is
+``n²·(1 − k/n)·σ²/k`` with ``σ² = Σ_q (y_q − ȳ)²/(n − 1)``, and independent draws make the variances of the steps add.
+Cost: the validation pass shrinks by ``k/n``, and ghost dots become the cheaper route for more layers. Exact values
+need the default (``None``: the whole validation set every step).
+
 Never silently wrong. On the first step the batch gradient ``p.grad`` of every tracked parameter must equal the sum of
 the examples' captured gradients up to float rounding (measured against the sum of absolute terms); otherwise the step
 raises naming the parameters (a weight used outside its module, a loss scaled by hand, a regularizer: pass
@@ -32,19 +55,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..capture import Capture, ExampleGrads, example_grads
-from ..capture.engine import tolerance, unexplained
-from ..capture.pieces import Outer, ghost_cost, piece_dot, piece_gram
+from ..capture.engine import _check_batch_dims, check_per_example, tolerance, unexplained
+from ..capture.pieces import Dense, Outer, Piece, ghost_cost, ghost_factors, ghost_total, piece_dot, piece_gram
 from ..data.dataset import example_ids
 from ..errors import DataCreditError, DataError, NonFiniteError
-from ..optimizers import affine_step
+from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
 from ..scores import Scores
 from ..task import Task, batch_size
 from .base import batches, eval_mode
@@ -72,12 +96,24 @@ class InRunShapley:
     unexplained_gradient: ``"raise"`` (default) if ``p.grad`` of a tracked parameter is not the examples' summed
     gradient on the first step, or ``"baseline"`` to count the difference (e.g. a regularizer added to the loss) as
     the step's baseline.
+    validation_subsample: ``None`` (default, exact): the whole validation set every step. ``k``: a fresh uniform
+    sample of k validation examples per step, scaled by ``n_val/k``: an unbiased estimate of the exact value with
+    variance ``n_val²(1 − k/n_val)σ²/k`` per step (module docstring), about ``k/n_val`` of the validation cost. Not
+    with ``targeted``. seed: the sampler's seed.
+    streaming: ``True`` (default) reduces first-order SGD values inside the backward (module docstring); ``False``
+    keeps every layer's factors until ``optimizer.step()`` (the reference route: same values, more memory, slower).
+
+    Cost per step (first order, SGD, streaming): one validation forward/backward (``k/n_val`` of it with a budget),
+    and per tracked layer ``min(N·T·P·(m+n), N·T·m·n)`` multiply-adds (ghost dots with the ``P`` validation tokens, or
+    one val-first dot), done inside the training backward. Adam adds ``s`` (about half an Adam update) and always
+    takes the val-first dot; second order adds one HVP of the validation loss.
     """
 
     def __init__(self, model: nn.Module, task: Task, validation: Any, optimizer: torch.optim.Optimizer, *,
                  order: int = 1, targeted: bool = False, keep_history: bool = False,
                  validation_batch_size: int = 256, scaler: torch.amp.GradScaler | None = None,
-                 unexplained_gradient: str = "raise"):
+                 unexplained_gradient: str = "raise", validation_subsample: int | None = None, seed: int = 0,
+                 streaming: bool = True):
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         if unexplained_gradient not in ("raise", "baseline"):
@@ -91,8 +127,24 @@ class InRunShapley:
         self._names = {p: name for name, p in inner.named_parameters()}
         self.validation, self.validation_batch_size = validation, validation_batch_size
         self.query_ids = self._validation_ids(validation)
+        self.streaming = streaming
+        self.validation_subsample = validation_subsample
+        self.n_val = self._validation_size(validation) if validation_subsample is not None else None
+        if validation_subsample is not None:
+            if targeted:
+                raise ValueError("validation_subsample estimates the summed validation value; not with targeted=True")
+            if not 1 <= int(validation_subsample) <= self.n_val:
+                raise ValueError(f"validation_subsample must be in 1..{self.n_val} (the validation size), got "
+                                 f"{validation_subsample}")
+        self._generator = torch.Generator().manual_seed(seed)
+        self._choice: Tensor | None = None  # this step's validation sample (validation_subsample)
+        self._val_state: _Validation | None = None  # this step's validation side at θ_t (streaming)
+        self._acc: dict[str, Tensor] | None = None  # streamed per-parameter dots of the open micro-batch
+        # the route each parameter's dots took in the last streamed micro-batch ("ghost" / "val-first"): the next
+        # validation pass skips what no route needs (validation pieces, or weight gradients of ghost layers)
+        self._routes: dict[str, str] | None = None
         self.world = torch.distributed.get_world_size() if _ddp(model) else 1
-        self._pending: list[tuple[np.ndarray, ExampleGrads]] = []
+        self._pending: list[_Micro] = []
         self._open: np.ndarray | None = None  # ids of the micro-batch being recorded
         self._clip = 1.0
         self._rows: dict[int, int] = {}
@@ -128,22 +180,73 @@ class InRunShapley:
         try:
             yield
         except BaseException:
+            self.capture.consumer = self._acc = None
             self.capture.__exit__(None, None, None)
             self._open = None
             raise
         self.finish()
 
     def begin(self, ids: Sequence[int] | Tensor | np.ndarray) -> None:
-        """Start recording a micro-batch (the forward + backward that follow). :meth:`step` wraps begin/finish."""
+        """Start recording a micro-batch (the forward + backward that follow). :meth:`step` wraps begin/finish.
+
+        On the streaming route the step's validation forward/backward runs here (once per optimizer step), at the
+        parameters the training forward is about to use."""
         if self._open is not None:
             raise RuntimeError("a micro-batch is already being recorded; call finish() first")
-        self._open = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
+        if self._streams():
+            if self._val_state is None:
+                routes = self._routes or {}
+                ghost = {name for name, r in routes.items() if r == "ghost"}
+                with torch.enable_grad(), eval_mode(self.inner):
+                    self._val_state = self._validation(with_pieces=self._routes is None or bool(ghost), skip=ghost)
+            self._acc = {}
+            self.capture.consumer = self._consume
+        self._open = ids
         self.capture.__enter__()
+
+    def _streams(self) -> bool:
+        """Whether the next micro-batch is reduced inside its backward (see the module docstring)."""
+        return (self.streaming and self.order == 1 and not self.targeted and self._checked and self.steps > 0
+                and scalar_preconditioner(self.optimizer))
+
+    def _consume(self, path: str, found: list[tuple[str, Piece]]) -> None:
+        """Backward hook of one tracked call (streaming): ``⟨g_val, g_z⟩`` per example for each of its parameters,
+        added to the micro-batch's per-parameter sums ``(N,)``; the pieces are dropped when this returns."""
+        val, acc, n = self._val_state, self._acc, len(self._open)
+        routes = self._routes = self._routes if self._routes is not None else {}
+        for name, a in found:
+            if a.n_examples != n:
+                _check_batch_dims({path: a.n_examples}, n, f" (step got {n} ids)")
+            if not val.has(name):  # the validation loss does not depend on it
+                continue
+            factors = val.ghost(name) if isinstance(a, Outer) else None
+            if factors is not None and _ghost_is_cheaper(a, val.pieces[name]):
+                d = ghost_total(a, factors)
+                routes.setdefault(name, "ghost")
+            else:
+                d = piece_dot(a, val.flat(name, a)).reshape(-1)
+                routes[name] = "val-first"  # one val-first piece is enough to need the weight gradient
+            acc[name] = d if name not in acc else acc[name] + d
 
     def finish(self) -> None:
         """Stop recording and keep the micro-batch's per-example gradients for the next ``optimizer.step()``."""
         ids, self._open = self._open, None
         if ids is None:
+            return
+        factor = 1.0 / self.world
+        if self.scaler is not None and self.scaler.is_enabled():
+            factor /= float(self.scaler.get_scale())  # the backward ran on scale × loss; a power of two: exact
+        if self.capture.consumer is not None:
+            acc, self._acc = self._acc, None
+            try:
+                streamed = self.capture.finish_stream()
+            finally:
+                self.capture.consumer = None
+                self.capture.__exit__(None, None, None)
+            if not streamed:
+                raise ValueError("no tracked module took part in the loss; was the forward run inside the step?")
+            self._pending.append(_Micro(ids, dots={k: d * factor if factor != 1.0 else d for k, d in acc.items()}))
             return
         self.capture.measure = not self._checked  # rounding scales for the first step's check
         try:
@@ -154,10 +257,7 @@ class InRunShapley:
         if grads.n != len(ids):
             raise DataError(f"step got {len(ids)} ids for a batch of {grads.n} examples (the leading dimension of "
                             "the tracked modules' inputs: the batch dimension must come first)")
-        factor = 1.0 / self.world
-        if self.scaler is not None and self.scaler.is_enabled():
-            factor /= float(self.scaler.get_scale())  # the backward ran on scale × loss; a power of two: exact
-        self._pending.append((ids, grads if factor == 1.0 else grads.scale(factor)))
+        self._pending.append(_Micro(ids, grads=grads if factor == 1.0 else grads.scale(factor)))
         for name, size in self.capture.scales.items():
             self._scales[name] = self._scales.get(name, 0.0) + size * factor
 
@@ -182,6 +282,7 @@ class InRunShapley:
         if self._pending:
             self._pending, self._clip, self._scales = [], 1.0, {}
             self.skipped += 1
+        self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
 
     # -- the value of one step ---------------------------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -190,32 +291,42 @@ class InRunShapley:
             return
         pending, self._pending = self._pending, []
         clip, self._clip = self._clip, 1.0
-        with torch.enable_grad(), eval_mode(self.inner):
-            values = self._step_values(pending, clip)
+        try:
+            with torch.enable_grad(), eval_mode(self.inner):
+                values = self._step_values(pending, clip)
+        finally:
+            self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
-            ids = np.concatenate([i for i, _ in pending])
+            ids = np.concatenate([m.ids for m in pending])
             raise NonFiniteError(f"NaN/inf In-Run values at step {self.steps} for example ids {ids[bad].tolist()}")
         start = 0
-        for ids, grads in pending:
-            part = values[start : start + grads.n]
-            self._add(ids, part)
+        for micro in pending:
+            part = values[start : start + micro.n]
+            self._add(micro.ids, part)
             if self.keep_history:
-                self.history.append((self.steps, ids, part))
-            start += grads.n
+                self.history.append((self.steps, micro.ids, part))
+            start += micro.n
         self.steps += 1
 
-    def _step_values(self, pending: list[tuple[np.ndarray, ExampleGrads]], clip: float) -> np.ndarray:
-        affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
+    def _step_values(self, pending: list[_Micro], clip: float) -> np.ndarray:
         if self.order == 1 and self.steps > 0:  # the batch total is only needed for w, and once for the check
-            return self._first_order(pending, {self._names[p]: s * clip for p, (s, _) in affine.items()})
+            if scalar_preconditioner(self.optimizer):
+                shares = {self._names[p]: s * clip for p, s in step_scale(self.optimizer).items() if p in self._names}
+                return self._first_order(pending, shares)
+            # s is a tensor (Adam): only s ⊙ g_val is needed, formed in one sweep per parameter
+            val = self._val_state = self._val_state or self._validation(with_pieces=False)
+            vectors = {p: val.grad(name) for name, p in self.capture.params.items() if val.has(name)}
+            scaled = {self._names[p]: v for p, v in precondition(self.optimizer, vectors, clip).items()}
+            return self._first_order(pending, scaled, prescaled=True)
+        affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
         if self.order == 2 and not self._val_capture.verified:  # first order checks it while capturing validation
             self._check_validation()
         total = bound = None
         if not self._explained:  # checked on the first step: p.grad is the (clipped) sum of the examples' gradients
-            total = _sum_totals([g for _, g in pending])
+            total = _sum_totals([m.grads for m in pending])
             if not self._checked:
-                bound = _sum_totals([g for _, g in pending], absolute=True)
+                bound = _sum_totals([m.grads for m in pending], absolute=True)
             if self.world > 1:
                 for t in [*total.values(), *(bound or {}).values()]:
                     torch.distributed.all_reduce(t)
@@ -248,7 +359,7 @@ class InRunShapley:
         if self.order == 1:
             return self._first_order(pending, shares)
         weights = self._validation_weights(affine, shares, w)
-        return np.concatenate([_np(grads.dot(weights)) for _, grads in pending])
+        return np.concatenate([_np(m.grads.dot(weights)) for m in pending])
 
     def _check_explained(self, sums: dict[str, tuple[Tensor, Tensor]], true: dict[str, Tensor]) -> None:
         """Raise naming the tracked parameters whose ``p.grad`` is not the examples' summed gradient (first step)."""
@@ -278,35 +389,114 @@ class InRunShapley:
         with self._val_capture as cap:
             example_grads(cap, self.task.measurement(self.inner, batch))
 
-    def _first_order(self, pending: list[tuple[np.ndarray, ExampleGrads]], shares: dict) -> np.ndarray:
-        """``⟨g_z, s ⊙ g_val⟩`` per layer by the cheaper exact route: ghost dots with the validation examples' pieces,
-        or a val-first dot with their sum (the only route when ``s`` is a tensor, as for Adam)."""
+    def _first_order(self, pending: list[_Micro], shares: dict, prescaled: bool = False) -> np.ndarray:
+        """``⟨g_z, s ⊙ g_val⟩`` per example ``(B, Q)``. Streamed micro-batches bring their per-parameter dots; the
+        others are reduced here per layer by the cheaper exact route: ghost dots with the validation examples' pieces,
+        or a val-first dot with ``s ⊙ g_val`` (the only route when ``s`` is a tensor, as for Adam).
+
+        shares: ``s`` (times clipping) per parameter name; with ``prescaled``, ``s ⊙ g_val`` itself instead."""
+        if self.targeted:
+            return self._first_order_targeted(pending, shares)
+        device = next(self.inner.parameters()).device
+        val = self._val_state
+        if val is None and any(m.grads is not None for m in pending):
+            # validation pieces only where a ghost dot may be cheaper (s a number); Adam needs only Σ g_val
+            val = self._validation(with_pieces=any(not isinstance(s, Tensor) for s in shares.values()))
+        # s ⊙ g_val, flattened (1, numel), for the layers that take the val-first route
+        scaled: dict[str, Tensor] = {k: v.reshape(1, -1) for k, v in shares.items()} if prescaled else {}
+        out = []
+        for micro in pending:
+            if micro.dots is not None:
+                phi = torch.zeros(micro.n, dtype=torch.float64, device=device)
+                for name, d in micro.dots.items():
+                    if name in shares:
+                        phi += shares[name] * d.to(torch.float64)
+                out.append(_np(phi).reshape(-1, 1))
+                continue
+            grads = micro.grads
+            phi = torch.zeros(grads.n, 1, dtype=grads.flat_dtype, device=device)
+            for name, train_pieces in grads.pieces.items():
+                if name not in shares or not val.has(name):
+                    continue
+                s = shares[name]
+                val_pieces = val.pieces.get(name, [])
+                for a in train_pieces:
+                    if not isinstance(s, Tensor) and _ghost_is_cheaper(a, val_pieces):
+                        phi += s * sum(piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
+                        continue
+                    if name not in scaled:
+                        scaled[name] = (s * val.grad(name)).reshape(1, -1)
+                    phi += piece_dot(a, scaled[name].to(phi.dtype))
+            out.append(_np(phi))
+        return np.concatenate(out)
+
+    def _first_order_targeted(self, pending: list[_Micro], shares: dict) -> np.ndarray:
+        """Targeted first order: ``⟨g_z, s ⊙ g_q⟩`` for every validation example q, ``(B, Q)`` (Gram products)."""
         val = []
         for batch in self._val_batches():
             with self._val_capture as cap:
                 grads = example_grads(cap, self.task.measurement(self.inner, batch))
             val.append(ExampleGrads({k: v for k, v in grads.pieces.items() if k in shares}, grads.shapes, grads.n))
-        if self.targeted:
-            val = [v.scale(shares) for v in val]
-            return np.concatenate([_np(torch.cat([g.gram(v) for v in val], dim=1)) for _, g in pending])
-        summed: dict[str, Tensor] = {}  # s ⊙ g_val, built only for the layers that take the val-first route
-        out = []
-        for _, grads in pending:
-            phi = torch.zeros(grads.n, 1, dtype=grads.flat_dtype, device=next(self.inner.parameters()).device)
-            for name, train_pieces in grads.pieces.items():
-                if name not in shares:
-                    continue
-                s = shares[name]
-                val_pieces = [b for v in val for b in v.pieces.get(name, ())]
-                for a in train_pieces:
-                    if not isinstance(s, Tensor) and _ghost_is_cheaper(a, val_pieces):
-                        phi += s * sum(piece_gram(a, b).sum(1, keepdim=True) for b in val_pieces)
-                        continue
-                    if name not in summed:
-                        summed[name] = s * sum(b.total() for b in val_pieces).reshape(grads.shapes[name])
-                    phi += piece_dot(a, summed[name].reshape(1, -1))
-            out.append(_np(phi))
-        return np.concatenate(out)
+        val = [v.scale(shares) for v in val]
+        return np.concatenate([_np(torch.cat([m.grads.gram(v) for v in val], dim=1)) for m in pending])
+
+    def _validation(self, with_pieces: bool, skip: set[str] = frozenset()) -> _Validation:
+        """The validation side of this step at the current parameters: the summed validation gradient of every
+        tracked parameter and, with ``with_pieces``, the validation examples' pieces (for ghost dots); both times
+        ``n_val/k`` under a validation budget. One forward and one backward per validation batch (the first batch
+        of the first call also runs the capture's one-off check). Autocast is off: values are those of the model's
+        own precision.
+
+        skip: parameters whose weight gradient the backward need not form (ghost-route layers: their pieces are
+        enough; should one be needed after all, :meth:`_Validation.grad` sums it from the pieces)."""
+        names = [k for k in self.capture.params if not (with_pieces and k in skip)]
+        params = [self.capture.params[k] for k in names]
+        grads: dict[str, Tensor] = {}
+        pieces: dict[str, list[Piece]] = {}
+        device = next(self.inner.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            for batch in self._val_batches():
+                with self._val_capture as cap:
+                    cap.enabled = with_pieces or not cap.verified  # no hooks when only Σ g_val is needed
+                    try:
+                        losses = self.task.measurement(self.inner, batch)
+                    finally:
+                        cap.enabled = True
+                    if not cap.verified:
+                        found = example_grads(cap, losses)
+                        part, part_pieces = found.total(), found.pieces
+                    else:
+                        part, part_pieces = self._validation_backward(cap, losses, names, params, with_pieces)
+                for k, g in part.items():
+                    grads[k] = grads[k] + g if k in grads else g
+                if with_pieces:
+                    for k, ps in part_pieces.items():
+                        pieces.setdefault(k, []).extend(ps)
+        factor = self._val_factor()
+        if factor != 1.0:
+            grads = {k: g * factor for k, g in grads.items()}
+            pieces = {k: [_scaled(p, factor) for p in ps] for k, ps in pieces.items()}
+        return _Validation(grads, pieces, {k: p.shape for k, p in self.capture.params.items()})
+
+    @staticmethod
+    def _validation_backward(cap: Capture, losses: Tensor, names: list[str], params: list[Tensor],
+                             with_pieces: bool) -> tuple[dict[str, Tensor], dict[str, list[Piece]]]:
+        """One backward of ``Σ losses`` for the parameters' gradients and, in the same pass, the tracked calls'
+        output gradients (the validation pieces): nothing is summed from pieces, autograd's own weight gradient is
+        ``Σ g_val``."""
+        check_per_example(losses)
+        calls = list(cap._calls) if with_pieces else []
+        cap._listening = False
+        try:
+            out = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + params, allow_unused=True)
+        finally:
+            cap._listening = True
+        for call, g in zip(calls, out):
+            if g is not None:
+                call.grad = call.output_grad(g.detach())
+        grads = {k: g.detach() for k, g in zip(names, out[len(calls):]) if g is not None}
+        found = cap.collect(check_finite=False).pieces if calls and any(c.grad is not None for c in calls) else {}
+        return grads, found
 
     def _validation_weights(self, affine: dict, shares: dict, w: dict) -> dict[str, Tensor]:
         """``V = s ⊙ (g_val − H_val w)`` per parameter, ``(Q, *shape)``."""
@@ -320,20 +510,46 @@ class InRunShapley:
                 for k, name in enumerate(names)}
 
     def _val_batches(self) -> Iterator[Any]:
+        """The validation batches of this step: all of them, or this step's sample under a validation budget."""
+        choice = self._step_choice()
         if isinstance(self.validation, Dataset):
             device = next(self.inner.parameters()).device
-            _, it = batches(self.validation, self.validation_batch_size, device, progress=False)
+            data = self.validation if choice is None else Subset(self.validation, choice.tolist())
+            _, it = batches(data, self.validation_batch_size, device, progress=False)
             for batch in it:
                 yield batch.data
         else:
-            yield self.validation
+            yield self.validation if choice is None else _take(self.validation, choice)
+
+    def _step_choice(self) -> Tensor | None:
+        """This step's validation sample (sorted indices, ``(k,)``), drawn once per optimizer step; None = all."""
+        if self.validation_subsample is None:
+            return None
+        if self._choice is None:
+            perm = torch.randperm(self.n_val, generator=self._generator)
+            self._choice = perm[: int(self.validation_subsample)].sort().values
+        return self._choice
+
+    def _val_factor(self) -> float:
+        """``n_val / k`` under a validation budget (what makes the sampled sum unbiased), else 1."""
+        return 1.0 if self.validation_subsample is None else self.n_val / int(self.validation_subsample)
+
+    def _validation_size(self, validation: Any) -> int:
+        if isinstance(validation, Dataset):
+            return len(validation)
+        try:
+            return batch_size(validation)
+        except TypeError as e:
+            raise ValueError("validation_subsample needs the validation as a Dataset or a batch of tensors "
+                             "(a tensor, tuple/list or dict of tensors with the examples first)") from e
 
     def _summed_terms(self, params: list[Tensor], w: dict) -> list[Tensor]:
         """``g_val − H_val w`` for the validation loss summed over the validation set."""
         out = [torch.zeros_like(p) for p in params]
+        factor = self._val_factor()  # n_val/k under a validation budget: g_val and H_val w are both sums over it
         for batch in self._val_batches():
             loss = self.task.measurement(self.inner, batch).sum()
-            self._accumulate(out, loss, params, w)
+            self._accumulate(out, loss * factor if factor != 1.0 else loss, params, w)
         return out
 
     def _query_terms(self, params: list[Tensor], w: dict) -> list[list[Tensor]]:
@@ -399,13 +615,81 @@ class InRunShapley:
         return np.arange(n)
 
 
+@dataclass
+class _Micro:
+    """One recorded micro-batch: its ids ``(N,)`` and either its factored per-example gradients (deferred route)
+    or, streamed, ``⟨g_val, g_z⟩`` per tracked parameter ``{name: (N,)}`` before ``s`` and clipping."""
+
+    ids: np.ndarray
+    grads: ExampleGrads | None = None
+    dots: dict[str, Tensor] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+class _Validation:
+    """The validation side of one step: ``grads`` the summed validation gradient per tracked parameter (its shape),
+    ``pieces`` the validation examples' pieces per parameter (empty unless asked for); the stacked ghost factors and
+    the flattened gradients are built once per step, on first use."""
+
+    def __init__(self, grads: dict[str, Tensor], pieces: dict[str, list[Piece]], shapes: dict[str, torch.Size]):
+        self.grads, self.pieces, self.shapes = grads, pieces, shapes
+        self._flat: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._ghost: dict[str, list | None] = {}
+
+    def has(self, name: str) -> bool:
+        """Whether the validation loss depends on ``name`` (through a tracked call)."""
+        return name in self.grads or name in self.pieces
+
+    def grad(self, name: str) -> Tensor:
+        """``Σ g_val`` of ``name`` (its shape): autograd's, or summed from the validation pieces where the backward
+        skipped it (a layer that left the ghost route)."""
+        if name not in self.grads:
+            self.grads[name] = sum(p.total() for p in self.pieces[name]).reshape(self.shapes[name])
+        return self.grads[name]
+
+    def flat(self, name: str, like: Outer | Dense) -> Tensor:
+        """``g_val`` of ``name`` as ``(1, numel)`` in the dtype of the training piece ``like``."""
+        dtype = like.v.dtype if isinstance(like, Outer) else like.g.dtype
+        key = (name, dtype)
+        if key not in self._flat:
+            self._flat[key] = self.grad(name).reshape(1, -1).to(dtype)
+        return self._flat[key]
+
+    def ghost(self, name: str) -> list | None:
+        """Stacked rows of the validation pieces of ``name`` (:func:`ghost_factors`), None if one is Dense."""
+        if name not in self._ghost:
+            ps = self.pieces.get(name)  # none when the pass skipped them: then the val-first route is the only one
+            self._ghost[name] = ghost_factors(ps) if ps and all(isinstance(p, Outer) for p in ps) else None
+        return self._ghost[name]
+
+
+def _scaled(piece: Piece, factor: float) -> Piece:
+    return Outer(piece.u, piece.v * factor, piece.m, piece.n) if isinstance(piece, Outer) else Dense(piece.g * factor)
+
+
+def _take(batch: Any, index: Tensor) -> Any:
+    """Rows ``index`` of every tensor in a batch (a tensor, or a tuple/list/dict of tensors with examples first)."""
+    if isinstance(batch, Tensor):
+        return batch[index.to(batch.device)]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take(x, index) for x in batch)
+    if isinstance(batch, dict):
+        return {k: _take(v, index) for k, v in batch.items()}
+    raise ValueError(f"validation_subsample cannot take rows of a {type(batch).__name__}")
+
+
 def _ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()
 
 
-def _sum_totals(all_grads: list[ExampleGrads], absolute: bool = False) -> dict[str, Tensor]:
+def _sum_totals(all_grads: list[ExampleGrads | None], absolute: bool = False) -> dict[str, Tensor]:
     total: dict[str, Tensor] = {}
     for grads in all_grads:
+        if grads is None:
+            raise RuntimeError("a streamed micro-batch reached the batch-total check; record it with streaming=False")
         for name, t in grads.total(absolute=absolute).items():
             total[name] = total[name] + t if name in total else t.detach().clone()
     return total

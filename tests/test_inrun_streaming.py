@@ -1,0 +1,173 @@
+"""Streaming In-Run values (per-layer dots inside the training backward) against the deferred reference route, and the
+validation budget (a per-step validation subsample) against the exact value (issue 16)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import datacredit.methods.inrun as inrun
+from datacredit import ClassificationTask, LanguageModelingTask
+from datacredit.methods.inrun import InRunShapley
+from datacredit.models import TinyGPT, mlp
+
+from .test_inrun_safety import InplaceNet
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+class ConvLN(nn.Module):
+    """Conv2d (bias-free, strided) → LayerNorm over (C, H, W) → Linear: the conv and norm rules in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, stride=2, bias=False)
+        self.ln = nn.LayerNorm([2, 3, 3])
+        self.out = nn.Linear(18, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.ln(self.conv(x))).flatten(1))
+
+
+def problem(name: str, seed: int = 0):
+    """(model, task, training batches for 3 steps, validation batch)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if name == "gpt":
+        model = TinyGPT(vocab=7, d=8, n_layers=1, n_heads=2, max_len=8)
+        return (model, LanguageModelingTask(), [torch.randint(0, 7, (6, 7), generator=g) for _ in range(3)],
+                torch.randint(0, 7, (3, 7), generator=g))
+    if name == "mlp":
+        model, shape = mlp(4, [5, 4], 3), (4,)
+    elif name == "inplace":
+        model, shape = InplaceNet(seq=True), (3, 4)
+    else:
+        model, shape = ConvLN(), (1, 7, 7)
+    batches = [(torch.randn(6, *shape, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    return model, ClassificationTask(), batches, (torch.randn(5, *shape, generator=g),
+                                                 torch.randint(0, 3, (5,), generator=g))
+
+
+OPTIMIZERS = {
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.3),
+    "nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "groups": lambda m: torch.optim.SGD([{"params": list(m.parameters())[:1], "lr": 0.05},
+                                         {"params": list(m.parameters())[1:]}], lr=0.2, momentum=0.5),
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1),
+}
+
+
+def train(name: str, opt_name: str, streaming: bool, micro: int = 1, clip: float | None = None, **kw):
+    model, task, batches, val = problem(name)
+    opt = OPTIMIZERS[opt_name](model)
+    shapley = InRunShapley(model, task, validation=val, optimizer=opt, streaming=streaming, keep_history=True, **kw)
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        n = len(batch) if isinstance(batch, torch.Tensor) else len(batch[1])
+        for part in torch.arange(n).chunk(micro):
+            with shapley.step(part.numpy() + 100 * step):
+                rows = batch[part] if isinstance(batch, torch.Tensor) else (batch[0][part], batch[1][part])
+                (task.loss(model, rows).sum() / n).backward()
+        if clip is not None:
+            shapley.clip_grad_norm_(clip)
+        opt.step()
+    return shapley
+
+
+def close(a: np.ndarray, b: np.ndarray) -> None:
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt", "inplace", "convln"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_streaming_equals_the_deferred_route(name, opt_name, monkeypatch):
+    """Three steps (the first is the checked step; the next two stream for SGD): identical values to 1e-10."""
+    calls = []
+    real = InRunShapley._consume
+    monkeypatch.setattr(InRunShapley, "_consume", lambda self, *a: calls.append(1) or real(self, *a))
+    fast = train(name, opt_name, streaming=True).values().values
+    streamed = len(calls)
+    slow = train(name, opt_name, streaming=False).values().values
+    assert len(calls) == streamed
+    assert (streamed > 0) == (opt_name in ("sgd", "nesterov", "groups"))
+    close(fast, slow)
+
+
+@pytest.mark.parametrize("route", ["ghost", "val-first"])
+@pytest.mark.parametrize("name", ["mlp", "gpt", "convln"])
+def test_both_streaming_routes_are_exact(name, route, monkeypatch):
+    """Forced ghost / val-first inside the backward, with accumulation (3 micro-batches) and clipping."""
+    monkeypatch.setattr(inrun, "_ghost_is_cheaper", lambda a, pieces: route == "ghost")
+    fast = train(name, "nesterov", streaming=True, micro=3, clip=0.5)
+    slow = train(name, "nesterov", streaming=False, micro=3, clip=0.5)
+    close(fast.values().values, slow.values().values)
+    assert len(fast.history) == 9
+
+
+def test_routes_that_change_between_steps_stay_exact(monkeypatch):
+    """A layer that took the ghost route on one step (so the next validation pass skips its weight gradient) and
+    the val-first route on the next gets its validation gradient summed from the pieces."""
+    flips = iter([True] * 12 + [False] * 100)  # 6 pieces a step: the checked step, then one streamed ghost step
+    monkeypatch.setattr(inrun, "_ghost_is_cheaper", lambda a, pieces: next(flips))
+    summed = []
+    real = inrun._Validation.grad
+    monkeypatch.setattr(inrun._Validation, "grad", lambda self, name: summed.append(name not in self.grads)
+                        or real(self, name))
+    fast = train("mlp", "sgd", streaming=True)
+    assert any(summed)
+    monkeypatch.setattr(inrun, "_ghost_is_cheaper", lambda a, pieces: False)
+    close(fast.values().values, train("mlp", "sgd", streaming=False).values().values)
+
+
+def repeated_step_values(order: int, k: int | None, steps: int, validation=None, targeted: bool = False):
+    """``steps`` optimizer steps at one θ and one batch (the parameters are restored after each step): per-step
+    values ``(steps, B, Q)``."""
+    model, task, batches, val = problem("mlp", seed=7)
+    if validation is not None:
+        val = validation
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    theta = [p.detach().clone() for p in model.parameters()]
+    shapley = InRunShapley(model, task, validation=val, optimizer=opt, order=order, keep_history=True,
+                           validation_subsample=k, seed=3, targeted=targeted)
+    batch = batches[0]
+    for _ in range(steps):
+        opt.zero_grad()
+        with shapley.step(np.arange(6)):
+            task.loss(model, batch).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), theta):
+                p.copy_(t)
+    return np.stack([h[2] for h in shapley.history])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_validation_subsample_is_unbiased_with_the_stated_variance(order):
+    """Mean over 400 sampled steps → the exact value (within 4.5 standard errors), and the spread matches
+    ``n²(1 − k/n)σ²/k`` computed from the per-validation-example values (targeted run)."""
+    n, k, m = 5, 2, 400
+    exact = repeated_step_values(order, None, 2)[-1, :, 0]
+    per_query = repeated_step_values(order, None, 2, targeted=True)[-1]  # (B, n): y_q per example
+    np.testing.assert_allclose(per_query.sum(1), exact, rtol=1e-9)
+    sampled = repeated_step_values(order, k, m + 1)[1:, :, 0]  # the first step is the checked one: drop it
+    variance = n**2 * (1 - k / n) * per_query.var(axis=1, ddof=1) / k
+    mean = sampled.mean(0)
+    assert np.all(np.abs(mean - exact) <= 4.5 * np.sqrt(variance / m)), (mean, exact)
+    ratio = sampled.var(0, ddof=1) / variance
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
+
+
+def test_validation_subsample_of_a_dataset_and_its_errors():
+    model, task, batches, (xv, yv) = problem("mlp", seed=7)
+    full = repeated_step_values(1, None, 3, validation=TensorDataset(xv, yv))
+    same = repeated_step_values(1, 5, 3, validation=TensorDataset(xv, yv))  # k = n: every example, factor 1
+    np.testing.assert_allclose(same, full, rtol=1e-10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="targeted"):
+        InRunShapley(model, task, validation=(xv, yv), optimizer=opt, targeted=True, validation_subsample=2)
+    with pytest.raises(ValueError, match=r"1\.\.5"):
+        InRunShapley(model, task, validation=(xv, yv), optimizer=opt, validation_subsample=6)
