@@ -235,24 +235,32 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for lib, marker in (("datacredit", "o"), ("bergson", "s")):
+    for lib, marker, color in (("datacredit", "o", "C0"), ("bergson", "s", "C2")):
         rows = sorted((r for r in results if r.get("library") == lib and "error" not in r), key=lambda r: r["n_train"])
         if not rows:
             continue
         n = [r["n_train"] for r in rows]
-        axes[0].plot(n, [r["build_s"] for r in rows], marker=marker, label=f"{lib} featurize")
+        cpu = all("build_cpu_s" in r for r in rows)  # CPU seconds: steadier than wall time on a shared machine
+        axes[0].plot(n, [r["build_cpu_s" if cpu else "build_s"] for r in rows], marker=marker, color=color,
+                     label=f"{lib} featurize ({'CPU' if cpu else 'wall'} s)")
         if lib == "datacredit":
-            axes[0].plot(n, [r["score_s"] for r in rows], marker=marker, ls="--", label="datacredit score 1k queries")
-        axes[1].plot(n, [r["peak_rss_build_mb"] for r in rows], marker=marker, label=f"{lib} featurize")
+            key = "score_cpu_s" if all("score_cpu_s" in r for r in rows) else "score_s"
+            axes[0].plot(n, [r[key] for r in rows], marker=marker, color="C1", ls="--",
+                         label=f"datacredit score {rows[0]['n_query']} queries ({'CPU' if 'cpu' in key else 'wall'} s)")
+        axes[1].plot(n, [r["peak_rss_build_mb"] for r in rows], marker=marker, color=color, label=f"{lib} featurize")
         if lib == "datacredit":
-            axes[1].plot(n, [r["peak_rss_score_mb"] for r in rows], marker=marker, ls="--", label="datacredit score")
-        axes[2].plot(n, [r["disk_bytes_per_example"] for r in rows], marker=marker, label=lib)
-    for ax, title in zip(axes, ("seconds", "peak RSS (MB)", "disk bytes per example")):
+            axes[1].plot(n, [r["peak_rss_score_mb"] for r in rows], marker=marker, color="C1", ls="--",
+                         label="datacredit score")
+            axes[1].plot(n, [r["peak_rss_topk_mb"] for r in rows], marker=marker, color="C3", ls=":",
+                         label="datacredit score + top-k")
+        axes[2].plot(n, [r["disk_bytes_per_example"] for r in rows], marker=marker, color=color, label=lib)
+    for ax, title in zip(axes, ("cost (seconds)", "peak RSS (MB)", "disk bytes per example")):
         ax.set_xscale("log")
         ax.set_xlabel("n_train")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    axes[2].set_ylim(bottom=0)
     axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -322,8 +330,9 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    if any(r.get("library") in ("datacredit", "bergson") for r in results):
+        plot(results, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} (and the plot beside it, when there are n_train runs)")
 
 
 if __name__ == "__main__":
