@@ -51,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-field", action="append", default=None,
                         help="source field(s) of a training record; the first is paid (default: source)")
     parser.add_argument("--method", choices=METHODS, default="influence-ekfac")
-    parser.add_argument("--seq-len", type=int, default=128,
+    parser.add_argument("--seq-len", type=int, default=96,
                         help="tokens per training window (and the character model's context)")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of the character model (no --model)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the character model (no --model)")
     parser.add_argument("--amount", type=float, default=1.0, help="amount per output without its own 'amount'")
     parser.add_argument("--min-evidence", type=float, default=2.0,
                         help="pay a source only if its credit exceeds this many noise standard errors")

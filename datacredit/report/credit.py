@@ -38,7 +38,7 @@ def _outputs_section(ledger: Ledger, labels: Mapping[int, str], top: int) -> str
         scale = max([abs(ln["credit"]) for ln in lines] + [1e-300])
         rows = [(esc(ln["source"]), signed(ln["credit"]), "—" if ln["noise"] is None else esc(fmt(ln["noise"], 3)),
                  _bar(ln["credit"], ln["noise"], scale), esc(ln["status"]), esc(fmt(ln["paid"])))
-                for ln in lines[:top]]
+                for k, ln in enumerate(lines) if k < top or ln["paid"]]  # a paid source is never hidden
         rows += [(esc(ln["source"]), "—", "—", "", esc(ln["status"]), esc(fmt(ln["paid"]))) for ln in unalloc]
         amount = lines[0]["amount"] if lines else unalloc[0]["amount"]
         title = labels.get(out, f"output {out}")
