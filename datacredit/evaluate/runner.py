@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import gc
 import importlib.util
 import itertools
 import logging
@@ -143,11 +144,32 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="datacredit-parent-watchdog", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread for the duration; one that arrives meanwhile is delivered right after.
+
+    Ctrl-C in a terminal (or ``timeout -s INT``) signals the whole process group, workers included. The parent
+    handles it (and stops the workers), so workers ignore it; but a worker spends seconds importing torch before its
+    initializer can say so. A spawned worker inherits the signal mask of the thread that spawned it, so spawning
+    under this block keeps its Ctrl-C pending until ``_init_worker`` ignores (hence discards) it, instead of a
+    KeyboardInterrupt traceback from every starting worker.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _init_worker(payload: bytes, parent: int) -> None:
     _die_with_parent(parent)
-    # Ctrl-C in a terminal reaches the whole process group; the parent handles it (and stops the workers), so the
-    # workers ignore it instead of each printing a KeyboardInterrupt traceback
+    # Ctrl-C is the parent's to handle (see _sigint_blocked): ignore it, then unblock what spawning blocked
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(1)
     _WORKER["recipe"], _WORKER["train"], _WORKER["queries"] = pickle.loads(payload)
 
@@ -269,8 +291,9 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
     try:
         while True:
             # keep 2 jobs per worker in flight, so job arguments are built as needed, not all up front
-            for j in itertools.islice(queue, _IN_FLIGHT_PER_WORKER * workers - len(running)):
-                running[pool.submit(_worker_job, *jobs[j])] = j
+            with _sigint_blocked():  # a submit may spawn a worker
+                for j in itertools.islice(queue, _IN_FLIGHT_PER_WORKER * workers - len(running)):
+                    running[pool.submit(_worker_job, *jobs[j])] = j
             if not running:
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -285,6 +308,7 @@ def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence
         # with its workers gone the pool is broken and its manager thread ends at once; joining it frees the
         # pool's queues now (else their semaphores are reported as leaked at exit)
         pool.shutdown(wait=True, cancel_futures=True)
+        gc.collect()  # the queues sit in reference cycles: collect them now, while the resource tracker listens
         raise
     pool.shutdown(wait=True)
 
