@@ -89,14 +89,17 @@ def child(args: str) -> None:
     except LockedError as exc:
         print(f"locked: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def start(out: Path, log: Path, **kw) -> subprocess.Popen:
     args = json.dumps({"out": str(out), "log": str(log), **kw})
     code = f"import sys; sys.path.insert(0, {str(IMPORT_ROOT)!r}); import {__name__} as t; t.child({args!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # its own session: a signal to its process group (as Ctrl-C in a terminal sends) reaches it and its workers only
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
@@ -256,13 +259,17 @@ def test_workers_die_when_the_main_process_is_killed(tmp_path):
 
 @pytest.mark.slow
 @linux_only
-def test_sigterm_stops_the_workers_and_keeps_what_is_done(tmp_path, reference):
+@pytest.mark.parametrize(("how", "status"), [("SIGTERM", 143), ("SIGINT to the process group", 130)])
+def test_sigterm_or_ctrl_c_stops_the_workers_and_keeps_what_is_done(tmp_path, reference, how, status):
     proc, workers, out, log = _workers_running(tmp_path)
     time.sleep(1.2)  # let a job or two finish
-    proc.send_signal(signal.SIGTERM)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: workers get it too
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
+    assert proc.returncode == status, err
+    assert "Traceback" not in err  # neither the main process nor any worker prints one
     wait_for(lambda: not any(_alive(p) for p in workers), timeout=5, what=f"workers {workers} to exit")
     done = finished(out)
     resume_log = tmp_path / "resume.txt"
