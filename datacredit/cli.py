@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"datacredit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("datacredit: interrupted; finished retrainings are kept (rerun the same command to resume)",
+        print("datacredit: interrupted; what was finished is kept (a ground-truth build resumes when rerun)",
               file=sys.stderr)
         return 130
 
