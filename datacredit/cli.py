@@ -119,7 +119,11 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.out is not None and Path(args.out).is_dir():
         raise UsageError(f"-o/--out {args.out}: is a directory; give the report file's path")
-    print(f"report written to {render_report(args.run_dir, args.out)}")
+    try:
+        written = render_report(args.run_dir, args.out)
+    except OSError as exc:  # every part is read defensively, so this is the write: a bad -o path, a full disk
+        raise UsageError(f"cannot write the report: {exc}") from exc
+    print(f"report written to {written}")
     return 0
 
 

@@ -149,6 +149,9 @@ def test_report_mistakes_and_broken_parts(capsys, tmp_path):
     (run_dir / "items.npz").write_bytes(b"PK\x03\x04 broken")
     (run_dir / "metrics.json").write_text("{")
     one_line_error(["report", str(run_dir), "-o", str(tmp_path)], capsys, "is a directory")
+    (tmp_path / "f").write_text("x")
+    one_line_error(["report", str(run_dir), "-o", str(tmp_path / "f" / "r.html")], capsys,
+                   "datacredit: error: cannot write the report")
     code, err = run(["report", str(run_dir)], capsys)
     assert code == 0, err
     html = (run_dir / "report.html").read_text(encoding="utf-8")
