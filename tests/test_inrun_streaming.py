@@ -171,3 +171,32 @@ def test_validation_subsample_of_a_dataset_and_its_errors():
         InRunShapley(model, task, validation=(xv, yv), optimizer=opt, targeted=True, validation_subsample=2)
     with pytest.raises(ValueError, match=r"1\.\.5"):
         InRunShapley(model, task, validation=(xv, yv), optimizer=opt, validation_subsample=6)
+
+
+def sketch_run(opt_name: str, rank: int | None, streaming: bool = True):
+    """An MLP 8-16-3 with one validation example: each layer's validation gradient ``b aᵀ`` has rank 1."""
+    torch.manual_seed(11)
+    g = torch.Generator().manual_seed(12)
+    model, task = mlp(8, [16], 3), ClassificationTask()
+    opt = OPTIMIZERS[opt_name](model)
+    val = (torch.randn(1, 8, generator=g), torch.randint(0, 3, (1,), generator=g))
+    shapley = InRunShapley(model, task, validation=val, optimizer=opt, validation_rank=rank, streaming=streaming)
+    for step in range(3):
+        x, y = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+        opt.zero_grad()
+        with shapley.step(np.arange(6) + 6 * step):
+            task.loss(model, (x, y)).mean().backward()
+        opt.step()
+    return shapley.values().values[:, 0]
+
+
+def test_low_rank_sketch_is_exact_for_a_rank_one_validation_gradient_and_close_otherwise(monkeypatch):
+    monkeypatch.setattr(inrun, "_ghost_is_cheaper", lambda a, pieces: False)  # every layer val-first → sketched
+    exact = sketch_run("sgd", None)
+    close(sketch_run("sgd", 1), exact)
+    close(sketch_run("sgd", 1, streaming=False), exact)
+    adam_exact, adam = sketch_run("adam", None), sketch_run("adam", 2)  # s ⊙ b aᵀ is no longer rank 1
+    assert np.linalg.norm(adam - adam_exact) < 0.5 * np.linalg.norm(adam_exact)
+    with pytest.raises(ValueError, match="first-order"):
+        InRunShapley(mlp(8, [16], 3), ClassificationTask(), validation=None, optimizer=None, order=2,
+                     validation_rank=2)

@@ -354,8 +354,9 @@ def _common_dtype(module: nn.Module, inputs: tuple, grad: Tensor) -> tuple[tuple
     gradient) and from the parameters' (float32); the rules multiply them, so all are promoted to the widest."""
     x = inputs[0] if inputs else None
     dtype = grad.dtype
-    for p in module.parameters(recurse=False):
-        dtype = torch.promote_types(dtype, p.dtype)
+    for p in module._parameters.values():  # the module's own parameters (a dict read: this runs once per call)
+        if p is not None and p.dtype != dtype:
+            dtype = torch.promote_types(dtype, p.dtype)
     if isinstance(x, Tensor) and x.is_floating_point():
         dtype = torch.promote_types(dtype, x.dtype)
         if x.dtype != dtype:

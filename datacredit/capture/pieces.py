@@ -182,13 +182,16 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
 def ghost_factors(pieces: list[Outer]) -> list[tuple[Tensor, Tensor]]:
     """The rows of all ``pieces`` (one parameter's pieces from other examples) stacked for :func:`ghost_total`:
     ``[(u, v)]`` with ``u`` ``(P, m)`` dense or ``(P,)`` indices and ``v`` ``(P, n)``, one entry per kind of ``u``."""
+    def stack(parts: list[Tensor]) -> Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one piece (the usual case): a view, no copy
+
     dense = [p for p in pieces if not p.indexed]
     indexed = [p for p in pieces if p.indexed]
     out = []
     if dense:
-        out.append((torch.cat([p.u.reshape(-1, p.m) for p in dense]), torch.cat([p.v.reshape(-1, p.n) for p in dense])))
+        out.append((stack([p.u.reshape(-1, p.m) for p in dense]), stack([p.v.reshape(-1, p.n) for p in dense])))
     if indexed:
-        out.append((torch.cat([p.u.reshape(-1) for p in indexed]), torch.cat([p.v.reshape(-1, p.n) for p in indexed])))
+        out.append((stack([p.u.reshape(-1) for p in indexed]), stack([p.v.reshape(-1, p.n) for p in indexed])))
     return out
 
 
@@ -218,6 +221,21 @@ def ghost_total(a: Outer, factors: list[tuple[Tensor, Tensor]]) -> Tensor:
                 uu = ua @ ub.T
             out += (uu * vv).reshape(n_ex, -1).sum(1)
     return out
+
+
+def low_rank(matrix: Tensor, rank: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """A rank-``rank`` sketch ``matrix ≈ Σ_k u_k v_kᵀ`` of an ``(m, n)`` matrix as ghost rows ``(u (r, m), v (r, n))``
+    (:func:`ghost_total` takes them as one factor pair): a randomized range finder with 8 extra columns and one power
+    iteration, then an exact SVD of the small projected matrix (Halko, Martinsson, Tropp 2011). An approximation:
+    the error is the tail of the singular values (about ``σ_{r+1}`` in spectral norm). Cost ``O(m·n·(r + 8))``."""
+    m, n = matrix.shape
+    p = min(rank + 8, m, n)
+    omega = torch.randn(n, p, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    q, _ = torch.linalg.qr(matrix @ omega)
+    q, _ = torch.linalg.qr(matrix @ (matrix.T @ q))  # one power iteration: sharper where the spectrum decays slowly
+    ub, sv, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    r = min(rank, sv.shape[0])
+    return ((q @ ub[:, :r]) * sv[:r]).T.contiguous(), vh[:r].contiguous()
 
 
 def materialized_gram(a: Piece, b: Piece) -> Tensor:

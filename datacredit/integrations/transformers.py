@@ -29,12 +29,13 @@ class InRunShapleyCallback(TrainerCallback):
 
     task: per-example loss / validation measurement (e.g. ``LanguageModelingTask()``; the Trainer's own loss drives
     training, the task is used for the validation side). validation: a batch or Dataset, as for InRunShapley.
+    options: further keywords of :class:`InRunShapley` (``validation_subsample``, ``seed``, ``streaming``, ...).
     """
 
     def __init__(self, task: Task, validation: Any, *, order: int = 1, targeted: bool = False,
-                 keep_history: bool = False, id_key: str = "example_id"):
+                 keep_history: bool = False, id_key: str = "example_id", **options: Any):
         self.task, self.validation, self.id_key = task, validation, id_key
-        self.options = {"order": order, "targeted": targeted, "keep_history": keep_history}
+        self.options = {"order": order, "targeted": targeted, "keep_history": keep_history, **options}
         self.shapley: InRunShapley | None = None
         self._hook = None
         self._optimizer: torch.optim.Optimizer | None = None

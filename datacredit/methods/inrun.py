@@ -65,7 +65,17 @@ from torch.utils.data import Dataset, Subset
 
 from ..capture import Capture, ExampleGrads, example_grads
 from ..capture.engine import _check_batch_dims, check_per_example, tolerance, unexplained
-from ..capture.pieces import Dense, Outer, Piece, ghost_cost, ghost_factors, ghost_total, piece_dot, piece_gram
+from ..capture.pieces import (
+    Dense,
+    Outer,
+    Piece,
+    ghost_cost,
+    ghost_factors,
+    ghost_total,
+    low_rank,
+    piece_dot,
+    piece_gram,
+)
 from ..data.dataset import example_ids
 from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
@@ -96,6 +106,9 @@ class InRunShapley:
     unexplained_gradient: ``"raise"`` (default) if ``p.grad`` of a tracked parameter is not the examples' summed
     gradient on the first step, or ``"baseline"`` to count the difference (e.g. a regularizer added to the loss) as
     the step's baseline.
+    validation_rank: ``None`` (default, exact). ``r``: first order only; every layer whose per-example dot would take
+    the val-first route (``N·T·m·n``) uses a rank-r randomized sketch of ``s ⊙ g_val`` instead (``N·T·r·(m+n)``): an
+    approximation, biased, its error the tail of the layer's singular values; the benchmark measures its fidelity.
     validation_subsample: ``None`` (default, exact): the whole validation set every step. ``k``: a fresh uniform
     sample of k validation examples per step, scaled by ``n_val/k``: an unbiased estimate of the exact value with
     variance ``n_val²(1 − k/n_val)σ²/k`` per step (module docstring), about ``k/n_val`` of the validation cost. Not
@@ -113,7 +126,7 @@ class InRunShapley:
                  order: int = 1, targeted: bool = False, keep_history: bool = False,
                  validation_batch_size: int = 256, scaler: torch.amp.GradScaler | None = None,
                  unexplained_gradient: str = "raise", validation_subsample: int | None = None, seed: int = 0,
-                 streaming: bool = True):
+                 validation_rank: int | None = None, streaming: bool = True):
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         if unexplained_gradient not in ("raise", "baseline"):
@@ -129,6 +142,11 @@ class InRunShapley:
         self.query_ids = self._validation_ids(validation)
         self.streaming = streaming
         self.validation_subsample = validation_subsample
+        if validation_rank is not None and (order != 1 or targeted or int(validation_rank) < 1):
+            raise ValueError("validation_rank (a low-rank sketch of the validation gradient) is for first-order, "
+                             f"untargeted values and must be ≥ 1; got {validation_rank} with order={order}, "
+                             f"targeted={targeted}")
+        self.validation_rank = validation_rank
         self.n_val = self._validation_size(validation) if validation_subsample is not None else None
         if validation_subsample is not None:
             if targeted:
@@ -205,6 +223,11 @@ class InRunShapley:
         self._open = ids
         self.capture.__enter__()
 
+    def _sketches(self, a: Piece) -> bool:
+        """Whether a val-first dot of ``a`` is replaced by the rank-r sketch (cheaper: ``r·(m+n) < m·n``)."""
+        r = self.validation_rank
+        return r is not None and isinstance(a, Outer) and r * (a.m + a.n) < a.m * a.n
+
     def _streams(self) -> bool:
         """Whether the next micro-batch is reduced inside its backward (see the module docstring)."""
         return (self.streaming and self.order == 1 and not self.targeted and self._checked and self.steps > 0
@@ -220,10 +243,16 @@ class InRunShapley:
                 _check_batch_dims({path: a.n_examples}, n, f" (step got {n} ids)")
             if not val.has(name):  # the validation loss does not depend on it
                 continue
-            factors = val.ghost(name) if isinstance(a, Outer) else None
-            if factors is not None and _ghost_is_cheaper(a, val.pieces[name]):
+            val_pieces = val.pieces.get(name)
+            factors = None  # stacked only for layers that take the ghost route
+            if val_pieces and isinstance(a, Outer) and _ghost_is_cheaper(a, val_pieces):
+                factors = val.ghost(name)
+            if factors is not None:
                 d = ghost_total(a, factors)
                 routes.setdefault(name, "ghost")
+            elif self._sketches(a):
+                d = ghost_total(a, val.sketch(name, a, self.validation_rank, self._generator))
+                routes[name] = "val-first"
             else:
                 d = piece_dot(a, val.flat(name, a)).reshape(-1)
                 routes[name] = "val-first"  # one val-first piece is enough to need the weight gradient
@@ -291,8 +320,11 @@ class InRunShapley:
             return
         pending, self._pending = self._pending, []
         clip, self._clip = self._clip, 1.0
+        # a streamed first-order step has its validation side already: no forward here, so no mode switch (a walk
+        # over every module, twice)
+        streamed = self.order == 1 and not self.targeted and all(m.dots is not None for m in pending)
         try:
-            with torch.enable_grad(), eval_mode(self.inner):
+            with torch.enable_grad(), contextlib.nullcontext() if streamed else eval_mode(self.inner):
                 values = self._step_values(pending, clip)
         finally:
             self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
@@ -404,6 +436,7 @@ class InRunShapley:
             val = self._validation(with_pieces=any(not isinstance(s, Tensor) for s in shares.values()))
         # s ⊙ g_val, flattened (1, numel), for the layers that take the val-first route
         scaled: dict[str, Tensor] = {k: v.reshape(1, -1) for k, v in shares.items()} if prescaled else {}
+        sketched: dict[tuple, list] = {}  # validation_rank: low-rank ghost rows of s ⊙ g_val per (name, m, n)
         out = []
         for micro in pending:
             if micro.dots is not None:
@@ -426,6 +459,13 @@ class InRunShapley:
                         continue
                     if name not in scaled:
                         scaled[name] = (s * val.grad(name)).reshape(1, -1)
+                    if self._sketches(a):
+                        key = (name, a.m, a.n)
+                        if key not in sketched:
+                            sketched[key] = [low_rank(scaled[name].reshape(a.m, a.n), self.validation_rank,
+                                                      self._generator)]
+                        phi += ghost_total(a, sketched[key]).reshape(-1, 1).to(phi.dtype)
+                        continue
                     phi += piece_dot(a, scaled[name].to(phi.dtype))
             out.append(_np(phi))
         return np.concatenate(out)
@@ -636,8 +676,15 @@ class _Validation:
 
     def __init__(self, grads: dict[str, Tensor], pieces: dict[str, list[Piece]], shapes: dict[str, torch.Size]):
         self.grads, self.pieces, self.shapes = grads, pieces, shapes
-        self._flat: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._flat: dict[tuple, Any] = {}  # flattened gradients per (name, dtype); sketches per (name, m, n)
         self._ghost: dict[str, list | None] = {}
+
+    def sketch(self, name: str, like: Outer, rank: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+        """Rank-``rank`` ghost rows of ``g_val`` of ``name`` in the ``(m, n)`` view of ``like`` (one per step)."""
+        key = ("sketch", name, like.m, like.n)
+        if key not in self._flat:
+            self._flat[key] = low_rank(self.grad(name).reshape(like.m, like.n).to(like.v.dtype), rank, generator)
+        return [self._flat[key]]
 
     def has(self, name: str) -> bool:
         """Whether the validation loss depends on ``name`` (through a tracked call)."""
