@@ -25,6 +25,7 @@ import torch
 from datacredit import StoreError
 from datacredit.data import ArrayDataset
 from datacredit.evaluate import ClassifierRecipe, build_groundtruth, build_loo, load_groundtruth
+from datacredit.evaluate.jobstore import train_seed
 from datacredit.lock import LockedError
 from datacredit.scores import Scores
 from datacredit.store import Store
@@ -173,8 +174,7 @@ def _kill_and_resume(tmp: Path, trials: int, reference, seed: int) -> dict[str, 
 
 
 def load_seeds(gt) -> list[int]:
-    from datacredit.evaluate.jobstore import train_seed
-
+    """The training seed of every job of ``gt``, in job order (unique per job)."""
     return [train_seed(gt.config["seed"], k, r) for k in range(gt.m) for r in range(gt.seeds)]
 
 
