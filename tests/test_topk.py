@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datacredit import ClassificationTask, GradDot, Influence, TracIn
+import datacredit.methods.source as source_module
+from datacredit import ClassificationTask, GradDot, Influence, Source, TracIn
 from datacredit.data import ArrayDataset
 from datacredit.methods import TRAK, base
 from datacredit.methods.base import TopKAccumulator
@@ -43,14 +44,16 @@ def methods(model, traj):
         "influence-identity": Influence(model, task, curvature="identity", **kw),
         "tracin": TracIn(model, task, traj, **kw),
         "trak": TRAK(model, ClassificationTask(measurement="margin"), projection=32, **kw),
+        "source": Source(model, task, traj, segments=2, **kw),
     }
 
 
 @pytest.mark.parametrize("name", ["graddot", "gradcos-projected", "influence-kfac", "influence-identity", "tracin",
-                                  "trak"])
+                                  "trak", "source"])
 def test_topk_equals_the_dense_topk(setup, name, monkeypatch, float64):
     model, traj, train, test = setup
     monkeypatch.setattr(base, "SCORE_CHUNK_BYTES", 8 * 12 * 8)  # blocks of 8 training rows: 5 blocks
+    monkeypatch.setattr(source_module, "SUM_ELEMENTS", 1)  # SOURCE: blocks of one batch (4 rows)
     seen = []
     original = base.TopKAccumulator.add
 

@@ -42,7 +42,17 @@ from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
 from ..trajectory import Trajectory
-from .base import Data, GradientMethod, as_loader, batches, eval_mode, products, row_subset
+from .base import (
+    Data,
+    GradientMethod,
+    TopK,
+    TopKAccumulator,
+    as_loader,
+    batches,
+    eval_mode,
+    products,
+    row_subset,
+)
 
 
 @dataclass
@@ -219,28 +229,57 @@ class Source(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """``(n_train, n_query)`` scores τ(z, q); rows are the stages' examples in order. Positive = helps."""
+        query_ids, blocks = self._score_blocks(queries)
+        values = np.zeros((len(self.train_ids), len(query_ids)))
+        for rows, part in blocks:
+            values[rows] = part
+        return Scores(values, self.train_ids, query_ids, self.name, self._config())
+
+    def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
+        """The ``k`` strongest training examples per query without the ``(n_train, n_query)`` matrix: the same row
+        blocks as :meth:`score`, merged as they come (memory: one block of scores plus ``(k, n_query)``)."""
+        query_ids, blocks = self._score_blocks(queries)
+        acc = TopKAccumulator(k, len(query_ids), largest)
+        for rows, part in blocks:
+            acc.add(rows, slice(None), part)
+        return acc.result(self.train_ids, query_ids, self.name)
+
+    def _config(self) -> dict:
+        return {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
+                "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
+
+    def _score_blocks(self, queries: Data) -> tuple[np.ndarray, Iterator[tuple[slice, np.ndarray]]]:
+        """Query ids and an iterator of ``(rows, (len(rows), n_query) scores)`` over blocks of training rows (global
+        rows: the stages' examples in order), each summed over all segments of its stage."""
         self._require_fit()
-        with eval_mode(self.model):
-            query_ids, v = self._query_vectors(queries)
-            weights = self._segment_weights(v)
-            values = np.zeros((len(self.train_ids), len(query_ids)))
-            offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
-            buffers: dict[str, Tensor] = {}  # per parameter: a block's training gradients summed over checkpoints
-            for seg, u in zip(self.segments, weights):
-                n_stage = len(self._stage_ids[seg.stage])
-                scale = 1.0 / (len(seg.trajectory) * n_stage)  # average over checkpoints, 1/N of the mean loss
-                data, offset = self._train[seg.stage], offsets[seg.stage]
-                blocks = self._row_blocks(n_stage, u)
-                rows_max = max(r.stop - r.start for r in blocks)
-                for name in self._summable(u):  # allocated once per segment, zeroed per block
-                    if name not in buffers or buffers[name].shape[0] < rows_max:
-                        buffers[name] = u[name].new_empty(rows_max, u[name][0].numel())
-                for rows in blocks:
-                    part = self._segment_block(seg, u, row_subset(data, rows, n_stage), buffers)
-                    values[offset + rows.start : offset + rows.stop] += scale * part
-        config = {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
-                  "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
-        return Scores(values, self.train_ids, query_ids, self.name, config)
+        query_ids = as_loader(queries, self.batch_size)[1]
+
+        def gen() -> Iterator[tuple[slice, np.ndarray]]:
+            with eval_mode(self.model):
+                _, v = self._query_vectors(queries)
+                weights = self._segment_weights(v)
+                del v
+                offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
+                buffers: dict[str, Tensor] = {}  # per parameter: a block's training gradients summed over checkpoints
+                for stage, data in enumerate(self._train):
+                    n_stage = len(self._stage_ids[stage])
+                    segs = [(seg, u) for seg, u in zip(self.segments, weights) if seg.stage == stage]
+                    if not segs:
+                        continue
+                    blocks = self._row_blocks(n_stage, segs[0][1])
+                    rows_max = max(r.stop - r.start for r in blocks)
+                    for name in self._summable(segs[0][1]):  # allocated once, zeroed per block
+                        if name not in buffers or buffers[name].shape[0] < rows_max:
+                            buffers[name] = segs[0][1][name].new_empty(rows_max, segs[0][1][name][0].numel())
+                    for rows in blocks:
+                        subset = row_subset(data, rows, n_stage)
+                        total = np.zeros((rows.stop - rows.start, len(query_ids)))
+                        for seg, u in segs:
+                            scale = 1.0 / (len(seg.trajectory) * n_stage)  # checkpoint average, 1/N of the mean loss
+                            total += scale * self._segment_block(seg, u, subset, buffers)
+                        yield slice(offsets[stage] + rows.start, offsets[stage] + rows.stop), total
+
+        return query_ids, gen()
 
     def _summable(self, u: dict[str, Tensor]) -> set[str]:
         """Parameters whose training gradients are summed over a segment's checkpoints before one product with the
