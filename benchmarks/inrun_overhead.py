@@ -1,36 +1,29 @@
-"""Benchmark: the cost of In-Run Data Shapley per training step, against plain training and a torch.func baseline.
+"""Benchmark: the cost of In-Run Data Shapley per training step against plain training, before and after (issue 16).
 
-One training loop, four variants run side by side on identical copies of the model (same seed), the same batches and
-the same optimizer settings:
+Every configuration (model, optimizer, validation set) runs several variants side by side on identical copies of the
+model (same seed), the same batches and the same optimizer settings:
 
-* ``plain``  — ``task.loss(model, batch).mean().backward(); opt.step(); opt.zero_grad()``;
-* ``inrun1`` — the same loop with ``with shapley.step(ids):`` around the backward (first-order ``InRunShapley``);
-* ``inrun2`` — the same with ``order=2`` (one Hessian-vector product per step);
-* ``func``   — the torch.func baseline of first-order In-Run Shapley: per-example gradients of the training batch by
-  ``vmap(grad(...))``, the summed validation gradient by one ordinary backward, the optimizer's preconditioner
-  (:func:`datacredit.optimizers.affine_step`) and one dot product per example; the update uses the mean of the
-  per-example gradients as ``.grad`` (so there is no second training backward).
+* ``plain``   — ``task.loss(model, batch).mean().backward(); opt.step(); opt.zero_grad()``;
+* ``new1`` / ``new2`` — the same loop with ``with shapley.step(ids):`` around the backward, this checkout's
+  ``InRunShapley(order=1 | 2)``;
+* ``old1`` / ``old2`` — the same with the ``InRunShapley`` of another checkout (``--old DIR``, e.g. a
+  ``git worktree`` of the commit before the streaming work), imported in this process as ``datacredit_old``;
+* ``new1 k=K`` — first order with a validation budget (``validation_subsample=K``): a per-step sample of K of the
+  validation examples, an unbiased estimate of the exact value;
+* ``new1 r=R`` — first order with a rank-R sketch of each large layer's validation gradient (``validation_rank=R``):
+  biased, its fidelity measured.
 
-Extra variants (MLP), for evidence about where the time goes (not part of the library):
+Validation does not change training, so every variant follows the same trajectory; the first-order values of
+``new1``, ``old1`` and the budget variants are compared at the end (relative error of the per-example totals and
+their Spearman correlation against ``new1``, the exact value).
 
-* ``fused-bound`` — plain training with the validation rows appended to the batch with zero loss weight: the
-  least a validation gradient computed inside the training pass would cost;
-* ``inrun1 val=N`` — first order with another validation size (overhead vs validation size).
+Timing: every step of every variant is timed with ``time.perf_counter`` (forward, backward, values, update). The
+variants take turns step by step in a rotating order (ABCD, BCDA, ...), so load from other processes hits them
+alike; the reported time is the median over the steps after the warm-up, and the ratios are ratios of medians.
+After the timed steps, a few more steps of ``new1`` / ``new2`` are instrumented (wrapping functions of ``datacredit``
+in this process only) to report exclusive time per part.
 
-Every step of every variant is timed with ``time.perf_counter`` (forward, backward, values, update). The variants are
-interleaved step by step in a rotating order (ABCD, BCDA, ...) so that load from other processes on a shared machine
-hits them alike; the reported time is the median over the steps after the warm-up, and the ratios are ratios of those
-medians. The first-order values of ``inrun1`` and ``func`` are compared at the end (they follow the same trajectory).
-
-A second phase instruments a few more steps of ``inrun1`` / ``inrun2`` (wrapping functions of ``datacredit`` in this
-process only) and reports exclusive time per part: the user's forward/backward, the capture hooks, collecting the
-per-example pieces, the validation forward / backward, the Hessian-vector product, the dot products, the optimizer
-update and the rest.
-
-Regression check for the capture leak fixed in d14990e: the number of live tensors must not grow across the timed
-steps (by less than one per step; before the fix it grew by ~170 tensors, +318 MB, per GPT step).
-
-Usage: ``python benchmarks/inrun_overhead.py [--quick] [--threads N] [--out benchmarks/results/inrun_overhead.json]``
+Usage: ``python benchmarks/inrun_overhead.py [--old /tmp/inrun-old] [--quick] [--only gpt|mlp] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -38,11 +31,15 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -53,124 +50,129 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import datacredit.methods.inrun as inrun_mod
 from datacredit import ClassificationTask, LanguageModelingTask
-from datacredit.capture import Capture, ExampleGrads, engine
+from datacredit.capture import Capture
 from datacredit.data import CharDataset, load_fashion_mnist, load_text_sample
-from datacredit.methods.inrun import InRunShapley
 from datacredit.models import TinyGPT, mlp
-from datacredit.optimizers import affine_step
 from datacredit.task import Task
 
-
-def live_tensors() -> int:
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+# -- the other checkout ----------------------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def load_old(root: Path) -> Any:
+    """``InRunShapley`` of another checkout's ``datacredit`` package, imported as ``datacredit_old`` (a copy with its
+    absolute ``datacredit.`` imports renamed, so both versions live in one process)."""
+    target = Path(tempfile.mkdtemp(prefix="inrun-old-")) / "datacredit_old"
+    shutil.copytree(root / "datacredit", target, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in target.rglob("*.py"):
+        text = path.read_text()
+        new = re.sub(r"\b(from|import) datacredit([. ])", r"\1 datacredit_old\2", text)
+        if new != text:
+            path.write_text(new)
+    sys.path.insert(0, str(target.parent))
+    return importlib.import_module("datacredit_old.methods.inrun").InRunShapley
 
 
-# -- cases -----------------------------------------------------------------------------------------------------------
+# -- configurations --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Case:
+class Config:
     name: str
     describe: str
     make_model: Callable[[], nn.Module]
     task: Task
-    batches: list[tuple[np.ndarray, tuple]]  # (ids, batch)
+    batches: list[tuple[np.ndarray, tuple]]
     validation: tuple
-    opts: dict[str, Callable]  # optimizer name -> factory(params)
+    opt: Callable
+    opt_name: str
+    variants: list[str]
     warmup: int
     steps: int
-    variants: list[str] = field(default_factory=lambda: ["plain", "inrun1", "inrun2", "func"])
-    val_sweep: dict[str, list[int]] = field(default_factory=dict)  # optimizer -> extra inrun1 validation sizes
-    val_pool: tuple | None = None  # where the sweep's validation batches are taken from
-    profile_steps: int = 2
+    profile: list[str] = field(default_factory=list)
 
 
 def _slice(batch: tuple, n: int) -> tuple:
     return tuple(t[:n] for t in batch)
 
 
-def mlp_case(quick: bool) -> Case:
+def mlp_configs(quick: bool) -> list[Config]:
     b, b_val = 64, 32
-    warmup, steps = (2, 5) if quick else (4, 20)
-    train = load_fashion_mnist(split="train", limit=b * 20, seed=0)
+    warmup, steps = (2, 4) if quick else (3, 20)
+    train = load_fashion_mnist(split="train", limit=b * 24, seed=0)
     test = load_fashion_mnist(split="test", limit=256, seed=0)
     x, y = train.tensors
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     batches = [(train.ids[idx.numpy()], (x[idx], y[idx])) for idx in perm.split(b)]
-    pool = test.tensors
 
     def make() -> nn.Module:
         torch.manual_seed(0)
         return mlp(784, [512, 256], 10)
 
-    return Case("mlp", f"MLP 784-512-256-10 on Fashion-MNIST, batch {b}, validation {b_val} test images",
-                make, ClassificationTask(), batches, _slice(pool, b_val),
-                {"SGD": lambda p: torch.optim.SGD(p, lr=0.05), "Adam": lambda p: torch.optim.Adam(p, lr=1e-3)},
-                warmup, steps, ["plain", "inrun1", "inrun2", "func", "fused-bound"],
-                val_sweep={} if quick else {"SGD": [8, 128], "Adam": [8]}, val_pool=pool,
-                profile_steps=2 if quick else 10)
+    opts = {"SGD": lambda p: torch.optim.SGD(p, lr=0.05), "Adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
+    return [Config(f"MLP 784-512-256-10, batch {b}, val {b_val}", f"Fashion-MNIST, validation {b_val} test images",
+                   make, ClassificationTask(), batches, _slice(test.tensors, b_val), opts[o], o,
+                   ["plain", "new1", "old1", "new2", "old2", "new1 k=8"], warmup, steps, ["new1", "new2"])
+            for o in opts]
 
 
-def gpt_case(quick: bool) -> Case:
+def gpt_configs(quick: bool) -> list[Config]:
     if quick:
-        d, layers, heads, t, b, b_val, warmup, steps = 64, 2, 4, 32, 8, 2, 1, 3
+        d, layers, heads, t, b, warmup, steps = 64, 2, 4, 32, 8, 1, 2
     else:
-        d, layers, heads, t, b, b_val, warmup, steps = 256, 4, 4, 128, 16, 4, 1, 6
+        d, layers, heads, t, b, warmup, steps = 256, 4, 4, 128, 16, 1, 8
     data = CharDataset(load_text_sample(), t)
     tokens = data.tensors[0]
-    n_val = 16
-    pool = (tokens[-n_val:],)
-    train_rows = torch.randperm(len(tokens) - n_val, generator=torch.Generator().manual_seed(0))
-    batches = [(data.ids[idx.numpy()], (tokens[idx],)) for idx in train_rows.split(b) if len(idx) == b]
+    n_pool = 16
+    pool = tokens[-n_pool:]
+    rows = torch.randperm(len(tokens) - n_pool, generator=torch.Generator().manual_seed(0))
+    batches = [(data.ids[idx.numpy()], (tokens[idx],)) for idx in rows.split(b) if len(idx) == b]
 
     def make() -> nn.Module:
         torch.manual_seed(0)
         return TinyGPT(data.vocab_size, d=d, n_layers=layers, n_heads=heads, max_len=t)
 
     n_params = sum(p.numel() for p in make().parameters())
-    return Case("gpt", f"TinyGPT d={d}, {layers} layers, {heads} heads, T={t}, vocab {data.vocab_size} "
-                f"({n_params / 1e6:.2f} M params, tied), batch {b}, validation {b_val} held-out chunks",
-                make, LanguageModelingTask(), batches, _slice(pool, b_val),
-                {"SGD": lambda p: torch.optim.SGD(p, lr=0.1), "Adam": lambda p: torch.optim.Adam(p, lr=3e-4)},
-                warmup, steps, val_pool=pool, profile_steps=1)
+    opts = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1), "Adam": lambda p: torch.optim.Adam(p, lr=3e-4)}
+    head = f"TinyGPT d={d}, {layers} layers, T={t}, batch {b}"
+    describe = f"{n_params / 1e6:.2f} M params, tied embedding, vocab {data.vocab_size}"
+    out = []
+    for o in opts:
+        out.append(Config(f"{head}, val 4×{t}", describe, make, LanguageModelingTask(), batches, (pool[:4],),
+                          opts[o], o, ["plain", "new1", "old1", "new2", "old2", "new1 k=1", "new1 r=16"], warmup, steps,
+                          ["new1", "new2"]))
+    short = min(32, t)
+    for o in opts:
+        out.append(Config(f"{head}, val {short} tokens", describe, make, LanguageModelingTask(), batches,
+                          (pool[4:5, : short + 1],), opts[o], o, ["plain", "new1", "old1", "new2"], warmup, steps,
+                          ["new1"]))
+    return out
 
 
-# -- the variants ----------------------------------------------------------------------------------------------------
+# -- variants --------------------------------------------------------------------------------------------------------
 
 
 class Plain:
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, task: Task, validation: tuple):
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, task: Task):
         self.model, self.opt, self.task = model, opt, task
 
-    def step(self, ids: np.ndarray, batch: tuple, region: Callable = None) -> None:
-        with _region(region, "train forward+backward (user)"):
-            self.task.loss(self.model, batch).mean().backward()
-        with _region(region, "optimizer update"):
-            self.opt.step()
+    def step(self, ids: np.ndarray, batch: tuple) -> None:
+        self.task.loss(self.model, batch).mean().backward()
+        self.opt.step()
         self.opt.zero_grad()
 
 
-class InRun(Plain):
-    def __init__(self, model, opt, task, validation, order: int):
-        super().__init__(model, opt, task, validation)
-        self.shapley = InRunShapley(model, task, validation=validation, optimizer=opt, order=order)
+class Recorded(Plain):
+    def __init__(self, model, opt, task, shapley):
+        super().__init__(model, opt, task)
+        self.shapley = shapley
 
-    def step(self, ids, batch, region=None) -> None:
-        with _region(region, "train forward+backward (user)"):
-            with self.shapley.step(ids):
-                self.task.loss(self.model, batch).mean().backward()
-        with _region(region, "optimizer update"):
-            self.opt.step()  # In-Run's pre-hook runs here (its parts are timed under their own labels)
+    def step(self, ids, batch) -> None:
+        with self.shapley.step(ids):
+            self.task.loss(self.model, batch).mean().backward()
+        self.opt.step()  # In-Run's pre-hook computes the step's values here
         self.opt.zero_grad()
 
     def values(self) -> tuple[np.ndarray, np.ndarray]:
@@ -178,123 +180,74 @@ class InRun(Plain):
         return s.train_ids, s.values[:, 0]
 
 
-class FusedBound(Plain):
-    """Plain training with the validation rows appended to the batch (their loss weighted 0, so the update is the
-    same): what computing the validation gradient inside the training forward/backward would cost at least."""
-
-    def __init__(self, model, opt, task, validation):
-        super().__init__(model, opt, task, validation)
-        self.validation = validation
-
-    def step(self, ids, batch, region=None) -> None:
-        both = tuple(torch.cat([t, v]) for t, v in zip(batch, self.validation))
-        self.task.loss(self.model, both)[: len(ids)].mean().backward()
-        self.opt.step()
-        self.opt.zero_grad()
-
-
-class FuncBaseline(Plain):
-    """First-order In-Run values from torch.func per-example gradients (the slow, obviously-correct route)."""
-
-    def __init__(self, model, opt, task, validation):
-        super().__init__(model, opt, task, validation)
-        self.validation = validation
-        self.sums: dict[int, float] = defaultdict(float)
-
-        def single(params: dict, *example):
-            call = lambda x: functional_call(model, params, (x,))  # noqa: E731
-            return task.loss(call, tuple(e.unsqueeze(0) for e in example))[0]
-
-        self.single = single
-
-    def step(self, ids, batch, region=None) -> None:
-        named = dict(self.model.named_parameters())
-        params = {k: p.detach() for k, p in named.items()}
-        n = len(ids)
-        per_example = vmap(grad(self.single), in_dims=(None, *([0] * len(batch))))(params, *batch)
-        for k, p in named.items():
-            p.grad = per_example[k].mean(0)  # the ordinary update's gradient, no second backward
-        g_val = torch.autograd.grad(self.task.measurement(self.model, self.validation).sum(), list(named.values()))
-        affine = affine_step(self.opt)
-        phi = torch.zeros(n)
-        for (k, p), gv in zip(named.items(), g_val):
-            s = affine[p][0]
-            phi += per_example[k].reshape(n, -1) @ (s * gv).reshape(-1) / n
-        for i, v in zip(ids.tolist(), phi.tolist()):
-            self.sums[i] += v
-        self.opt.step()
-        self.opt.zero_grad()
-
-    def values(self) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array(sorted(self.sums))
-        return ids, np.array([self.sums[i] for i in ids])
-
-
-def _region(region: Callable | None, label: str):
-    return region(label) if region is not None else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def build_variants(case: Case, opt_name: str) -> dict[str, Plain]:
-    def make(kind: str, validation: tuple) -> Plain:
-        model = case.make_model()
-        opt = case.opts[opt_name](model.parameters())
+def build(config: Config, old_cls: Any) -> dict[str, Plain]:
+    out: dict[str, Plain] = {}
+    for kind in config.variants:
+        if kind.startswith("old") and old_cls is None:
+            continue
+        model = config.make_model()
+        opt = config.opt(model.parameters())
         if kind == "plain":
-            return Plain(model, opt, case.task, validation)
-        if kind == "func":
-            return FuncBaseline(model, opt, case.task, validation)
-        if kind == "fused-bound":
-            return FusedBound(model, opt, case.task, validation)
-        return InRun(model, opt, case.task, validation, order=int(kind[len("inrun")]))
+            out[kind] = Plain(model, opt, config.task)
+            continue
+        order = int(kind[3])
+        kw: dict[str, int] = {}
+        if "k=" in kind:
+            kw = {"validation_subsample": int(kind.split("k=")[1]), "seed": 0}
+        if "r=" in kind:
+            kw = {"validation_rank": int(kind.split("r=")[1]), "seed": 0}
+        cls = old_cls if kind.startswith("old") else inrun_mod.InRunShapley
+        out[kind] = Recorded(model, opt, config.task, cls(model, config.task, validation=config.validation,
+                                                          optimizer=opt, order=order, **kw))
+    return out
 
-    variants = {k: make(k, case.validation) for k in case.variants}
-    for n_val in case.val_sweep.get(opt_name, []):
-        variants[f"inrun1 val={n_val}"] = make("inrun1", _slice(case.val_pool, n_val))
-    return variants
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def time_interleaved(case: Case, opt_name: str) -> tuple[dict, dict[str, Plain]]:
-    variants = build_variants(case, opt_name)
+def run_config(config: Config, old_cls: Any, profile_steps: int) -> dict:
+    variants = build(config, old_cls)
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
-    tensors_after_warmup = rss_after_warmup = None
-    for k in range(case.warmup + case.steps):
-        if k == case.warmup:
-            tensors_after_warmup, rss_after_warmup = live_tensors(), rss_mb()
-        ids, batch = case.batches[k % len(case.batches)]
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    load = [os.getloadavg()[0]]
+    for k in range(config.warmup + config.steps):
+        ids, batch = config.batches[k % len(config.batches)]
         shift = k % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             variants[name].step(ids, batch)
-            elapsed = time.perf_counter() - start
-            if k >= case.warmup:
-                times[name].append(elapsed)
-        print(f"  {case.name}/{opt_name} step {k + 1}/{case.warmup + case.steps}", file=sys.stderr, flush=True)
-    tensors_after, rss_after = live_tensors(), rss_mb()
-    # regression check for the capture leak (each step used to keep its activations alive)
-    grew = tensors_after - tensors_after_warmup
-    assert grew < case.steps, f"live tensors grew by {grew} over {case.steps} steps (capture leak?)"
+            if k >= config.warmup:
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        load.append(os.getloadavg()[0])
+        print(f"  {config.name} / {config.opt_name}: step {k + 1}/{config.warmup + config.steps}", file=sys.stderr,
+              flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {"inrun1/plain": med["inrun1"] / med["plain"], "inrun2/plain": med["inrun2"] / med["plain"],
-              "func/inrun1": med["func"] / med["inrun1"], "func/plain": med["func"] / med["plain"]}
+    ratios = {k: med[k] / med["plain"] for k in names if k != "plain"}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    cpu_ratios = {k: med_cpu[k] / med_cpu["plain"] for k in names if k != "plain"}
+    exact_ids, exact = variants["new1"].values()
+    fidelity = {}
     for name in names:
-        if name not in ("plain", "inrun1", "inrun2", "func"):
-            ratios[f"{name}/plain"] = med[name] / med["plain"]
-    ids_a, a = variants["func"].values()  # the same first-order values by the torch.func route
-    ids_b, b = variants["inrun1"].values()
-    assert np.array_equal(ids_a, ids_b)
-    agreement = {"func vs inrun1": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
-    memory = {"live_tensors_after_warmup": tensors_after_warmup, "live_tensors_after": tensors_after,
-              "rss_mb_after_warmup": round(rss_after_warmup, 1), "rss_mb_after": round(rss_after, 1)}
-    return {"median_step_s": med, "ratios": ratios, "steps": case.steps, "warmup": case.warmup,
-            "all_step_s": times, "values_rel_diff": agreement, "memory": memory}, variants
+        if name != "old1" and "k=" not in name and "r=" not in name:
+            continue
+        ids, v = variants[name].values()
+        assert np.array_equal(ids, exact_ids)
+        fidelity[name] = {"rel_err": float(np.linalg.norm(v - exact) / np.linalg.norm(exact)),
+                          "spearman": spearman(v, exact)}
+    if "new2" in variants and "old2" in variants:
+        ids, a = variants["new2"].values()
+        _, b = variants["old2"].values()
+        fidelity["old2 vs new2"] = {"rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+                                    "spearman": spearman(a, b)}
+    breakdown = {name: profile(config, variants[name], profile_steps) for name in config.profile}
+    return {"name": config.name, "describe": config.describe, "optimizer": config.opt_name,
+            "median_step_s": med, "ratios": ratios, "median_cpu_s": med_cpu, "cpu_ratios": cpu_ratios,
+            "all_step_s": times, "all_cpu_s": cpu, "fidelity": fidelity,
+            "load_1min": [round(x, 2) for x in load], "breakdown": breakdown}
 
 
 # -- where the time goes ---------------------------------------------------------------------------------------------
@@ -308,88 +261,38 @@ class Breakdown:
         self.stack: list[list] = []
         self._restore: list[tuple[Any, str, Any]] = []
 
-    def enter(self, label: str) -> None:
-        self.stack.append([label, time.perf_counter(), 0.0])
-
-    def exit(self) -> None:
-        label, start, child = self.stack.pop()
-        dt = time.perf_counter() - start
-        self.totals[label] += dt - child
-        if self.stack:
-            self.stack[-1][2] += dt
-
-    def region(self, label: str):
-        bd = self
-
-        class _R:
-            def __enter__(self):
-                bd.enter(label)
-
-            def __exit__(self, *exc):
-                bd.exit()
-                return False
-
-        return _R()
-
-    def top(self) -> str | None:
-        return self.stack[-1][0] if self.stack else None
-
-    def wrap(self, owner: Any, attr: str, label: str | Callable[..., str]) -> None:
-        orig = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        orig = owner.__dict__[attr]
         bd = self
 
         @functools.wraps(orig)
         def wrapper(*a, **k):
-            bd.enter(label(*a, **k) if callable(label) else label)
+            bd.stack.append([label, time.perf_counter(), 0.0])
             try:
                 return orig(*a, **k)
             finally:
-                bd.exit()
+                lab, start, child = bd.stack.pop()
+                dt = time.perf_counter() - start
+                bd.totals[lab] += dt - child
+                if bd.stack:
+                    bd.stack[-1][2] += dt
 
-        setattr(owner, attr, wrapper)
+        setattr(owner, attr, staticmethod(wrapper) if isinstance(orig, staticmethod) else wrapper)
         self._restore.append((owner, attr, orig))
 
-    def install(self, task: Task) -> None:
-        bd = self
-        self.wrap(task, "measurement", "validation forward")
-        self.wrap(inrun_mod, "example_grads", "validation backward")
+    def install(self) -> None:
+        cls = inrun_mod.InRunShapley
+        self.wrap(cls, "_validation", "validation forward+backward (first order)")
+        self.wrap(cls, "_consume", "per-layer dots inside the training backward (streaming)")
+        self.wrap(cls, "_first_order", "values at optimizer.step (first order)")
+        self.wrap(cls, "_summed_terms", "validation gradient + HVP (second order)")
+        self.wrap(cls, "_step_values", "In-Run step bookkeeping")
+        self.wrap(cls, "finish", "In-Run step bookkeeping")
         self.wrap(Capture, "collect", "collect per-example pieces")
-        self.wrap(engine, "_check_finite", "collect per-example pieces")
-        self.wrap(Capture, "__init__", "in-run bookkeeping")
-        self.wrap(engine._Call, "set_grad", "capture hooks")
-        orig_hook = Capture.__dict__["_hook"]
-
-        def _hook(this, path, rule):
-            h = orig_hook(this, path, rule)
-
-            def timed(*a):
-                bd.enter("capture hooks")
-                try:
-                    return h(*a)
-                finally:
-                    bd.exit()
-
-            return timed
-
-        Capture._hook = _hook
-        self._restore.append((Capture, "_hook", orig_hook))
-
-        def grad_label(*a, **k):
-            if bd.top() == "_accumulate":
-                return "validation backward" if k.get("create_graph") else "HVP (double backward)"
-            return "validation backward" if bd.top() == "validation backward" else "other autograd.grad"
-
-        self.wrap(torch.autograd, "grad", grad_label)
-        self.wrap(InRunShapley, "_accumulate", "_accumulate")
-        for fn in ("piece_dot", "piece_gram"):
-            self.wrap(inrun_mod, fn, "dot products")
-        self.wrap(ExampleGrads, "dot", "dot products")
-        self.wrap(ExampleGrads, "gram", "dot products")
-        self.wrap(ExampleGrads, "scale", "scale by preconditioner")
-        self.wrap(inrun_mod, "_sum_totals", "batch / validation totals")
-        self.wrap(inrun_mod, "affine_step", "optimizer model (affine_step)")
-        for fn in ("_on_step", "_step_values", "_first_order", "_add", "_validation_weights", "_summed_terms"):
-            self.wrap(InRunShapley, fn, "in-run bookkeeping")
+        self.wrap(inrun_mod.ExampleGrads, "dot", "val-first dots at optimizer.step")
+        self.wrap(inrun_mod.__dict__["_Validation"], "ghost", "stack validation factors")
+        for fn, label in (("step_scale", "optimizer model (s)"), ("affine_step", "optimizer model (s, c)")):
+            self.wrap(inrun_mod, fn, label)
 
     def uninstall(self) -> None:
         for owner, attr, orig in reversed(self._restore):
@@ -397,30 +300,22 @@ class Breakdown:
         self._restore.clear()
 
 
-def profile_case(case: Case, variants: dict[str, Plain], n_steps: int) -> dict:
-    """Per-step exclusive ms by part for plain, inrun1, inrun2 (the warm models of the timed run, continuing)."""
-    out = {}
-    variants = {k: v for k, v in variants.items() if k in ("plain", "inrun1", "inrun2")}
-    first = case.warmup + case.steps
-    for name, variant in variants.items():
-        bd = Breakdown()
-        bd.install(case.task)
-        try:
-            start = time.perf_counter()
-            for k in range(n_steps):
-                ids, batch = case.batches[(first + k) % len(case.batches)]
-                variant.step(ids, batch, region=bd.region)
-            wall = time.perf_counter() - start
-        finally:
-            bd.uninstall()
-        parts = {label: 1000 * t / n_steps for label, t in bd.totals.items()}
-        parts["_accumulate"] = parts.pop("_accumulate", 0.0)
-        parts["HVP (double backward)"] = parts.get("HVP (double backward)", 0.0) + parts.pop("_accumulate")
-        if not parts["HVP (double backward)"]:
-            parts.pop("HVP (double backward)")
-        parts = {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
-        out[name] = {"step_ms": round(1000 * wall / n_steps, 2), "parts_ms": parts}
-    return out
+def profile(config: Config, variant: Plain, n_steps: int) -> dict:
+    bd = Breakdown()
+    bd.install()
+    first = config.warmup + config.steps
+    try:
+        start = time.perf_counter()
+        for k in range(n_steps):
+            ids, batch = config.batches[(first + k) % len(config.batches)]
+            variant.step(ids, batch)
+        wall = time.perf_counter() - start
+    finally:
+        bd.uninstall()
+    parts = {label: round(1000 * t / n_steps, 1) for label, t in sorted(bd.totals.items(), key=lambda kv: -kv[1])}
+    rest = 1000 * wall / n_steps - sum(parts.values())
+    return {"step_ms": round(1000 * wall / n_steps, 1), "parts_ms": parts,
+            "user forward+backward, update, hooks": round(rest, 1)}
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
@@ -428,40 +323,35 @@ def profile_case(case: Case, variants: dict[str, Plain], n_steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", type=Path, default=None, help="another checkout to compare (old1/old2 variants)")
     parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke test)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a shared 2-core machine more threads than free "
-                             "cores makes timings erratic)")
-    parser.add_argument("--profile-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["mlp", "gpt"], default=None)
+    parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    old_cls = load_old(args.old) if args.old else None
     out_path = args.out or Path(__file__).parent / "results" / f"inrun_overhead{'_quick' if args.quick else ''}.json"
-
-    t_start = time.perf_counter()
     report: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                    "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-        "date": time.strftime("%Y-%m-%d"), "load_avg_start": os.getloadavg(), "quick": args.quick, "cases": {}}
-    cases = [c for c in (mlp_case(args.quick), gpt_case(args.quick)) if args.only in (None, c.name)]
-    for case in cases:
-        entry: dict[str, Any] = {"describe": case.describe, "optimizers": {}}
-        for opt_name in case.opts:
-            print(f"{case.name} / {opt_name}: timing", file=sys.stderr, flush=True)
-            res, variants = time_interleaved(case, opt_name)
-            print(f"{case.name} / {opt_name}: profiling", file=sys.stderr, flush=True)
-            res["breakdown"] = profile_case(case, variants, args.profile_steps or case.profile_steps)
-            del variants
-            entry["optimizers"][opt_name] = res
-            print(json.dumps({"case": case.name, "opt": opt_name, "median_step_s": res["median_step_s"],
-                              "ratios": res["ratios"], "values_rel_diff": res["values_rel_diff"],
-                              "memory": res["memory"]}, indent=1),
-                  file=sys.stderr, flush=True)
-            gc.collect()
-        report["cases"][case.name] = entry
-    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.is_available()},
+        "date": time.strftime("%Y-%m-%d %H:%M"), "old": str(args.old) if args.old else None,
+        "load_avg_start": os.getloadavg(), "quick": args.quick, "configs": []}
+    t0 = time.perf_counter()
+    configs = []
+    if args.only in (None, "gpt"):
+        configs += gpt_configs(args.quick)
+    if args.only in (None, "mlp"):
+        configs += mlp_configs(args.quick)
+    for config in configs:
+        res = run_config(config, old_cls, args.profile_steps)
+        report["configs"].append(res)
+        print(json.dumps({k: res[k] for k in ("name", "optimizer", "ratios", "cpu_ratios", "fidelity")}, indent=1),
+              file=sys.stderr, flush=True)
+        gc.collect()
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
     report["load_avg_end"] = os.getloadavg()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))
@@ -470,26 +360,31 @@ def main() -> None:
 
 
 def print_tables(report: dict) -> None:
-    print("\n| case | optimizer | plain ms | inrun1 ms | inrun2 ms | func ms | inrun1/plain | inrun2/plain | "
-          "func/inrun1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, entry in report["cases"].items():
-        for opt_name, res in entry["optimizers"].items():
-            m, r = res["median_step_s"], res["ratios"]
-            print(f"| {name} | {opt_name} | {1000 * m['plain']:.1f} | {1000 * m['inrun1']:.1f} | "
-                  f"{1000 * m['inrun2']:.1f} | {1000 * m['func']:.1f} | {r['inrun1/plain']:.2f}× | "
-                  f"{r['inrun2/plain']:.2f}× | {r['func/inrun1']:.2f}× |")
-    for name, entry in report["cases"].items():
-        for opt_name, res in entry["optimizers"].items():
-            extra = {k: v for k, v in res["ratios"].items()
-                     if k not in ("inrun1/plain", "inrun2/plain", "func/inrun1", "func/plain")}
-            print(f"{name}/{opt_name}: " + ", ".join(f"{k} {v:.2f}×" for k, v in extra.items())
-                  + "; values rel. diff: " + ", ".join(f"{k} {v:.1e}" for k, v in res["values_rel_diff"].items()))
-    for name, entry in report["cases"].items():
-        for opt_name, res in entry["optimizers"].items():
-            for variant, b in res["breakdown"].items():
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in b["parts_ms"].items())
-                print(f"{name}/{opt_name}/{variant}: {b['step_ms']:.1f} ms = {parts}")
+    for key, what in (("cpu_ratios", "process CPU time"), ("ratios", "wall time")):
+        print(f"\nRatios of medians of {what} per step (recorded / plain):\n")
+        print("| case | opt | plain ms | first order: before → after | second order: before → after | budget: ratio, "
+              "rel. err, Spearman | load |")
+        print("|---|---|---|---|---|---|---|")
+        for res in report["configs"]:
+            r, f = res[key], res["fidelity"]
+            m = res["median_cpu_s" if key == "cpu_ratios" else "median_step_s"]
+            first = f"{r['old1']:.2f}× → **{r['new1']:.2f}×**" if "old1" in r else f"**{r['new1']:.2f}×**"
+            second = "—"
+            if "new2" in r:
+                second = f"{r['old2']:.2f}× → **{r['new2']:.2f}×**" if "old2" in r else f"**{r['new2']:.2f}×**"
+            budget = "<br>".join(f"{k[5:]}: {r[k]:.2f}×, {f[k]['rel_err']:.3f}, {f[k]['spearman']:.3f}"
+                                for k in r if "k=" in k or "r=" in k) or "—"
+            lo, hi = min(res["load_1min"]), max(res["load_1min"])
+            print(f"| {res['name']} | {res['optimizer']} | {1000 * m['plain']:.0f} | {first} | {second} | {budget} | "
+                  f"{lo:.1f}–{hi:.1f} |")
+    print()
+    for res in report["configs"]:
+        agree = ", ".join(f"{k} rel. err {v['rel_err']:.1e}" for k, v in res["fidelity"].items()
+                          if "k=" not in k and "r=" not in k)
+        print(f"{res['name']} / {res['optimizer']}: {agree}")
+        for name, b in res["breakdown"].items():
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in b["parts_ms"].items())
+            print(f"  {name}: {b['step_ms']:.1f} ms/step = {parts}; rest {b['user forward+backward, update, hooks']}")
 
 
 if __name__ == "__main__":
