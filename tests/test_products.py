@@ -41,8 +41,8 @@ def test_products_equal_dot_and_torch_func(gpt, advantage, monkeypatch, float64)
 
 
 def test_route_choice_follows_the_cost_model():
-    """One position per example: materialize + GEMM; one query against long sequences... still GEMM unless val-first
-    is VAL_FIRST_ADVANTAGE times cheaper; an Embedding (row gather) goes val-first."""
+    """One position per example and many queries: materialize + GEMM; an Embedding piece (val-first is a row gather,
+    far cheaper than materializing vocabulary-sized rows): val-first."""
     from datacredit.capture.pieces import Outer
 
     dense = Outer(torch.zeros(4, 1, 3), torch.zeros(4, 1, 5), 3, 5)

@@ -1,7 +1,13 @@
 """What every post-hoc method shares: data in, per-example gradients out, one batching loop written once.
 
-A method is ``fit(train)`` (cache what depends only on training data) then ``score(queries) -> Scores`` and
-``self_scores(train) -> Scores``.
+A method is ``fit(train)`` (cache what depends only on training data) then ``score(queries) -> Scores``,
+``topk(queries, k) -> TopK`` and ``self_scores(train) -> Scores``. Shared here:
+
+* :meth:`GradientMethod.stream` — the one loop "batches → Capture → per-example gradients" (resumable by skipping);
+* :func:`products` — training gradients against prepared query weights, val-first or materialize + GEMM by cost;
+* :func:`fill_scores` / :func:`score_rows` — the ``(n_train, n_query)`` matrix in row blocks, in memory or as a
+  resumable chunked memmap in a store; :class:`TopKAccumulator` — the same blocks merged into the k best per query;
+* :func:`cached_rows`, :func:`model_digest`, :func:`data_digest`, :func:`ids_digest` — caches and what they depend on.
 """
 
 from __future__ import annotations
