@@ -419,13 +419,17 @@ class GradientStore:
         return self.store.info(FEATURES)["meta"]
 
     # -- featurize ---------------------------------------------------------------------------------------------
-    def _featurize(self, loader: DataLoader, measurement: bool) -> Iterator[Tensor]:
-        """Per batch, ``(B, D)`` features in the compute dtype (on the model's device)."""
+    def _featurize(self, loader: DataLoader, ids: np.ndarray, measurement: bool) -> Iterator[Tensor]:
+        """Per batch, ``(B, D)`` features in the compute dtype (on the model's device); ``ids`` of the loader's rows
+        name the examples in NaN/inf errors."""
         fn = self.task.measurement if measurement else self.task.loss
+        row = 0
         with _eval(self.model), Capture(self.model, self.modules) as cap:
             for raw in loader:
                 batch = _to(raw, self.device)
-                grads = example_grads(cap, fn(self.model, batch))
+                losses = fn(self.model, batch)
+                grads = example_grads(cap, losses, ids[row: row + len(losses)])
+                row += len(losses)
                 self.batches_featurized += 1
                 yield _project(self.projection, grads, self.shapes).to(self.compute_dtype)
 
@@ -435,7 +439,7 @@ class GradientStore:
         (``task.measurement``), the training loss with ``measurement=False``."""
         src = _source(data, batch_size or self.batch_size)
         ids = example_ids(src.dataset)
-        feats = list(self._featurize(src.loader(0, len(ids)), measurement))
+        feats = list(self._featurize(src.loader(0, len(ids)), ids, measurement))
         return ids, torch.cat(feats)
 
     # -- build -------------------------------------------------------------------------------------------------
@@ -475,7 +479,7 @@ class GradientStore:
                 for i in pending:
                     start, stop = i * self.chunk_size, min(n, (i + 1) * self.chunk_size)
                     row = start
-                    for feats in self._featurize(src.loader(start, stop), measurement=False):
+                    for feats in self._featurize(src.loader(start, stop), ids[start:stop], measurement=False):
                         rows.write(row, _encode(feats, self.dtype))
                         row += feats.shape[0]
                     if row != stop:

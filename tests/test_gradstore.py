@@ -17,7 +17,7 @@ from datacredit.capture import Capture, ExampleGrads, Outer, example_grads
 from datacredit.capture.kronecker import KronProjection
 from datacredit.capture.projection import Projector
 from datacredit.data.dataset import ArrayDataset
-from datacredit.errors import StoreError
+from datacredit.errors import NonFiniteError, StoreError
 from datacredit.gradstore import DenseProjection, ExactFeatures, GradientStore
 from datacredit.models import TinyGPT, mlp
 from datacredit.store import Store
@@ -326,3 +326,11 @@ def test_projection_choice_is_self_describing(tmp_path):
     assert header["config"]["projection"] == {"kind": "exact"}
     assert header["config"]["dtype"] == "bfloat16" and header["config"]["storage_dtype"] == "<u2"
     assert header["model"]["sha256"] and header["data"]["ids_sha256"] and header["data"]["n"] == len(data)
+
+
+def test_non_finite_training_example_is_named_by_id(tmp_path):
+    model, task, data = _mlp_setup(torch.float32)
+    x, y = data.tensors
+    bad = ArrayDataset(x.clone().index_fill_(0, torch.tensor([5]), float("nan")), y, ids=np.arange(12) + 100)
+    with pytest.raises(NonFiniteError, match="105"):
+        GradientStore(tmp_path / "gs", model, task, batch_size=4).build(bad)
