@@ -7,6 +7,7 @@ from . import capture, curvature, data, ensembles, evaluate, report
 from .capture import Capture, ExampleGrads
 from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
+from .gradstore import GradientStore as GradientStore
 from .methods import TRAK, GradDot, Influence, InRunShapley, Source, TracIn
 from .scores import Scores
 from .store import Store

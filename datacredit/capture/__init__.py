@@ -2,6 +2,7 @@
 
 from .engine import Capture, check_finite_losses, check_per_example, example_grads, resolve_modules
 from .grads import ExampleGrads
+from .kronecker import KronProjection as KronProjection
 from .pieces import Dense, Outer
 from .registry import LayerRule, register, registered, rule_for, rule_mismatch
 
