@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PEERS := $(VENV)/.peers
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: demo test test-browser bench peers fmnist lint clean
+.PHONY: demo credit test test-browser bench peers fmnist lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/datacredit demo
+
+# Credit by data source: five generated outputs paid to the documents of the bundled public-domain text (about a minute).
+credit: $(STAMP)
+	$(BIN)/datacredit attribute --train examples/credit/train.jsonl --outputs examples/credit/outputs.jsonl \
+		--out runs/credit
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

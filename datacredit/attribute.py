@@ -35,29 +35,9 @@ from datacredit.models import TinyGPT
 from datacredit.sources import Sources
 from datacredit.store import atomic_write_json
 
-__all__ = ["add_arguments", "read_jsonl", "run"]
+__all__ = ["METHODS", "read_jsonl", "run"]
 
 METHODS = ("influence-ekfac", "influence-kfac", "grad-dot", "trak")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the command's arguments on ``parser``."""
-    parser.add_argument("--train", required=True, help="training records, JSONL with a text and a source field")
-    parser.add_argument("--outputs", required=True, help="generated outputs, JSONL with prompt and completion")
-    parser.add_argument("--out", default="runs/attribute", help="directory for scores, ledger and report")
-    parser.add_argument("--model", default=None, help="local transformers causal-LM directory (default: train a "
-                        "character-level TinyGPT on --train)")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--source-field", action="append", default=None,
-                        help="source field(s) of a training record; the first is paid (default: source)")
-    parser.add_argument("--method", choices=METHODS, default="influence-ekfac")
-    parser.add_argument("--seq-len", type=int, default=96,
-                        help="tokens per training window (and the character model's context)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the character model (no --model)")
-    parser.add_argument("--amount", type=float, default=1.0, help="amount per output without its own 'amount'")
-    parser.add_argument("--min-evidence", type=float, default=2.0,
-                        help="pay a source only if its credit exceeds this many noise standard errors")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""``datacredit`` command line: ``demo``, ``report``, ``groundtruth``, ``bench``.
+"""``datacredit`` command line: ``demo``, ``report``, ``groundtruth``, ``bench``, ``attribute``.
 
 Each subcommand is a pair of functions — ``_<name>_args(subparsers)`` declares it and sets ``run`` to its
 ``_<name>(args) -> int`` — listed in :data:`COMMANDS`; a new subcommand (``report``) adds one pair and one entry.
@@ -264,8 +264,39 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_args(sub: argparse._SubParsersAction) -> None:
+    att = sub.add_parser("attribute", help="credit generated outputs to the sources of your own text data and "
+                         "split amounts in a ledger (local files, no download)",
+                         description="Reads --train (JSONL: text + source fields) and --outputs (JSONL: prompt, "
+                         "completion, optional amount); writes scores, ledger.json/.csv and credit.html to --out.")
+    att.add_argument("--train", required=True, help="training records, JSONL with a text and a source field")
+    att.add_argument("--outputs", required=True, help="generated outputs, JSONL with prompt and completion")
+    att.add_argument("--out", default="runs/attribute", help="directory for scores, ledger and report")
+    att.add_argument("--model", default=None, help="local transformers causal-LM directory (default: train a "
+                     "character-level TinyGPT on --train)")
+    att.add_argument("--text-field", default="text")
+    att.add_argument("--source-field", action="append", default=None,
+                     help="source field of a training record, repeatable; the first is paid (default: source)")
+    att.add_argument("--method", choices=("influence-ekfac", "influence-kfac", "grad-dot", "trak"),
+                     default="influence-ekfac")
+    att.add_argument("--seq-len", type=_int_at_least(2), default=96,
+                     help="tokens per training window (and the character model's context)")
+    att.add_argument("--epochs", type=_int_at_least(1), default=30, help="epochs of the character model")
+    att.add_argument("--amount", type=float, default=1.0, help="amount per output without its own 'amount'")
+    att.add_argument("--min-evidence", type=float, default=2.0,
+                     help="pay a source only if its credit exceeds this many noise standard errors")
+    att.add_argument("--seed", type=int, default=0)
+    att.set_defaults(run=_attribute)
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from .attribute import run
+
+    return run(args)
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _demo_args, _report_args, _groundtruth_args, _bench_args)
+    _demo_args, _report_args, _groundtruth_args, _bench_args, _attribute_args)
 
 
 def main(argv: list[str] | None = None) -> int:

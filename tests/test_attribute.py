@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 
 import pytest
 
-from datacredit.attribute import add_arguments, run
-from datacredit.errors import DataError
+from datacredit.cli import main
 
 DOCS = {"owls": "owls hoot at night in old oak woods. ", "bread": "knead dough, bake bread until golden. "}
 
@@ -23,17 +22,24 @@ def write_inputs(tmp_path, train=None, outputs=None):
     return tmp_path / "train.jsonl", tmp_path / "outputs.jsonl"
 
 
-def args_for(tmp_path, *extra):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(["--train", str(tmp_path / "train.jsonl"), "--outputs", str(tmp_path / "outputs.jsonl"),
-                              "--out", str(tmp_path / "out"), "--seq-len", "32", "--epochs", "3",
-                              "--method", "grad-dot", *extra])
+def attribute(tmp_path, *extra):
+    """``datacredit attribute`` on the files of :func:`write_inputs`; returns the exit status."""
+    return main(["attribute", "--train", str(tmp_path / "train.jsonl"), "--outputs", str(tmp_path / "outputs.jsonl"),
+                 "--out", str(tmp_path / "out"), "--seq-len", "32", "--epochs", "3", "--method", "grad-dot", *extra])
+
+
+def refused(tmp_path, capsys, message, *extra):
+    """The command exits 2 with a one-line ``datacredit: error:`` message matching ``message``."""
+    capsys.readouterr()  # drop what earlier steps printed
+    assert attribute(tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # transformers may print its loading bar before
+    assert err.startswith("datacredit: error:")
+    assert re.search(message, err), err
 
 
 def test_character_model_run_writes_scores_ledger_and_report(tmp_path, capsys):
     write_inputs(tmp_path)
-    assert run(args_for(tmp_path, "--source-field", "source", "--source-field", "licence")) == 0
+    assert attribute(tmp_path, "--source-field", "source", "--source-field", "licence") == 0
     out = tmp_path / "out"
     ledger = json.loads((out / "ledger.json").read_text())
     paid = {0: 0.0, 1: 0.0}
@@ -55,20 +61,19 @@ def test_character_model_run_writes_scores_ledger_and_report(tmp_path, capsys):
     (None, [{"prompt": "owls ", "completion": "hoot", "amount": -1}], "amount must be a number >= 0"),
     (None, [{"prompt": "owls " * 10, "completion": "hoot"}], "exceed the model's context of 32"),
 ])
-def test_input_mistakes_are_named_before_any_training(tmp_path, train, outputs, message):
+def test_input_mistakes_are_named_before_any_training(tmp_path, capsys, train, outputs, message):
     write_inputs(tmp_path, train, outputs)
-    with pytest.raises(DataError, match=message):
-        run(args_for(tmp_path))
+    refused(tmp_path, capsys, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_model_directory_and_file_out(tmp_path):
+def test_missing_model_directory_and_file_out(tmp_path, capsys):
     write_inputs(tmp_path)
-    with pytest.raises(DataError, match="no config.json"):
-        run(args_for(tmp_path, "--model", str(tmp_path)))
+    refused(tmp_path, capsys, "no config.json", "--model", str(tmp_path))
     (tmp_path / "out").write_text("x")
-    with pytest.raises(DataError, match="is a file"):
-        run(args_for(tmp_path))
+    refused(tmp_path, capsys, "is a file")
+    with pytest.raises(SystemExit):  # argparse: one line, exit 2
+        attribute(tmp_path, "--epochs", "0")
 
 
 def _save_char_gpt2(directory, chars, mismatch=False):
@@ -79,17 +84,17 @@ def _save_char_gpt2(directory, chars, mismatch=False):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.save_pretrained(directory)
     config = transformers.GPT2Config(vocab_size=len(chars) - (5 if mismatch else 0), n_positions=64, n_embd=16,
-                                     n_layer=1, n_head=2)
+                                     n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(directory)
 
 
-def test_local_transformers_directory(tmp_path):
+def test_local_transformers_directory(tmp_path, capsys):
     write_inputs(tmp_path)
     chars = sorted(set("".join(DOCS.values())))
     _save_char_gpt2(tmp_path / "gpt2", chars)
-    assert run(args_for(tmp_path, "--model", str(tmp_path / "gpt2"))) == 0
+    assert attribute(tmp_path, "--model", str(tmp_path / "gpt2")) == 0
     ledger = json.loads((tmp_path / "out" / "ledger.json").read_text())
     assert sum(line["paid"] for line in ledger["lines"]) == pytest.approx(3.0)
     _save_char_gpt2(tmp_path / "bad", chars, mismatch=True)
-    with pytest.raises(DataError, match="do not belong together"):
-        run(args_for(tmp_path, "--model", str(tmp_path / "bad"), "--out", str(tmp_path / "out2")))
+    refused(tmp_path, capsys, "do not belong together", "--model", str(tmp_path / "bad"), "--out",
+            str(tmp_path / "out2"))
