@@ -357,7 +357,8 @@ class GradientStore:
             or :class:`ExactFeatures` (exact flat gradients, tiny models; see :meth:`exact`).
         dtype: storage dtype, ``"float32"`` (default), ``"float16"``, ``"bfloat16"`` or ``"float64"``. Queries are
             featurized and products taken in float32 (float64 when stored in float64).
-        batch_size: examples per backward pass. chunk_size: rows per resumable chunk (rounded up to whole batches).
+        batch_size: examples per backward pass (does not change the features: a store is reused or resumed with any
+            batch size). chunk_size: rows per resumable chunk of a new store; an existing store keeps its own.
         on_mismatch: ``"raise"`` (default): :meth:`build` on a store built for another model, data or configuration
             raises :class:`StoreError` naming the differences; ``"refit"``: it starts afresh.
         lock_wait: a second process building the same store waits (True) or fails at once (False, default).
@@ -378,7 +379,7 @@ class GradientStore:
         self.model, self.task = model, task
         self.projection: Featurizer = KronProjection(16) if projection is None else projection
         self.dtype, self.batch_size = dtype, int(batch_size)
-        self.chunk_size = -(-int(chunk_size) // self.batch_size) * self.batch_size
+        self.chunk_size = int(chunk_size)
         self.on_mismatch, self.lock_wait = on_mismatch, lock_wait
         self.compute_dtype = torch.float64 if dtype == "float64" else torch.float32
         self.modules = task.tracked_modules(model)
@@ -454,11 +455,15 @@ class GradientStore:
         ids = example_ids(src.dataset)
         header = self._header(data_digest(src.dataset, ids))
         n = len(ids)
-        n_chunks = max(1, -(-n // self.chunk_size))
         with BuildLock(self.root, wait=self.lock_wait):
             # a directory holding another kind of artefact (a Scores directory, a method's cache) is refused
             self.store.claim(KIND, adopt=(FEATURES, IDS, SCORES))
             stored = self.header()
+            if stored is not None and _same_features(stored, header):
+                # chunking is a storage detail: resume (or reuse) the stored chunks whatever chunk_size was asked
+                self.chunk_size = int(stored["chunk_size"])
+                header = {**header, "chunk_size": self.chunk_size}
+            n_chunks = max(1, -(-n // self.chunk_size))
             overwrite = False
             if stored is not None and stored != header:
                 diff = _diff(stored, header)
@@ -498,7 +503,7 @@ class GradientStore:
         if stored is None:
             raise StoreError(f"{self.root}: no gradient store here; call build(train) first")
         current = self._header(stored.get("data"))
-        if stored != current:
+        if not _same_features(stored, current):
             raise StoreError(f"{self.root}: the gradient store was built for another model or configuration "
                              f"({'; '.join(_diff(stored, current)[:6])}); call build(train) to refit")
         return stored
@@ -673,6 +678,12 @@ class GradientStore:
     def __repr__(self) -> str:
         return (f"GradientStore({str(self.root)!r}, projection={self.projection.describe()}, dtype={self.dtype!r}, "
                 f"dim={self.dim})")
+
+
+def _same_features(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Headers equal but for ``chunk_size`` (how the rows were grouped for resuming, not what they hold)."""
+    return {k: v for k, v in stored.items() if k != "chunk_size"} == \
+        {k: v for k, v in current.items() if k != "chunk_size"}
 
 
 def _block_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

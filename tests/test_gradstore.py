@@ -251,9 +251,14 @@ def test_changed_model_data_or_config_refuses_or_refits(tmp_path):
         GradientStore(path, model, task, projection=KronProjection(3)).build(ArrayDataset(x, y, ids=np.arange(12) + 1))
     for kwargs in ({"projection": KronProjection(3, seed=1)}, {"projection": KronProjection(4)},
                    {"projection": KronProjection(3), "dtype": "float16"},
-                   {"projection": KronProjection(3), "chunk_size": 64}):
+                   {"projection": KronProjection(3, exact_numel=3)}):
         with pytest.raises(StoreError):
             GradientStore(path, model, task, **kwargs).build(data)
+    # batch size and chunking group the rows; they change no feature, so the complete store is reused as it is
+    same = GradientStore(path, model, task, projection=KronProjection(3), batch_size=5, chunk_size=7).build(data)
+    assert same.batches_featurized == 0 and same.chunk_size == 1024
+    np.testing.assert_array_equal(same.score(queries).values,
+                                  GradientStore(path, model, task, projection=KronProjection(3)).score(queries).values)
     with pytest.raises(StoreError, match="task"):
         GradientStore(path, model, ClassificationTask("margin"), projection=KronProjection(3)).build(data)
 
