@@ -26,7 +26,9 @@ How a step is computed (exact unless a validation budget is asked for):
   per-example dot ``⟨g_val, g_z⟩`` is taken inside that layer's backward hook, by ghost dots with the validation
   examples' factors or a val-first dot with the summed validation gradient (whichever the cost model prices lower),
   and reduced to ``(N,)`` at once: nothing per-example outlives its layer. ``s`` and clipping multiply the reduced
-  dots at ``optimizer.step()``.
+  dots at ``optimizer.step()``. The validation backward forms weight gradients only for the layers that took the
+  val-first route on the previous step (ghost layers need only their output gradients); a layer that changes route
+  gets its validation gradient summed from its pieces.
 * **Deferred** (Adam/AdamW, second order, targeted, the first step): ``s`` is a tensor that depends on the finished
   batch gradient (Adam's ``v̂_t`` includes ``g_t²``; clipping and the loss scale change ``p.grad`` after the
   backward), or the weights need ``p.grad`` (second order). Each layer's factors are kept until the optimizer's
@@ -38,8 +40,11 @@ replacement (seeded by ``seed``) and scales their summed gradient (and, second o
 terms are linear in the validation set, so the step's value is an unbiased estimate of the full-validation value;
 for example z with per-validation-example values ``y_q`` (``φ_z = Σ_q y_q``) its variance is
 ``n²·(1 − k/n)·σ²/k`` with ``σ² = Σ_q (y_q − ȳ)²/(n − 1)``, and independent draws make the variances of the steps add.
-Cost: the validation pass shrinks by ``k/n``, and ghost dots become the cheaper route for more layers. Exact values
-need the default (``None``: the whole validation set every step).
+Cost: the validation pass shrinks by ``k/n``, and ghost dots become the cheaper route for more layers. Low-rank
+sketch (``validation_rank=r``, first order): a layer that would take the val-first route uses a rank-r randomized
+sketch of ``s ⊙ g_val`` (``N·T·r·(m+n)`` instead of ``N·T·m·n``); biased, good where the validation gradient is close
+to low rank (SGD on the benchmark GPT: 0.8 % relative error at r = 16) and poor for Adam, whose ``s`` destroys the low
+rank (benchmarks/INRUN.md). Exact values need the defaults (``None``: the whole validation set every step).
 
 Never silently wrong. On the first step the batch gradient ``p.grad`` of every tracked parameter must equal the sum of
 the examples' captured gradients up to float rounding (measured against the sum of absolute terms); otherwise the step
