@@ -200,3 +200,20 @@ def test_low_rank_sketch_is_exact_for_a_rank_one_validation_gradient_and_close_o
     with pytest.raises(ValueError, match="first-order"):
         InRunShapley(mlp(8, [16], 3), ClassificationTask(), validation=None, optimizer=None, order=2,
                      validation_rank=2)
+
+
+def test_layernorm_rule_reads_autograd_statistics_and_falls_back_to_recomputing():
+    """x̂ from autograd's saved mean/rstd (NativeLayerNormBackward0) equals x̂ recomputed with var_mean."""
+    from datacredit.capture.layernorm import LayerNormRule
+
+    ln = nn.LayerNorm([3, 4])
+    x = torch.randn(5, 2, 3, 4, requires_grad=True)
+    y = ln(x)
+    rule = LayerNormRule()
+    saved = rule.saved(ln, (x.detach(),), y)
+    assert saved is not None and saved[0].shape == (5, 2, 1, 1)
+    b = torch.randn_like(y)
+    with_saved = rule.pieces(ln, (x.detach(),), b, saved=saved)
+    recomputed = rule.pieces(ln, (x.detach(),), b)
+    torch.testing.assert_close(with_saved["weight"].g, recomputed["weight"].g, rtol=1e-12, atol=1e-12)
+    assert rule.saved(ln, (x.detach(),), y * 2) is None  # not the norm's own node: recompute
