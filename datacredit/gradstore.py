@@ -509,7 +509,15 @@ class GradientStore:
         return stored
 
     def train_ids(self) -> np.ndarray:
-        return self.store.load_array(IDS)
+        """``(n_train,)`` int64 ids of the stored rows, checked against the header's ids digest (a refit killed
+        between writing the ids and the features must not label old rows with new ids)."""
+        ids = self.store.load_array(IDS)
+        header = self.header() or {}
+        want = (header.get("data") or {}).get("ids_sha256")
+        if want != hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest():
+            raise StoreError(f"{self.root}: the stored training ids do not match the features' header (an interrupted "
+                             "refit?); call build(train) again")
+        return ids
 
     def features(self) -> np.ndarray:
         """The stored features as a read-only memmap ``(n_train, D)`` in the storage dtype (bfloat16: raw uint16)."""
@@ -580,8 +588,8 @@ class GradientStore:
             e.g. :meth:`fisher_inverse`.
         Cost: one backward per query batch, ``n_train·D·Q`` multiply-adds, one read of the store.
         """
+        train_ids = self.train_ids()  # checked before the queries' backward passes are spent
         qids, q = self._queries(queries, preconditioner)
-        train_ids = self.train_ids()
         n, nq = len(train_ids), len(qids)
         item = q.element_size()
         resident = q.numel() * item
@@ -623,8 +631,8 @@ class GradientStore:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        train_ids = self.train_ids()  # checked before the queries' backward passes are spent
         qids, q = self._queries(queries, preconditioner)
-        train_ids = self.train_ids()
         k = min(k, len(train_ids))
         nq = len(qids)
         resident = q.numel() * q.element_size() + 2 * k * nq * 16

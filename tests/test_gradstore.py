@@ -267,6 +267,14 @@ def test_changed_model_data_or_config_refuses_or_refits(tmp_path):
     np.testing.assert_array_equal(refit.score(queries).values, fresh.score(queries).values)
 
 
+def test_ids_that_do_not_match_the_header_are_refused(tmp_path):
+    model, task, data = _mlp_setup(torch.float32)
+    gs = GradientStore(tmp_path / "gs", model, task).build(data)
+    gs.store.save_array("train_ids", data.ids + 1)  # as a refit killed after writing the new ids would leave it
+    with pytest.raises(StoreError, match="ids"):
+        gs.score(_mlp_setup(torch.float32, n=2, seed=1)[2])
+
+
 def test_rebuild_of_a_complete_store_featurizes_nothing(tmp_path):
     model, task, data = _mlp_setup(torch.float32)
     GradientStore(tmp_path / "gs", model, task, batch_size=4, chunk_size=4).build(data)
