@@ -252,7 +252,8 @@ class Capture:
         inputs, grad = _common_dtype(call.module, call.inputs, grad)
         found = [(self._names[id(getattr(call.module, attr))], piece)
                  for attr, piece in call.pieces(inputs, grad).items()]
-        call.streamed, call.inputs, call.saved = True, (), None  # nothing per-example is kept past this layer
+        # nothing per-example is kept past this layer: its inputs and output (activations) are released here
+        call.streamed, call.inputs, call.saved, call.output, call.target = True, (), None, None, None
         self.consumer(call.path, found)
 
     def finish_stream(self) -> int:
