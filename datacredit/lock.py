@@ -40,16 +40,46 @@ class LockedError(StoreError):
     """Another live process holds the build lock of this store (the message names its pid and host)."""
 
 
+_HELD: set[int] = set()  # descriptors of locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child shares the parent's open file descriptions, and a flock lives as long as any descriptor of its
+    # description does: a child that outlived its parent (a fork-started worker, a DataLoader worker) would keep the
+    # build locked in the name of a dead pid. The child owns no build, so it drops its copies at once.
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 def _owner() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _describe(path: Path) -> str:
     try:
         owner = json.loads(path.read_text(encoding="utf-8") or "{}")
-        return f"pid {owner['pid']} on host {owner['host']} (since {owner['started']})"
+        text = f"pid {owner['pid']} on host {owner['host']} (since {owner['started']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (owner unknown)"
+    if owner["host"] == socket.gethostname() and not _alive(int(owner["pid"])):
+        text += (f"; that pid has exited, so a process it started still holds the lock file open "
+                 f"(find it with `fuser {path}`)")
+    return text
 
 
 def _open_lock_file(path: Path) -> int:
@@ -67,10 +97,12 @@ def _open_lock_file(path: Path) -> int:
 def manifest_lock(root: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the short manifest lock of store ``root`` (blocking) for one read-modify-write."""
     fd = _open_lock_file(Path(root) / MANIFEST_LOCK)
+    _HELD.add(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the flock
 
 
@@ -86,6 +118,7 @@ class BuildLock:
         self.path = Path(root) / BUILD_LOCK
         self.wait, self.timeout = bool(wait), timeout
         self._fd: int | None = None
+        self._pid: int | None = None
 
     def acquire(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,14 +140,17 @@ class BuildLock:
                 time.sleep(_POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_owner()).encode(), 0)
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)
+            if self._pid == os.getpid():  # a forked copy of this object closed its descriptor at fork (see above)
+                _HELD.discard(self._fd)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
+                os.close(self._fd)
             self._fd = None
 
     @property

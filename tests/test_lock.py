@@ -54,3 +54,17 @@ def test_same_process_cannot_hold_twice(tmp_path):
         BuildLock(tmp_path).acquire()
     with manifest_lock(tmp_path):
         pass
+
+
+FORK_THEN_EXIT = ("import os, sys, time; from datacredit.lock import BuildLock; BuildLock(sys.argv[1]).acquire()\n"
+                  "if os.fork() == 0:\n    time.sleep(30); os._exit(0)\n"
+                  "print('forked', flush=True); os._exit(0)")
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_exits(tmp_path):
+    """A fork-started helper that outlives the build must not hold the build lock in the dead parent's name."""
+    proc = subprocess.Popen([sys.executable, "-c", FORK_THEN_EXIT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "forked"
+    proc.wait()
+    with BuildLock(tmp_path, wait=True, timeout=10) as lock:  # the child still sleeps, without the lock
+        assert lock.held
