@@ -17,6 +17,7 @@ Writes into ``--out``: ``scores/`` (per completion token, a Scores), ``sources.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -197,23 +198,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"training a character model on {len(tokens)} windows of {args.seq_len} characters "
               f"({args.epochs} epochs)")
         model = train_char_model(train, tok.vocab_size, args.seq_len, args.epochs, args.seed)
-    method = _method(args.method, model, task).fit(train)
-    credit = attribute_completions(method, prompts, completions, sources, level=fields[0], seed=args.seed,
-                                   **limits)
+    names = list(dict.fromkeys(args.method or ["influence-ekfac"]))  # the first one pays; the others check stability
+    by_method = {}
+    for name in names:
+        method = _method(name, model, task).fit(train)
+        by_method[name] = attribute_completions(method, prompts, completions, sources, level=fields[0],
+                                                seed=args.seed, **limits)
+    credit = by_method[names[0]]
     data_digest = _digest(tokens, mask)
     ledger = compensation(credit.outputs, np.asarray(amounts), noise=credit.noise,
                           rule=PayoutRule(min_evidence=args.min_evidence),
                           audit={"model": model_digest(model), "model_source": args.model or "character TinyGPT",
                                  "train_file": str(args.train), "train_digest": data_digest,
                                  "outputs_file": str(args.outputs), "n_train_windows": len(tokens),
-                                 "source_field": fields[0]})
+                                 "source_field": fields[0], "methods_compared": names[1:]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    credit.scores.save(out_dir / "scores")
+    for k, (name, c) in enumerate(by_method.items()):  # per-token Scores, with their sources
+        dataclasses.replace(c.scores, sources=sources).save(out_dir / ("scores" if k == 0 else f"scores-{name}"))
     atomic_write_json(out_dir / "sources.json", sources.to_json())
     ledger.save(out_dir)
     labels = {n: f"{o['prompt']} | {o['completion']}"[:120] for n, o in enumerate(outputs)}
     report = render_credit_report(out_dir / "credit.html", ledger, labels=labels,
-                                  by_method={args.method: credit.outputs})
+                                  by_method={name: c.outputs for name, c in by_method.items()})
     for n in range(len(outputs)):
         top = credit.outputs.ranking(n)[:3]
         print(f"output {n}: " + ", ".join(f"{s} {v:+.3g}" for s, v in top))

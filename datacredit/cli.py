@@ -277,8 +277,9 @@ def _attribute_args(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--text-field", default="text")
     att.add_argument("--source-field", action="append", default=None,
                      help="source field of a training record, repeatable; the first is paid (default: source)")
-    att.add_argument("--method", choices=("influence-ekfac", "influence-kfac", "grad-dot", "trak"),
-                     default="influence-ekfac")
+    att.add_argument("--method", choices=("influence-ekfac", "influence-kfac", "grad-dot", "trak"), action="append",
+                     help="attribution method (default influence-ekfac); repeat it to compare methods in the report: "
+                     "the first one pays")
     att.add_argument("--seq-len", type=_int_at_least(2), default=96,
                      help="tokens per training window (and the character model's context)")
     att.add_argument("--epochs", type=_int_at_least(1), default=30, help="epochs of the character model")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from datacredit import Scores
 from datacredit.cli import main
 
 DOCS = {"owls": "owls hoot at night in old oak woods. ", "bread": "knead dough, bake bread until golden. "}
@@ -39,7 +40,7 @@ def refused(tmp_path, capsys, message, *extra):
 
 def test_character_model_run_writes_scores_ledger_and_report(tmp_path, capsys):
     write_inputs(tmp_path)
-    assert attribute(tmp_path, "--source-field", "source", "--source-field", "licence") == 0
+    assert attribute(tmp_path, "--source-field", "source", "--source-field", "licence", "--method", "trak") == 0
     out = tmp_path / "out"
     ledger = json.loads((out / "ledger.json").read_text())
     paid = {0: 0.0, 1: 0.0}
@@ -49,7 +50,11 @@ def test_character_model_run_writes_scores_ledger_and_report(tmp_path, capsys):
     assert ledger["audit"]["source_field"] == "source" and len(ledger["audit"]["model"]) == 64
     assert (out / "ledger.csv").exists() and (out / "scores").is_dir()
     html = (out / "credit.html").read_text()
-    assert "Who gets the credit" in html and "owls" in html
+    assert "Who gets the credit" in html and "owls" in html and "Stability of the source ranking" in html
+    assert (out / "scores-trak").is_dir() and ledger["audit"]["methods_compared"] == ["trak"]
+    per_token = Scores.load(out / "scores")
+    assert per_token.n_query == len("hoot at night") + len("dough")  # one query per completion token
+    assert set(per_token.by_source("licence").names) == {"cc0"}
     assert "paid:" in capsys.readouterr().out
 
 
