@@ -52,8 +52,9 @@ class LayerNormRule(LayerRule):
                 dims = tuple(range(-len(module.normalized_shape), 0))
                 var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
                 rstd = torch.rsqrt(var + module.eps)
-            x_hat = ((x - mean.to(x.dtype)) * rstd.to(x.dtype)).reshape(n, -1, width)
-            out["weight"] = Dense((b * x_hat).sum(1))
+            # b ⊙ x̂ in one temporary (three passes over the activations, no others allocated): this runs per call
+            bx = torch.sub(x, mean.to(x.dtype)).mul_(rstd.to(x.dtype)).reshape(n, -1, width).mul_(b)
+            out["weight"] = Dense(bx.sum(1))
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = Dense(b.sum(1))
         return out
