@@ -4,6 +4,7 @@ Sign convention everywhere: ``score[i, j] > 0`` means training example i helps q
 """
 
 from . import capture, curvature, data, ensembles, evaluate, report
+from ._version import __version__ as __version__
 from .capture import Capture, ExampleGrads
 from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
@@ -13,8 +14,6 @@ from .scores import Scores
 from .store import Store
 from .task import ClassificationTask, LanguageModelingTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
-
-__version__ = "0.1.0"
 
 __all__ = [
     "TRAK",

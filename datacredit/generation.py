@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datacredit.data.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset
 from datacredit.errors import DataError
 from datacredit.scores import Scores
 from datacredit.sources import Sources, SourceValues

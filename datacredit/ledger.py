@@ -153,7 +153,7 @@ def compensation(values: SourceValues, amounts: float | Sequence[float] | np.nda
         raise DataError(f"{len(amounts)} amounts for {n_out} outputs")
     if noise is not None and np.shape(noise) != (n_src, n_out):
         raise DataError(f"noise must have shape {(n_src, n_out)}, got {np.shape(noise)}")
-    from datacredit import __version__
+    from datacredit._version import __version__
 
     lines = []
     for j in range(n_out):

@@ -8,7 +8,7 @@ import torch
 
 from datacredit import GradDot, Influence
 from datacredit.data import CharDataset
-from datacredit.data.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset
 from datacredit.errors import DataError
 from datacredit.generation import CompletionTask, attribute_completions, completion_queries
 from datacredit.ledger import UNALLOCATED, compensation

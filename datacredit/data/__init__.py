@@ -4,10 +4,10 @@ Every dataset here is map-style and its examples carry stable integer ids (`exam
 nothing is downloaded.
 """
 
-from datacredit.data.dataset import ArrayDataset, example_ids
 from datacredit.data.digits import flip_labels, load_digits
 from datacredit.data.fmnist import load_fashion_mnist, read_idx
 from datacredit.data.text import CharDataset, load_text_sample
+from datacredit.dataset import ArrayDataset, example_ids
 
 __all__ = [
     "ArrayDataset",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import DataError, StoreError
 from ..store import Store
 from .align import positions

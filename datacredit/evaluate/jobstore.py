@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import StoreError
 from ..lock import BuildLock, LockedError
 from ..store import Store

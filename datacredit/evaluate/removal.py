@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import DataError
 from ..scores import Scores
 from .align import positions, same_ids

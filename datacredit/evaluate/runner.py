@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import DataError, NonFiniteError
 
 __all__ = ["BACKENDS", "Job", "JobList", "check_backend", "run_job", "run_jobs", "take"]

@@ -101,7 +101,7 @@ class Report:
 
     def html(self) -> str:
         """The whole report as one HTML document."""
-        from .. import __version__
+        from .._version import __version__
 
         convention = ("convention", "How to read the scores", f'<p class="convention">{CONVENTION}</p>')
         return page(self.title, self.subtitle, [convention, *self.sections],
