@@ -7,17 +7,17 @@ import torch
 
 from datacredit.curvature import Damping
 from datacredit.data import load_digits
-from datacredit.demo import train_classifier
 from datacredit.methods.influence import Influence
 from datacredit.models import mlp
 from datacredit.task import ClassificationTask
+from datacredit.training import train_classifier
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()
 torch.set_num_threads(threads)
 device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
 torch.manual_seed(0)
 train, test = load_digits(seed=0)
-model = train_classifier(mlp(64, [], 10), train, progress=False).to(device)
+model = train_classifier(mlp(64, [], 10), train).to(device)
 acc = (model(test.tensors[0].to(device)).argmax(1).cpu() == test.tensors[1]).float().mean().item()
 queries = test.subset(np.arange(50))
 task = ClassificationTask()

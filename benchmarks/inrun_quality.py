@@ -26,7 +26,6 @@ Usage: ``python benchmarks/inrun_quality.py [--quick] [--threads N] [--out bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -44,9 +43,10 @@ from torch import nn
 
 from datacredit import ClassificationTask, GradDot, LanguageModelingTask
 from datacredit.data import ArrayDataset, CharDataset, flip_labels, load_digits, load_fashion_mnist, load_text_sample
-from datacredit.methods.inrun import InRunShapley
 from datacredit.models import TinyGPT, mlp
 from datacredit.task import Task
+from datacredit.training import InRunCallback
+from datacredit.training import train as fit
 
 ORDERS = (1, 2)
 
@@ -56,26 +56,13 @@ ORDERS = (1, 2)
 
 def train(model: nn.Module, task: Task, data: ArrayDataset, *, epochs: int, batch_size: int,
           make_opt: Callable, seed: int, validation: Any = None, orders: tuple[int, ...] = ()) -> dict[int, np.ndarray]:
-    """Mini-batch training (shuffled by ``seed``); with ``orders``, In-Run values of each order, aligned with
-    ``data.ids``. The loss is the batch mean."""
-    opt = make_opt(model.parameters())
-    companions = {o: InRunShapley(model, task, validation=validation, optimizer=opt, order=o) for o in orders}
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=gen).split(batch_size):
-            batch = tuple(t[idx] for t in data.tensors)
-            with contextlib.ExitStack() as stack:
-                for c in companions.values():
-                    stack.enter_context(c.step(data.ids[idx.numpy()]))
-                task.loss(model, batch).mean().backward()
-            opt.step()
-            opt.zero_grad()
-    model.eval()
+    """Mini-batch training (shuffled by ``seed``) through the library's loop; with ``orders``, In-Run values of each
+    order (one callback per order on the same run), aligned with ``data.ids``. The loss is the batch mean."""
+    recorders = {o: InRunCallback(task, validation, order=o, targeted=False) for o in orders}
+    fit(model, data, optimizer=make_opt(model.parameters()), loss=lambda m, batch: task.loss(m, batch).mean(),
+        epochs=epochs, batch_size=batch_size, seed=seed, callbacks=list(recorders.values()))
     out = {}
-    for o, c in companions.items():
-        c.close()
+    for o, c in recorders.items():
         s = c.values()
         row = {int(i): k for k, i in enumerate(s.train_ids)}
         out[o] = np.array([s.values[row[int(i)], 0] for i in data.ids])

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 
 from datacredit import GradDot, Influence, LanguageModelingTask, Source, TracIn
-from datacredit.bench.training import InRunCallback, LMRecipe, TrajectoryCallback, train
 from datacredit.data import CharDataset, load_text_sample
-from datacredit.data.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset
+from datacredit.evaluate import LMRecipe
 from datacredit.evaluate.runner import run_jobs
 from datacredit.evaluate.stats import bootstrap_mean_ci, spearman_columns
 from datacredit.methods import TRAK
 from datacredit.sources import Sources
 from datacredit.store import Store, atomic_write_json
+from datacredit.training import InRunCallback, TrajectoryCallback
 
 SEQ, DOCS, PER_DOC, N_VERBATIM, N_HELDOUT = 32, 20, 50, 25, 25
 
@@ -89,10 +90,10 @@ def attribute(recipe, train_set, queries, out: Path) -> dict[str, tuple]:
     task = LanguageModelingTask()
     inrun, traj = InRunCallback(task, queries, order=1, targeted=True), TrajectoryCallback(str(out / "traj"), 6)
     t0 = time.perf_counter()
-    model = train(recipe, train_set, 0, [traj])
+    model = recipe.train(train_set, 0, callbacks=[traj])
     plain = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train(recipe, train_set, 0, [inrun])
+    recipe.train(train_set, 0, callbacks=[inrun])
     results = {"inrun-1": (inrun.values(), time.perf_counter() - t0 - plain)}
     factories = {
         "grad-dot": lambda: GradDot(model, task, progress=False),

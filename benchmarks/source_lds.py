@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/source_lds.py [--m 50] [--out runs/bench/source]
 
 The model under attribution is the recipe's seed-0 model, trained by the very loop the ground truth retrains with
-(`datacredit.demo.train_classifier`: SGD, momentum 0.9), recording 6 equally spaced checkpoints for SOURCE and TracIn.
+(`datacredit.training.train_classifier`: SGD, momentum 0.9), recording 6 equally spaced checkpoints for SOURCE
+and TracIn.
 """
 
 from __future__ import annotations
@@ -17,27 +18,15 @@ import numpy as np
 import torch
 
 import datacredit as dc
-from datacredit.demo import train_classifier
 from datacredit.evaluate import ClassifierRecipe, build_groundtruth, lds
-from datacredit.trajectory import TrajectoryRecorder
+from datacredit.training import TrajectoryCallback
 
 
 def train_recorded(recipe: ClassifierRecipe, train, seed: int, out: Path) -> tuple[torch.nn.Module, dc.Trajectory]:
-    """The recipe's seed-``seed`` model trained by its own loop (`train_classifier`), checkpointing 6 times."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = recipe.build()
-    steps = recipe.epochs * -(-len(train) // recipe.batch_size)
-    recorders: list[TrajectoryRecorder] = []
-
-    def record(opt: torch.optim.Optimizer):
-        recorders.append(TrajectoryRecorder(model, out, optimizer=opt, overwrite=True,
-                                            at_steps=[round(steps * k / 6) for k in range(1, 7)]))
-        return recorders[0].step
-
-    train_classifier(model, train, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
-                     progress=False, after_step=record)
-    return model, recorders[0].trajectory()
+    """The recipe's seed-``seed`` model trained by its own loop, checkpointing 6 times (optimizer state kept)."""
+    checkpoints = TrajectoryCallback(str(out), 6, keep_optimizer="last")
+    model = recipe.train(train, seed, callbacks=[checkpoints])
+    return model, checkpoints.recorder.trajectory()
 
 
 def run(epochs: int, m: int, out: Path) -> list[dict]:

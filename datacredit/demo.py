@@ -8,59 +8,19 @@ mislabelled images; writes a self-contained HTML report and prints where it is.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import flip_labels, load_digits
-from .data.dataset import ArrayDataset
+from .dataset import ArrayDataset
 from .errors import DataError
 from .scores import Scores
 from .task import ClassificationTask
-
-if TYPE_CHECKING:
-    from .methods.inrun import InRunShapley
+from .training import InRunCallback
 
 SHADES = " .:-=+*#%@"
-
-
-def train_classifier(model: torch.nn.Module, train: ArrayDataset, epochs: int = 30, lr: float = 0.05,
-                     batch_size: int = 64, seed: int = 0, progress: bool = True,
-                     inrun: Callable[[torch.optim.Optimizer], InRunShapley] | None = None,
-                     after_step: Callable[[torch.optim.Optimizer], object] | None = None) -> torch.nn.Module:
-    """Plain mini-batch SGD with momentum 0.9 on a classification ArrayDataset ``(x, y)``; returns the model.
-
-    inrun: a factory called with the loop's optimizer that returns an :class:`~datacredit.InRunShapley` on this
-    model; every step is then recorded (the updates, hence the trained model, are the same as without it).
-    after_step: a factory called with the optimizer that returns a callable run after every optimizer step (e.g.
-    ``lambda opt: TrajectoryRecorder(model, dir, optimizer=opt, every=30).step``).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    shapley = inrun(opt) if inrun is not None else None
-    hook = after_step(opt) if after_step is not None else None
-    x, y = train.tensors
-    model.train()
-    for _ in tqdm(range(epochs), desc="train", disable=not progress, leave=False):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            opt.zero_grad()
-            if shapley is None:
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-            else:
-                with shapley.step(train.ids[idx.numpy()]):
-                    F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            if hook is not None:
-                hook()
-    model.eval()
-    if shapley is not None:
-        shapley.close()
-    return model
 
 
 def ascii_digit(pixels: torch.Tensor) -> list[str]:
@@ -92,7 +52,7 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
     Every argument is checked before any training (DataError naming it), not after minutes of work."""
     from . import evaluate
     from .evaluate import ClassifierRecipe, build_groundtruth
-    from .methods import GradDot, Influence, InRunShapley
+    from .methods import GradDot, Influence
     from .methods.trak import TRAK
     from .report import as_examples, render_report, save_run
 
@@ -117,19 +77,11 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
 
     recipe = ClassifierRecipe(64, 10, hidden=(64,))
     task = ClassificationTask()
-    with torch.random.fork_rng(devices=[]):  # the recipe's seed-0 model: what the ground truth retrains
-        torch.manual_seed(seed)
-        model = recipe.build()
-    made: list[InRunShapley] = []
-
-    def record(opt: torch.optim.Optimizer) -> InRunShapley:
-        made.append(InRunShapley(model, task, validation.tensors, opt, order=1, keep_history=True))
-        return made[0]
-
+    recorder = InRunCallback(task, validation.tensors, order=1, targeted=False, keep_history=True)
     start = time.perf_counter()
-    train_classifier(model, train, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
-                     progress=progress, inrun=record)
-    shapley = made[0]
+    # the recipe's seed-`seed` model (what the ground truth retrains), with In-Run values recorded as it trains
+    model = recipe.train(train, seed, callbacks=[recorder], progress=progress)
+    shapley = recorder.shapley
     inrun_values = shapley.values()
     accuracy = (model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
     print(f"MLP 64-64-10 trained with In-Run Shapley recording in {time.perf_counter() - start:.1f} s: "

@@ -128,12 +128,12 @@ def test_demo_argument_mistakes(capsys, args, expected):
 
 
 def test_demo_checks_before_training(capsys, tmp_path, a_file, monkeypatch):
-    import datacredit.demo as demo
+    from datacredit.evaluate import ClassifierRecipe
 
     def no_training(*args, **kwargs):
         raise AssertionError("the demo trained before checking its arguments")
 
-    monkeypatch.setattr(demo, "train_classifier", no_training)
+    monkeypatch.setattr(ClassifierRecipe, "train", no_training)
     one_line_error(["demo", "--out", str(a_file)], capsys, f"--out {a_file}: is a file")
     one_line_error(["demo", "--out", str(tmp_path / "run"), "--queries", "100000"], capsys,
                    "n_queries=100000, but the digits test split has")

@@ -13,11 +13,11 @@ from torch import nn
 
 from datacredit import ClassificationTask, DataError, GradDot, Influence, UnsupportedModuleError
 from datacredit.data import ArrayDataset
-from datacredit.demo import train_classifier
 from datacredit.ensembles import DropoutEnsemble, IndependentEnsemble, LoRAEnsemble, dropout_mask
 from datacredit.methods.tracin import TracIn
 from datacredit.methods.trak import TRAK
 from datacredit.models import mlp
+from datacredit.training import train_classifier
 from datacredit.trajectory import Trajectory
 
 from .helpers import TOL, flat, torch_func_grads
@@ -68,7 +68,7 @@ def setup():
     x, y = torch.randn(36, 6, dtype=torch.float64), torch.randint(0, 3, (36,))
     train = ArrayDataset(x[:30], y[:30], ids=np.arange(100, 130))
     test = ArrayDataset(x[30:], y[30:], ids=np.arange(6))
-    model = train_classifier(mlp(6, 8, 3, dropout=0.3).double(), train, epochs=10, progress=False)
+    model = train_classifier(mlp(6, 8, 3, dropout=0.3).double(), train, epochs=10)
     return model, train, test
 
 
@@ -112,7 +112,7 @@ def test_dropout_member_is_the_fixed_subnetwork(setup):
 def test_injected_masks_on_a_model_without_dropout(setup):
     _, train, test = setup
     torch.manual_seed(1)
-    model = train_classifier(mlp(6, 8, 3).double(), train, epochs=5, progress=False)
+    model = train_classifier(mlp(6, 8, 3).double(), train, epochs=5)
     snap = snapshot(model)
     ens = DropoutEnsemble(model, graddot, k=1, p=0.4, modules=["1"], seed=0)  # the ReLU's output
     scores = ens.fit(train).score(test)
@@ -130,11 +130,11 @@ def test_injected_masks_on_a_model_without_dropout(setup):
 
 # -- K identical members equal one member ----------------------------------------------------------------------------
 FACTORIES = {
-    "grad-dot": lambda m: GradDot(m, TASK, progress=False),
-    "grad-dot-projected": lambda m: GradDot(m, TASK, projection=16, progress=False),
-    "influence-kfac": lambda m: Influence(m, TASK, curvature="kfac", progress=False),
-    "trak": lambda m: TRAK(m, ClassificationTask(measurement="margin"), projection=24, progress=False),
-    "tracin": lambda m: TracIn(m, TASK, Trajectory.from_states([m]), weighting="uniform", progress=False),
+    "grad-dot": lambda m: GradDot(m, TASK),
+    "grad-dot-projected": lambda m: GradDot(m, TASK, projection=16),
+    "influence-kfac": lambda m: Influence(m, TASK, curvature="kfac"),
+    "trak": lambda m: TRAK(m, ClassificationTask(measurement="margin"), projection=24),
+    "tracin": lambda m: TracIn(m, TASK, Trajectory.from_states([m]), weighting="uniform"),
 }
 
 
@@ -180,7 +180,7 @@ def test_average_is_the_plain_mean_of_member_scores(setup):
 
     def recipe(seed):
         torch.manual_seed(seed)
-        return train_classifier(mlp(6, 8, 3).double(), train, epochs=3, seed=seed, progress=False)
+        return train_classifier(mlp(6, 8, 3).double(), train, epochs=3, seed=seed)
 
     ens = IndependentEnsemble(graddot, train_fn=recipe, k=3, seed=10)
     scores = ens.fit(train).score(test)
@@ -221,10 +221,10 @@ def test_average_of_trak_members_is_traks_per_model_estimator(setup):
     models = []
     for seed in range(3):
         torch.manual_seed(seed)
-        models.append(train_classifier(mlp(6, 8, 3).double(), train, epochs=3, seed=seed, progress=False))
+        models.append(train_classifier(mlp(6, 8, 3).double(), train, epochs=3, seed=seed))
     margin = ClassificationTask(measurement="margin")
-    ens = IndependentEnsemble(lambda m, j: TRAK(m, margin, projection=24, seed=j, progress=False), models=models)
-    trak = TRAK(models[0], margin, models=models, projection=24, average="per-model", progress=False)
+    ens = IndependentEnsemble(lambda m, j: TRAK(m, margin, projection=24, seed=j), models=models)
+    trak = TRAK(models[0], margin, models=models, projection=24, average="per-model")
     np.testing.assert_allclose(ens.fit(train).score(test).values, trak.fit(train).score(test).values,
                                rtol=1e-9, atol=1e-12)
 

@@ -2,6 +2,5 @@
 truth: ``datacredit groundtruth --case NAME`` then ``datacredit bench --case NAME``."""
 
 from .cases import CASES, Case, CaseSpec, load_case
-from .training import InRunCallback, LMRecipe, TrajectoryCallback, train
 
-__all__ = ["CASES", "Case", "CaseSpec", "InRunCallback", "LMRecipe", "TrajectoryCallback", "load_case", "train"]
+__all__ = ["CASES", "Case", "CaseSpec", "load_case"]

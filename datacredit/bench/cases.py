@@ -9,7 +9,7 @@ case           data and model                                                   
                20 epochs (``ClassifierRecipe(784, 10, (64,), epochs=20)``)
 ``text-gpt``   the bundled text sample in 32-character chunks, the first 1,000  the last 50 chunks (held out;
                chunks; TinyGPT d=32, 2 layers, 2 heads, untied, Adam, 8 epochs  chunks 1,000–1,189 are unused)
-               (:class:`~datacredit.bench.training.LMRecipe`)
+               (:class:`~datacredit.evaluate.LMRecipe`)
 =============  ===============================================================  ====================================
 
 On disk, under ``root/<case>/`` (default root ``runs/bench``)::
@@ -39,13 +39,12 @@ from torch.utils.data import Dataset
 
 from ..data import CharDataset, flip_labels, load_digits, load_fashion_mnist, load_text_sample
 from ..errors import DataError, StoreError
-from ..evaluate import ClassifierRecipe, GroundTruth, build_groundtruth, load_groundtruth
+from ..evaluate import ClassifierRecipe, GroundTruth, LMRecipe, build_groundtruth, load_groundtruth
 from ..evaluate.jobstore import fingerprint
 from ..evaluate.recipes import recipe_config
 from ..store import Store
 from ..task import ClassificationTask, LanguageModelingTask, Task
-from .training import LMRecipe, TrajectoryCallback
-from .training import train as run_training
+from ..training import TrajectoryCallback
 
 __all__ = ["CASES", "Case", "CaseSpec", "GT_DEFAULTS", "MODEL_SEED", "QUICK_GT", "load_case"]
 
@@ -164,7 +163,7 @@ class Case:
             if state is None:
                 logger.info("%s: training the %s (seed %d)", self.name, name, MODEL_SEED)
                 start = time.perf_counter()
-                model = run_training(self.recipe, train, MODEL_SEED, [TrajectoryCallback(str(traj), N_CHECKPOINTS)])
+                model = self.recipe.train(train, MODEL_SEED, callbacks=[TrajectoryCallback(str(traj), N_CHECKPOINTS)])
                 meta = {**meta, "seconds": time.perf_counter() - start}
                 tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
                 store.save_tensors("model", tensors, meta=meta)

@@ -32,8 +32,8 @@ from ..curvature.hessian import HessianCG
 from ..methods import GradDot, Influence
 from ..scores import Scores
 from ..task import ClassificationTask, Task
+from ..training import InRunCallback
 from .cases import Case
-from .training import InRunCallback, train
 
 __all__ = ["BATCH", "CG_ITERS", "EXACT_DAMPING", "Context", "MethodSpec", "REGISTRY", "register", "selection"]
 
@@ -191,12 +191,12 @@ def _inrun(order: int) -> tuple[Run, SelfValues]:
 
     def run(ctx: Context) -> Scores:
         cb = InRunCallback(ctx.task, ctx.queries, order=order, targeted=True)
-        train(ctx.recipe, ctx.train, ctx.seed, [cb])
+        ctx.recipe.train(ctx.train, ctx.seed, callbacks=[cb])
         return cb.values()
 
     def self_values(ctx: Context) -> tuple[Scores, bool]:  # value for the (clean) queries' summed loss: low = suspect
         cb = InRunCallback(ctx.task, ctx.queries, order=order, targeted=False)
-        train(ctx.recipe, ctx.train, ctx.seed, [cb])
+        ctx.recipe.train(ctx.train, ctx.seed, callbacks=[cb])
         return cb.values(), False
 
     return run, self_values

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
+from ..training import train_classifier
 from .base import Ensemble, MethodFactory, timed, weight_bytes
 
 
@@ -41,29 +41,9 @@ def linear_paths(model: nn.Module) -> list[str]:
 
 def finetune_classifier(model: nn.Module, data: Dataset | DataLoader, seed: int, *, epochs: int = 3,
                         lr: float = 0.05, batch_size: int = 64, momentum: float = 0.9) -> nn.Module:
-    """SGD + momentum on ``model``'s trainable parameters, mean cross-entropy of ``model(x)`` (or its ``.logits``)
-    against ``y`` for ``(x, y)`` batches, ``epochs`` passes in an order drawn from ``torch.Generator(seed)``."""
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise DataError("the model has no trainable parameters to fine-tune")
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    gen = torch.Generator().manual_seed(int(seed))
-    tensors = getattr(dataset, "tensors", None)
-    model.train()
-    for _ in range(epochs):
-        if tensors is not None:  # an ArrayDataset: index its tensors (as datacredit.demo.train_classifier does)
-            batches = ((tensors[0][i], tensors[1][i]) for i in torch.randperm(len(dataset), generator=gen)
-                       .split(batch_size))
-        else:
-            batches = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
-        for batch in batches:
-            x, y = batch[0], batch[1]
-            out = model(x)
-            opt.zero_grad()
-            F.cross_entropy(getattr(out, "logits", out), y).backward()
-            opt.step()
-    return model.eval()
+    """The default member fine-tune: :func:`datacredit.training.train_classifier` (SGD + momentum on ``model``'s
+    trainable parameters, mean cross-entropy of ``model(x)`` or its ``.logits``, batch order from ``seed``)."""
+    return train_classifier(model, data, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed)
 
 
 class LoRAEnsemble(Ensemble):

@@ -8,11 +8,12 @@ from .groundtruth import GroundTruth, LOOResult, build_groundtruth, build_loo, l
 from .lds import LDSResult, lds
 from .loo import loo_correlation
 from .mislabel import mislabel_detection
-from .recipes import ClassifierRecipe, LeastSquaresRecipe, Recipe, measure_sign
+from .recipes import ClassifierRecipe, LeastSquaresRecipe, LMRecipe, Recipe, measure_sign
 from .removal import RemovalResult, SelectionResult, removal, selection
 
 __all__ = [
     "ClassifierRecipe",
+    "LMRecipe",
     "GroundTruth",
     "LDSResult",
     "LOOResult",

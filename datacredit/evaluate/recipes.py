@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,15 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.dataset import ArrayDataset
-from ..demo import train_classifier
+from ..dataset import ArrayDataset
 from ..errors import DataError
-from ..models import mlp
+from ..models import TinyGPT, mlp
+from ..task import LanguageModelingTask
+from ..training import Callback, train, train_classifier
 
-__all__ = ["ClassifierRecipe", "LeastSquaresRecipe", "Recipe", "measure_sign", "recipe_config"]
+__all__ = ["ClassifierRecipe", "LMRecipe", "LeastSquaresRecipe", "Recipe", "measure_sign", "recipe_config"]
 
 _SIGNS = {"loss": -1, "margin": 1, "accuracy": 1}
 _EVAL_BATCH = 4096
+_LM_EVAL_BATCH = 1024  # the batches LMRecipe has always evaluated in (results equal to earlier runs, bit for bit)
 
 
 @runtime_checkable
@@ -113,7 +115,7 @@ def _batches(dataset: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 @dataclasses.dataclass(frozen=True)
 class ClassifierRecipe:
     """An MLP (``datacredit.models.mlp(d_in, hidden, d_out)``; ``hidden=()`` is logistic regression) trained by
-    ``datacredit.demo.train_classifier``: mini-batch SGD, momentum 0.9, cross-entropy, ``epochs`` passes.
+    :func:`datacredit.training.train_classifier`: mini-batch SGD, momentum 0.9, cross-entropy, ``epochs`` passes.
 
     Data: an ``ArrayDataset(x (n, d_in) float, y (n,) int64)``; the model takes ``x``'s dtype.
     Seed: drives the initialisation (in a forked torch RNG, so the caller's global RNG is untouched), dropout and
@@ -144,14 +146,17 @@ class ClassifierRecipe:
         """A freshly initialised model (from the global torch RNG: seed it or fork it first)."""
         return mlp(self.d_in, list(self.hidden), self.d_out, self.dropout)
 
-    def train(self, dataset: Dataset, seed: int) -> nn.Module:
-        """Train a fresh model on ``dataset`` (an ArrayDataset ``(x, y)``); deterministic given ``seed``."""
+    def train(self, dataset: Dataset, seed: int, callbacks: Sequence[Callback] = (),
+              progress: bool = False) -> nn.Module:
+        """Train a fresh model on ``dataset`` (an ArrayDataset ``(x, y)``); deterministic given ``seed``.
+
+        callbacks: :mod:`datacredit.training` callbacks (In-Run values, checkpoints); they do not change the model."""
         x, _ = _tensors(dataset, "training data")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.build().to(x.dtype)
             return train_classifier(model, dataset, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                                    seed=seed, progress=False)
+                                    seed=seed, callbacks=callbacks, progress=progress)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, queries: Dataset) -> dict[str, np.ndarray]:
@@ -165,6 +170,72 @@ class ClassifierRecipe:
             others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
             margins.append(correct - others)
         return {"loss": torch.cat(losses).numpy(), "margin": torch.cat(margins).numpy()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMRecipe:
+    """A character-level :class:`~datacredit.models.TinyGPT` trained with Adam on next-character prediction.
+
+    Data: a :class:`~datacredit.data.CharDataset` (or an ArrayDataset of ``(n, seq_len + 1)`` token ids).
+    Loss per example: the mean next-character cross-entropy of the sequence (``LanguageModelingTask()``); a
+    mini-batch's loss is the mean over its sequences. Seed: initialisation and batch order, as ClassifierRecipe.
+    Measure per query, shape ``(n_query,)``: ``"loss"`` (lower is better). Picklable (a frozen dataclass of numbers).
+    """
+
+    vocab_size: int
+    seq_len: int
+    d: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    tied: bool = False
+    epochs: int = 8
+    lr: float = 1e-2
+    batch_size: int = 32
+
+    measures: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __post_init__(self) -> None:
+        if min(self.vocab_size, self.seq_len, self.d, self.n_layers, self.n_heads, self.epochs, self.batch_size) < 1:
+            raise ValueError(f"LMRecipe: sizes and epochs must be positive, got {self}")
+        if self.d % self.n_heads or not self.lr > 0:
+            raise ValueError(f"LMRecipe: need d divisible by n_heads and lr > 0, got {self}")
+
+    def build(self) -> nn.Module:
+        """A freshly initialised TinyGPT (from the global torch RNG: seed or fork it first)."""
+        return TinyGPT(self.vocab_size, d=self.d, n_layers=self.n_layers, n_heads=self.n_heads,
+                       max_len=self.seq_len, tied=self.tied)
+
+    def train(self, dataset: Dataset, seed: int, callbacks: Sequence[Callback] = (),
+              progress: bool = False) -> nn.Module:
+        """Train a fresh TinyGPT on ``dataset``; deterministic given ``seed`` (the caller's RNG is untouched)."""
+        _lm_tokens(dataset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.build()
+            opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+            return train(model, dataset, optimizer=opt, loss=_lm_loss, epochs=self.epochs,
+                         batch_size=self.batch_size, seed=seed, callbacks=callbacks, progress=progress)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, queries: Dataset) -> dict[str, np.ndarray]:
+        """``{"loss": (Q,)}``: each query sequence's mean next-character cross-entropy, float64, eval mode."""
+        model.eval()
+        tokens = _lm_tokens(queries)
+        task = LanguageModelingTask()
+        losses = [task.loss(model, (tokens[s : s + _LM_EVAL_BATCH],)).double()
+                  for s in range(0, len(tokens), _LM_EVAL_BATCH)]
+        return {"loss": torch.cat(losses).numpy()}
+
+
+def _lm_tokens(dataset: Dataset) -> torch.Tensor:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None:
+        raise DataError(f"LMRecipe needs an ArrayDataset of token ids, got {type(dataset).__name__}")
+    return tensors[0]
+
+
+def _lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return LanguageModelingTask().loss(model, (batch[0],)).mean()
 
 
 @dataclasses.dataclass(frozen=True)
