@@ -47,7 +47,8 @@ peers: $(PEERS)
 fmnist:
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
 
-# Slow checks and benchmarks: side-by-side ratios, tables in benchmarks/*.md.
+# Slow checks and benchmarks: side-by-side ratios, tables in benchmarks/*.md. The benchmark package (benchmarks/bench)
+# is not in the wheel: the scripts, the tests and `datacredit bench` import it from this checkout.
 bench: $(PEERS) fmnist
 	$(BIN)/python benchmarks/capture.py
 	$(BIN)/python benchmarks/inrun_overhead.py

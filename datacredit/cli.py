@@ -128,13 +128,34 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # -- shared by the benchmark commands -----------------------------------------------------------------------------
-def _case_names(value: str) -> list[str]:
-    from .bench.cases import CASES
+def _benchmarks(module: str):
+    """``benchmarks.bench.<module>``: the benchmark package is not installed with datacredit; it is found in the
+    repository checkout this package was installed from (editable), else it is a one-line error."""
+    import importlib
 
-    names = sorted(CASES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in CASES]
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "bench" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))
+    try:
+        return importlib.import_module(f"benchmarks.bench.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.bench"):
+            raise
+        raise DataCreditError("the benchmark commands (groundtruth --case, bench) run from a repository checkout: "
+                              "benchmarks/bench is not installed with datacredit; clone the repository and "
+                              "pip install -e . there") from None
+
+
+def _case_names(value: str) -> list[str]:
+    try:
+        cases = _benchmarks("cases").CASES
+    except DataCreditError as exc:  # parse time: argparse prints it as one line, exit status 2
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+    names = sorted(cases) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in cases]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or value!r}; choose from {sorted(CASES)} or all")
+        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or value!r}; choose from {sorted(cases)} or all")
     return names
 
 
@@ -173,8 +194,7 @@ def _groundtruth_args(sub: argparse._SubParsersAction) -> None:
 def _groundtruth(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench.cases import load_case
-
+    load_case = _benchmarks("cases").load_case
     if args.out and len(args.case) > 1:
         raise UsageError("--out needs a single --case")
     _check_dir(args.out, "--out")
@@ -231,24 +251,22 @@ def _bench_args(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import peers  # noqa: F401  (registers the peers)
-    from .bench.cases import load_case
-    from .bench.methods import REGISTRY
-    from .bench.report import markdown, ratio_lines
-    from .bench.runner import run_bench
+    _benchmarks("peers")  # registers the peers
+    load_case, registry = _benchmarks("cases").load_case, _benchmarks("methods").REGISTRY
+    report, run_bench = _benchmarks("report"), _benchmarks("runner").run_bench
 
     if args.list:
-        for spec in REGISTRY.values():
+        for spec in registry.values():
             print(f"{spec.name:22s} {spec.family:12s} {'pair: ' + spec.pair if spec.pair else ''}")
         return 0
     if not args.case:
         raise UsageError("bench: --case is required (or --list)")
     _check_dir(args.root, "--root")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    unknown = [m for m in methods or () if m not in REGISTRY]
+    unknown = [m for m in methods or () if m not in registry]
     if unknown or (args.methods is not None and not methods):
         raise UsageError(f"--methods: unknown method(s) {unknown or args.methods!r}; registered: "
-                         f"{', '.join(sorted(REGISTRY))} (see --list)")
+                         f"{', '.join(sorted(registry))} (see --list)")
     _logging()
     torch.set_num_threads(args.threads)
     for name in args.case:
@@ -257,8 +275,8 @@ def _bench(args: argparse.Namespace) -> int:
                             progress=not args.no_progress, isolate=not args.in_process,
                             memory_limit_mb=args.memory_limit_gb * 1024, timeout_s=args.timeout)
         print()
-        print(markdown(results))
-        for line in ratio_lines(results):
+        print(report.markdown(results))
+        for line in report.ratio_lines(results):
             print("ours/peer", line)
         print(f"written: {case.dir / ('results-quick' if args.quick else 'results')}.json / .md")
     return 0

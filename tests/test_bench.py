@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench import load_case
+from benchmarks.bench.measure import PeakRSS
+from benchmarks.bench.methods import REGISTRY, MethodSpec, register
+from benchmarks.bench.peers import installed
+from benchmarks.bench.runner import run_bench
 from datacredit import DataError
-from datacredit.bench import load_case
-from datacredit.bench.measure import PeakRSS
-from datacredit.bench.methods import REGISTRY, MethodSpec, register
-from datacredit.bench.peers import installed
-from datacredit.bench.runner import run_bench
 from datacredit.cli import main
 from datacredit.data import CharDataset, load_text_sample
 from datacredit.evaluate import LMRecipe

@@ -21,3 +21,18 @@ def test_version_has_one_source():
     from datacredit._version import __version__
 
     assert datacredit.__version__ == __version__ == importlib.metadata.version("datacredit")
+
+
+def test_benchmark_code_is_not_in_the_wheel():
+    """The packages setuptools ships under pyproject's find settings: datacredit without benchmarks/bench (nor the
+    checkout-only alias datacredit.bench)."""
+    from pathlib import Path
+
+    import tomllib
+    from setuptools import find_namespace_packages
+
+    root = Path(__file__).resolve().parents[1]
+    found = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_namespace_packages(str(root), include=found["include"], exclude=found.get("exclude", ()))
+    assert {"datacredit", "datacredit.methods", "datacredit.evaluate"} <= set(shipped)
+    assert not [p for p in shipped if p.startswith(("datacredit.bench", "benchmarks"))]

@@ -1,5 +1,5 @@
 """The registry of benchmarked methods: a name -> how to get ``Scores`` for a case (and self-values for mislabel
-detection). Ours are registered here, the peers' in :mod:`datacredit.bench.peers`; a later method (SOURCE, an
+detection). Ours are registered here, the peers' in :mod:`benchmarks.bench.peers`; a later method (SOURCE, an
 ensemble) adds one :func:`register` call.
 
 A method's ``run(ctx) -> Scores`` gets a :class:`Context`: a fresh copy of the model under attribution, the training
@@ -28,11 +28,12 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..curvature.hessian import HessianCG
-from ..methods import GradDot, Influence
-from ..scores import Scores
-from ..task import ClassificationTask, Task
-from ..training import InRunCallback
+from datacredit.curvature.hessian import HessianCG
+from datacredit.methods import GradDot, Influence
+from datacredit.scores import Scores
+from datacredit.task import ClassificationTask, Task
+from datacredit.training import InRunCallback
+
 from .cases import Case
 
 __all__ = ["BATCH", "CG_ITERS", "EXACT_DAMPING", "Context", "MethodSpec", "REGISTRY", "register", "selection"]
@@ -155,7 +156,7 @@ def _influence(curvature: str) -> tuple[Run, SelfValues]:
 
 
 def _trak() -> tuple[Run, SelfValues]:
-    from ..methods.trak import TRAK
+    from datacredit.methods.trak import TRAK
 
     def make(ctx: Context) -> TRAK:
         return TRAK(ctx.model(), ClassificationTask(measurement="margin"), projection=ctx.case.spec.trak_dim,
@@ -171,7 +172,7 @@ def _trak() -> tuple[Run, SelfValues]:
 
 
 def _tracin() -> tuple[Run, SelfValues]:
-    from ..methods.tracin import TracIn
+    from datacredit.methods.tracin import TracIn
 
     def make(ctx: Context) -> TracIn:
         return TracIn(ctx.model(), ctx.task, str(ctx.trajectory), batch_size=BATCH, progress=False)
@@ -235,8 +236,8 @@ _register_ours()
 def pearson_per_query(a: Scores, b: Scores) -> float:
     """Mean over queries of the Pearson correlation of two score matrices' columns (rows matched by training id):
     ≈ +1 when two methods agree, ≈ −1 when one has the other's sign."""
-    from ..evaluate.align import same_ids
-    from ..evaluate.stats import pearson_columns
+    from datacredit.evaluate.align import same_ids
+    from datacredit.evaluate.stats import pearson_columns
 
     rows = same_ids(a.train_ids, b.train_ids, "correlation", "the other scores")
     cols = same_ids(a.query_ids, b.query_ids, "correlation", "the other scores' queries")

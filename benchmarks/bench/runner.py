@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..evaluate import GroundTruth, lds
-from ..scores import Scores
+from datacredit.evaluate import GroundTruth, lds
+from datacredit.scores import Scores
+
 from . import peers as _peers  # noqa: F401  (registers the peers)
 from .cases import MODEL_SEED, Case
 from .isolate import run_isolated

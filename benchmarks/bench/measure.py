@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluate import mislabel_detection
-from ..scores import Scores
+from datacredit.evaluate import mislabel_detection
+from datacredit.scores import Scores
+
 from .cases import MODEL_SEED, Case
 from .methods import Context, MethodSpec
 

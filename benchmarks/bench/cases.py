@@ -37,14 +37,14 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import CharDataset, flip_labels, load_digits, load_fashion_mnist, load_text_sample
-from ..errors import DataError, StoreError
-from ..evaluate import ClassifierRecipe, GroundTruth, LMRecipe, build_groundtruth, load_groundtruth
-from ..evaluate.jobstore import fingerprint
-from ..evaluate.recipes import recipe_config
-from ..store import Store
-from ..task import ClassificationTask, LanguageModelingTask, Task
-from ..training import TrajectoryCallback
+from datacredit.data import CharDataset, flip_labels, load_digits, load_fashion_mnist, load_text_sample
+from datacredit.errors import DataError, StoreError
+from datacredit.evaluate import ClassifierRecipe, GroundTruth, LMRecipe, build_groundtruth, load_groundtruth
+from datacredit.evaluate.jobstore import fingerprint
+from datacredit.evaluate.recipes import recipe_config
+from datacredit.store import Store
+from datacredit.task import ClassificationTask, LanguageModelingTask, Task
+from datacredit.training import TrajectoryCallback
 
 __all__ = ["CASES", "Case", "CaseSpec", "GT_DEFAULTS", "MODEL_SEED", "QUICK_GT", "load_case"]
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..scores import Scores
+from datacredit.scores import Scores
+
 from .cases import Case
 from .measure import context, error_text, measure_mislabel, measure_scores, rss_bytes, warm_up
 from .methods import MethodSpec

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..scores import Scores
+from datacredit.scores import Scores
+
 from .cases import Case
 from .methods import (
     BATCH,
@@ -146,7 +147,7 @@ def _dattri_train_batch(model: nn.Module, n_train: int) -> int:
 def _dattri_tracin(ctx: Context) -> Scores:
     from dattri.algorithm.tracin import TracInAttributor
 
-    from ..trajectory import Trajectory
+    from datacredit.trajectory import Trajectory
 
     traj = Trajectory.load(ctx.trajectory)
     model = ctx.model()
