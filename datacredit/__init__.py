@@ -3,14 +3,17 @@
 Sign convention everywhere: ``score[i, j] > 0`` means training example i helps query j (lowers its loss).
 """
 
-from . import capture, curvature, data, ensembles, evaluate, report
+from . import capture, curvature, data, ensembles, evaluate, report, training
 from ._version import __version__ as __version__
 from .capture import Capture, ExampleGrads
 from .curvature import Damping
 from .errors import DataCreditError, DataError, NonFiniteError, StoreError, UnsupportedModuleError
-from .gradstore import GradientStore as GradientStore
-from .methods import TRAK, GradDot, Influence, InRunShapley, Source, TracIn
+from .generation import CompletionTask
+from .gradstore import GradientStore
+from .ledger import Ledger, PayoutRule, compensation
+from .methods import TRAK, GradDot, GradDotConfig, Influence, InfluenceConfig, InRunShapley, Source, TracIn
 from .scores import Scores
+from .sources import Sources, SourceValues
 from .store import Store
 from .task import ClassificationTask, LanguageModelingTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder
@@ -19,16 +22,24 @@ __all__ = [
     "TRAK",
     "Capture",
     "ClassificationTask",
+    "CompletionTask",
     "DataCreditError",
     "Damping",
     "DataError",
     "ExampleGrads",
     "GradDot",
+    "GradDotConfig",
+    "GradientStore",
     "InRunShapley",
     "Influence",
+    "InfluenceConfig",
     "LanguageModelingTask",
+    "Ledger",
     "NonFiniteError",
+    "PayoutRule",
     "Scores",
+    "SourceValues",
+    "Sources",
     "Source",
     "Store",
     "StoreError",
@@ -38,9 +49,17 @@ __all__ = [
     "TrajectoryRecorder",
     "UnsupportedModuleError",
     "capture",
+    "compensation",
     "curvature",
     "data",
     "ensembles",
     "evaluate",
     "report",
+    "training",
 ]
+
+
+def __dir__() -> list[str]:
+    """``dir(datacredit)``: the public API (``__all__``) only. Submodules such as ``datacredit.errors`` or
+    ``datacredit.models`` stay importable; they are just not advertised at the top level."""
+    return sorted([*__all__, "__version__"])

@@ -36,3 +36,15 @@ def test_benchmark_code_is_not_in_the_wheel():
     shipped = find_namespace_packages(str(root), include=found["include"], exclude=found.get("exclude", ()))
     assert {"datacredit", "datacredit.methods", "datacredit.evaluate"} <= set(shipped)
     assert not [p for p in shipped if p.startswith(("datacredit.bench", "benchmarks"))]
+
+
+def test_dir_lists_the_public_api_and_submodules_stay_importable():
+    import datacredit.errors
+    import datacredit.models
+
+    assert set(dir(datacredit)) == {*datacredit.__all__, "__version__"}
+    assert not {"demo", "errors", "models", "optimizers", "lock", "methods"} & set(dir(datacredit))
+    assert all(getattr(datacredit, name) is not None for name in datacredit.__all__)
+    assert datacredit.errors.DataError is datacredit.DataError and callable(datacredit.models.mlp)
+    for name in ("Sources", "SourceValues", "CompletionTask", "Ledger", "PayoutRule", "compensation", "GradientStore"):
+        assert name in datacredit.__all__
