@@ -86,6 +86,7 @@ SCORES = "scores"
 # CPU s per 1,000 rows in blocks of 2,048 vs 0.055 in blocks of 8,192, 0.061 in blocks of 512).
 MAX_BLOCK_ROWS = 2048
 DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "bfloat16": "<u2"}
+TRAIN_TARGETS = ("loss", "measurement")
 
 Data = Dataset | DataLoader
 Preconditioner = Callable[[Tensor], Tensor] | dict[str, Tensor]
@@ -364,17 +365,25 @@ class GradientStore:
         on_mismatch: ``"raise"`` (default): :meth:`build` on a store built for another model, data or configuration
             raises :class:`StoreError` naming the differences; ``"refit"``: it starts afresh.
         lock_wait: a second process building the same store waits (True) or fails at once (False, default).
+        train_target: what the training rows are gradients of: ``"loss"`` (default, ``task.loss``: Grad-Dot, TracIn,
+            influence) or ``"measurement"`` (``task.measurement`` of the training examples: TRAK's margin features).
+
+    The post-hoc methods score on a built store through one keyword, ``features=``: ``GradDot``, ``Influence``
+    (projected Fisher), ``TRAK`` and ``TracIn`` (one store per checkpoint); see their docstrings.
     """
 
     method = "gradstore-graddot"
 
     def __init__(self, path: str | os.PathLike[str], model: nn.Module, task: Task, *,
                  projection: Featurizer | None = None, dtype: str = "float32", batch_size: int = 32,
-                 chunk_size: int = 1024, on_mismatch: str = "raise", lock_wait: bool = False):
+                 chunk_size: int = 1024, on_mismatch: str = "raise", lock_wait: bool = False,
+                 train_target: str = "loss"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if on_mismatch not in ("raise", "refit"):
             raise ValueError(f"on_mismatch must be 'raise' or 'refit', got {on_mismatch!r}")
+        if train_target not in TRAIN_TARGETS:
+            raise ValueError(f"train_target must be one of {TRAIN_TARGETS}, got {train_target!r}")
         if batch_size < 1 or chunk_size < 1:
             raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size}, {chunk_size}")
         self.store = Store(path)
@@ -383,6 +392,7 @@ class GradientStore:
         self.dtype, self.batch_size = dtype, int(batch_size)
         self.chunk_size = int(chunk_size)
         self.on_mismatch, self.lock_wait = on_mismatch, lock_wait
+        self.train_target = train_target
         self.compute_dtype = torch.float64 if dtype == "float64" else torch.float32
         self.modules = task.tracked_modules(model)
         self.shapes = _tracked_shapes(model, self.modules)
@@ -402,8 +412,10 @@ class GradientStore:
 
     # -- header ------------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """What determines the features besides model and data (JSON)."""
-        return _json({
+        """What determines the features besides model and data (JSON). ``train_target`` appears only when it is not
+        the default ``"loss"`` (stores built before it existed keep their header)."""
+        target = {} if self.train_target == "loss" else {"train_target": self.train_target}
+        return _json({**target,
             "projection": self.projection.describe(), "dtype": self.dtype, "storage_dtype": DTYPES[self.dtype],
             "dim": self.dim, "modules": self.modules, "task": _task_description(self.task),
             "layout": [{"name": b.name, "shape": list(b.shape), "rows": b.rows, "cols": b.cols, "offset": b.offset,
@@ -486,7 +498,8 @@ class GradientStore:
                 for i in pending:
                     start, stop = i * self.chunk_size, min(n, (i + 1) * self.chunk_size)
                     row = start
-                    for feats in self._featurize(src.loader(start, stop), ids[start:stop], measurement=False):
+                    measure = self.train_target == "measurement"
+                    for feats in self._featurize(src.loader(start, stop), ids[start:stop], measurement=measure):
                         rows.write(row, _encode(feats, self.dtype))
                         row += feats.shape[0]
                     if row != stop:
@@ -520,6 +533,31 @@ class GradientStore:
             raise StoreError(f"{self.root}: the stored training ids do not match the features' header (an interrupted "
                              "refit?); call build(train) again")
         return ids
+
+    def check(self) -> dict[str, Any]:
+        """The stored header, after checking the store is complete and was built for this model and configuration
+        (raises :class:`StoreError` otherwise). Hashes the model's ``state_dict`` once."""
+        stored = self._check_usable()
+        self.store.load_array(FEATURES, mmap=True)  # complete, and the features' sha256 as recorded
+        return stored
+
+    def read_rows(self, start: int, stop: int) -> Tensor:
+        """Training rows ``[start, stop)``, ``(stop - start, D)`` in the compute dtype on the model's device, read with
+        ``pread`` (no header or hash check: call :meth:`check` once before a round of reads). Cost: the bytes read."""
+        array = self.store.load_array(FEATURES, mmap=True, verify=False)
+        stop = min(int(stop), array.shape[0])
+        reader = _Rows(self.store, FEATURES, array)
+        try:
+            raw = reader.read(start, stop, np.empty((max(stop - start, 0), self.dim), dtype=array.dtype))
+        finally:
+            reader.close()
+        return _decode(raw, self.dtype, self.compute_dtype).to(self.device)
+
+    def query_features(self, queries: Data, preconditioner: Preconditioner | None = None
+                       ) -> tuple[np.ndarray, Tensor]:
+        """Query ids ``(Q,)`` and features ``(Q, D)`` of ``task.measurement`` (compute dtype), with the optional
+        query-side ``preconditioner`` applied (as :meth:`score`); refuses a store built for another model."""
+        return self._queries(queries, preconditioner)
 
     def features(self) -> np.ndarray:
         """The stored features as a read-only memmap ``(n_train, D)`` in the storage dtype (bfloat16: raw uint16)."""
@@ -660,10 +698,12 @@ class GradientStore:
         return Scores(values[:, None], self.train_ids(), np.array([-1]), f"{self.method}:self",
                       self._score_config(None))
 
-    def fisher_inverse(self, damping: float = 0.1, memory_gb: float = 1.0) -> dict[str, Tensor]:
+    def fisher_inverse(self, damping: float = 0.1, memory_gb: float = 1.0, *, absolute: float = 0.0
+                       ) -> dict[str, Tensor]:
         """Per-layer ``(F_b + λ_b I)⁻¹`` in feature space, ``F_b = Φ_bᵀΦ_b / n_train`` from the stored training
-        features, ``λ_b = damping · trace(F_b) / size_b``: the block-diagonal projected Gauss-Newton preconditioner
-        LoGra applies (pass it as ``preconditioner=``). One read of the store; ``Σ_b size_b²`` float64 numbers."""
+        features, ``λ_b = damping · trace(F_b) / size_b + absolute``: the block-diagonal projected Gauss-Newton
+        preconditioner LoGra applies (pass it as ``preconditioner=``). One read of the store; ``Σ_b size_b²``
+        float64 numbers."""
         grams = {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in self.blocks}
         self._check_usable()
         n = 0
@@ -676,7 +716,7 @@ class GradientStore:
         out = {}
         for b in self.blocks:
             fisher = grams[b.name] / max(n, 1)
-            lam = damping * float(torch.trace(fisher)) / b.size
+            lam = damping * float(torch.trace(fisher)) / b.size + absolute
             out[b.name] = torch.linalg.inv(fisher + max(lam, 1e-12) * torch.eye(b.size, dtype=torch.float64))
         return out
 
