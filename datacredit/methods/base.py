@@ -7,7 +7,9 @@ A method is ``fit(train)`` (cache what depends only on training data) then ``sco
 * :func:`products` — training gradients against prepared query weights, val-first or materialize + GEMM by cost;
 * :func:`fill_scores` / :func:`score_rows` — the ``(n_train, n_query)`` matrix in row blocks, in memory or as a
   resumable chunked memmap in a store; :class:`TopKAccumulator` — the same blocks merged into the k best per query;
-* :func:`cached_rows`, :func:`model_digest`, :func:`data_digest`, :func:`ids_digest` — caches and what they depend on.
+* :func:`cached_rows`, :func:`model_digest`, :func:`data_digest`, :func:`ids_digest` — caches and what they depend on;
+* :func:`feature_stores` / :func:`store_products` — the projected route of every method on a
+  :class:`~datacredit.gradstore.GradientStore` built once (the ``features=`` keyword of each method).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..capture import Capture, ExampleGrads, example_grads, resolve_modules
 from ..capture.pieces import CHUNK_ELEMENTS, Dense, Outer, Piece, val_first_dot
 from ..data.dataset import example_ids
 from ..errors import DataError, StoreError
+from ..gradstore import MAX_BLOCK_ROWS, GradientStore
 from ..store import Store
 from ..task import Task, batch_size
 from ..trajectory import Trajectory
@@ -434,3 +437,61 @@ def _stale(store: Store, name: str, meta: dict[str, Any]) -> bool:
 
 def to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
+
+
+# -- the projected route on a gradient store (``features=``) ----------------------------------------------------------
+def feature_stores(features: GradientStore | list[GradientStore] | tuple[GradientStore, ...], *, many: bool = False
+                   ) -> list[GradientStore]:
+    """``features`` as a list of :class:`~datacredit.gradstore.GradientStore` (one, or one per checkpoint / member
+    where ``many``); anything else (a path, a :class:`~datacredit.store.Store`) is refused with what to pass."""
+    stores = list(features) if many and isinstance(features, (list, tuple)) else [features]
+    for s in stores:
+        if not isinstance(s, GradientStore):
+            raise TypeError(f"features= takes a GradientStore{' or a list of them' if many else ''}, got "
+                            f"{type(s).__name__}; open one with GradientStore(path, model, task, projection=...)")
+    if not stores:
+        raise ValueError("features= got an empty list of gradient stores")
+    return stores
+
+
+def store_products(terms: list[tuple[GradientStore, Tensor, float | np.ndarray]], rows: slice) -> np.ndarray:
+    """``Σ_s (Φ_s[rows] @ W_s) · c_s`` as float64 ``(len(rows), Q)``: for each term a store ``Φ_s`` ``(n_train, D_s)``,
+    prepared query weights ``W_s`` ``(D_s, Q)`` (query features after the method's query-side transform; the product
+    is taken in ``W_s``'s dtype) and a scale ``c_s`` (a number, or ``(n_train,)`` per training row).
+
+    Rows are read in blocks of at most ``MAX_BLOCK_ROWS`` (``pread``, no memory map), so memory is one block of rows
+    and its scores beside the output. Cost ``len(rows) · Σ_s D_s · Q`` multiply-adds and one read of those rows.
+    """
+    out = np.zeros((rows.stop - rows.start, terms[0][1].shape[1]))
+    for start in range(rows.start, rows.stop, MAX_BLOCK_ROWS):
+        stop = min(rows.stop, start + MAX_BLOCK_ROWS)
+        part = out[start - rows.start : stop - rows.start]
+        for store, weights, scale in terms:
+            block = (store.read_rows(start, stop).to(weights.dtype) @ weights).double().cpu().numpy()
+            part += block * (scale[start:stop, None] if isinstance(scale, np.ndarray) else scale)
+    return out
+
+
+def store_self_products(terms: list[tuple[GradientStore, Callable[[Tensor], Tensor], float | np.ndarray]]
+                        ) -> np.ndarray:
+    """``Σ_s ⟨φ_i, M_s φ_i⟩ · c_s`` per training row, float64 ``(n_train,)``: ``M_s`` is given as a callable on a
+    block of rows ``(r, D_s) -> (r, D_s)`` (the identity: ``lambda x: x``). One read of each store."""
+    n = len(terms[0][0].train_ids())
+    out = np.zeros(n)
+    for start in range(0, n, MAX_BLOCK_ROWS):
+        stop = min(n, start + MAX_BLOCK_ROWS)
+        for store, transform, scale in terms:
+            f = store.read_rows(start, stop).double().cpu()
+            vals = (transform(f) * f).sum(1).cpu().numpy()
+            out[start:stop] += vals * (scale[start:stop] if isinstance(scale, np.ndarray) else scale)
+    return out
+
+
+def store_meta(stores: list[GradientStore]) -> list[dict[str, Any]]:
+    """What scores computed on ``stores`` depend on: each store's root, model digest, data and configuration."""
+    out = []
+    for s in stores:
+        header = s.header() or {}
+        out.append({"root": str(s.root), "model": header.get("model"), "data": header.get("data"),
+                    "config": header.get("config")})
+    return out

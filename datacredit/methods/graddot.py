@@ -11,6 +11,11 @@ its loss) to first order, i.e. i helps q. Two routes:
   interrupted ``score`` resumes at the first unfinished block; without one they are float64 in memory.
 * projected (``projection=k``): ``fit`` stores the ``(n_train, k)`` projected training gradients (resumable, in the
   store when one is given); ``score`` is then one projected backward over the queries and a matrix product.
+* on a gradient store (``features=gs``, a :class:`~datacredit.gradstore.GradientStore` of ``model`` and ``task``):
+  ``fit`` builds the store (a built one is reused, a killed build resumes, another model is refused), ``score`` is
+  one backward over the queries and the store read once in row blocks: ``score[i, q] = ⟨φ_i, φ_q⟩`` with the store's
+  projection ``φ`` (Kronecker, dense or exact), in the store's compute dtype. The same store serves ``Influence``,
+  ``TracIn`` (one per checkpoint) and any number of query rounds without featurizing the training set again.
 
 Every cached artefact's metadata holds the digests of the model (tracked parameter values), of the data (ids and,
 for array datasets, contents) and of the configuration: a store written for another model, data or configuration is
@@ -31,10 +36,23 @@ from torch import nn
 
 from ..capture.projection import Projector
 from ..errors import DataError
+from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
-from .base import Data, GradientMethod, as_loader, data_digest, fill_scores, model_digest, row_subset, storage_dtype
+from .base import (
+    Data,
+    GradientMethod,
+    as_loader,
+    data_digest,
+    feature_stores,
+    fill_scores,
+    model_digest,
+    row_subset,
+    storage_dtype,
+    store_meta,
+    store_products,
+)
 
 
 @dataclass(frozen=True)
@@ -57,16 +75,28 @@ class GradDot(GradientMethod):
 
     Cost: exact ``score`` = one backward over queries + one over the training set; projected ``fit`` = one backward
     over the training set, ``score`` = one over the queries + an ``(n_train × k) · (k × n_query)`` product.
+
+    features: a :class:`~datacredit.gradstore.GradientStore` built (or to be built by ``fit``) on this ``model``:
+        the projected route on the shared store (module doc); ``projection`` must then be None (the store's
+        projection is used). ``GradDot.from_store(gs)`` is the same. store: where scores are cached (unchanged).
     """
 
     def __init__(self, model: nn.Module, task: Task, *, normalize: bool = False, projection: int | None = None,
                  projection_kind: str = "kronecker", seed: int = 0,
-                 store: Store | str | os.PathLike[str] | None = None,
+                 store: Store | str | os.PathLike[str] | None = None, features: GradientStore | None = None,
                  batch_size: int = 64, progress: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress)
         self.config = GradDotConfig(normalize, projection, projection_kind, seed)
         self.name = "grad-cos" if normalize else "grad-dot"
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
+        self.features = None if features is None else feature_stores(features)[0]
+        if self.features is not None:
+            if projection is not None:
+                raise ValueError("features= brings its own projection: leave projection=None")
+            if self.features.model is not model:
+                raise ValueError("features= must be a GradientStore of the same model object as the method's")
+            if self.features.train_target != "loss":
+                raise ValueError("Grad-Dot needs a store of training-loss gradients (train_target='loss')")
         self.projector = None
         if projection is not None:
             shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
@@ -76,10 +106,21 @@ class GradDot(GradientMethod):
         self.train_features: np.ndarray | None = None  # (n_train, k), projected route
         self.train_norms: np.ndarray | None = None  # (n_train,), Grad-Cos
 
+    @classmethod
+    def from_store(cls, features: GradientStore, **kwargs: Any) -> GradDot:
+        """Grad-Dot (or Grad-Cos, ``normalize=True``) on a gradient store, with its model and task."""
+        return cls(features.model, features.task, features=features, **kwargs)
+
     # -- fit ---------------------------------------------------------------------------------------------------
     def fit(self, train: Data) -> GradDot:
         """Cache what depends only on the training data; resumes from the store after an interruption."""
         self._train = train
+        if self.features is not None:
+            self.features.build(train)
+            self.train_ids = self.features.train_ids()
+            if self.config.normalize:
+                self.train_norms = np.sqrt(self.features.self_scores().values[:, 0])
+            return self
         if self.projector is None:
             if self.config.normalize:
                 norms = []
@@ -142,6 +183,8 @@ class GradDot(GradientMethod):
         """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
         prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
+        if self.features is not None:
+            return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
         query_grads: list = []  # (columns, ExampleGrads): computed once, only if some block is still to compute
@@ -176,6 +219,29 @@ class GradDot(GradientMethod):
                     "batch_size": self.batch_size}
         return query_ids, block, meta
 
+    def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+        """The projected route on the gradient store: queries featurized once (lazily), rows read per block."""
+        gs = self.features
+        gs.check()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        prepared: list[torch.Tensor] = []  # (D, n_query) query features (Grad-Cos: unit length)
+
+        def block(rows: slice) -> np.ndarray:
+            if not prepared:
+                _, q = gs.query_features(queries)
+                if self.config.normalize:
+                    norms = q.double().norm(dim=1)
+                    q = q / torch.where(norms > 0, norms, torch.inf).to(q.dtype)[:, None]
+                prepared.append(q.T.contiguous())
+            scale = 1.0 / _safe(self.train_norms) if self.config.normalize else 1.0
+            return store_products([(gs, prepared[0], scale)], rows)
+
+        meta = None
+        if self.store is not None:
+            meta = {"method": self.name, "config": asdict(self.config), "features": store_meta([gs]),
+                    "queries_sha256": data_digest(queries), "batch_size": self.batch_size}
+        return query_ids, block, meta
+
     def self_scores(self, train: Data | None = None) -> Scores:
         """``⟨∇ℓ_i, ∇ℓ_i⟩`` (self-influence), ``(n_train, 1)``; all ones for Grad-Cos."""
         if train is not None:
@@ -183,6 +249,8 @@ class GradDot(GradientMethod):
         self._require_fit()
         if self.config.normalize:
             values = np.ones(len(self.train_ids))
+        elif self.features is not None:
+            values = self.features.self_scores().values[:, 0]
         elif self.train_features is not None:
             values = (self.train_features.astype(np.float64) ** 2).sum(1)
         else:
@@ -191,7 +259,11 @@ class GradDot(GradientMethod):
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", asdict(self.config))
 
     def _scores(self, values: np.ndarray, query_ids: np.ndarray) -> Scores:
-        return Scores(values, self.train_ids, query_ids, self.name, asdict(self.config))
+        config = asdict(self.config)
+        if self.features is not None:
+            config["features"] = {"root": str(self.features.root), "projection": self.features.projection.describe(),
+                                  "dtype": self.features.dtype, "dim": self.features.dim}
+        return Scores(values, self.train_ids, query_ids, self.name, config)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -22,6 +22,16 @@ training backward passes are repeated only when the queries do not fit in one ro
 cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled into a memmap
 chunk by chunk (one chunk per round and training batch), so an interrupted ``score`` resumes and a matrix larger
 than RAM lives on disk.
+
+On a gradient store (``features=gs``, a :class:`~datacredit.gradstore.GradientStore` of training-loss gradients of
+``model``), the curvature is fitted in the store's projected feature space: per layer (block ``b``) the projected
+empirical Fisher ``F_b = Φ_bᵀΦ_b / n_train`` with damping ``δ_b = relative · trace(F_b)/size_b + absolute``
+(:meth:`~datacredit.gradstore.GradientStore.fisher_inverse`, the LoGra-style projected influence,
+``curvature="projected-fisher"``, the default with ``features=``), or ``curvature="identity"`` (``(1 + δ)⁻¹`` times
+Grad-Dot of the features). ``fit`` builds the store (reused when built, resumed when killed, refused for another
+model) and reads it once for the ``Σ_b size_b²`` Fisher; ``score`` featurizes the queries once, applies
+``(F_b + δ_b I)⁻¹`` per block to them, and reads the store in row blocks: ``score[i, q] = Σ_b φ_{i,b}ᵀ
+(F_b + δ_b I)⁻¹ φ_{q,b}``, cost ``n_train · D · Q``, however many queries. Sign and scale as above.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,15 +53,33 @@ from ..curvature import Curvature, Damping, as_damping, curvature_class, curvatu
 from ..curvature.factored import IdentityCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
 from ..errors import DataError, StoreError
+from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import ChunkedArray, Store
 from ..task import Task
-from .base import Batch, Data, GradientMethod, TopK, TopKAccumulator, as_loader, batches, eval_mode, products
+from .base import (
+    Batch,
+    Data,
+    GradientMethod,
+    TopK,
+    TopKAccumulator,
+    as_loader,
+    batches,
+    eval_mode,
+    feature_stores,
+    fill_scores,
+    ids_digest,
+    products,
+    store_meta,
+    store_products,
+    store_self_products,
+)
 
 logger = logging.getLogger(__name__)
 
 QUERY_ELEMENTS = 2**26  # default bound on query_batch × numel (preconditioned queries held at once)
 DEFAULT_DAMPING = Damping(relative=0.1)  # kronfluence's heuristic: 0.1 × the mean eigenvalue of each block
+PROJECTED_FISHER = "projected-fisher"  # the curvature of the features= route (module doc)
 
 
 @dataclass(frozen=True)
@@ -67,8 +96,9 @@ class InfluenceConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.curvature not in curvature_names():
-            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {curvature_names()}")
+        if self.curvature not in (*curvature_names(), PROJECTED_FISHER):
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {curvature_names()} "
+                             f"(or {PROJECTED_FISHER!r} with features=)")
         if self.query_batch is not None and self.query_batch < 1:
             raise ValueError(f"query_batch must be None or positive, got {self.query_batch}")
         if self.fisher not in FISHER_KINDS:
@@ -85,19 +115,39 @@ class Influence(GradientMethod):
     store: a :class:`Store` (or its path) caching the curvature and the scores.
     fisher: ``"empirical"`` (default) or ``"true"`` (sampled labels, ``seed``) for the curvatures fitted from
     gradients; ``"explicit"`` and ``"cg"`` always use the true Hessian of the training loss.
+    features: a :class:`~datacredit.gradstore.GradientStore` of this ``model`` (training-loss gradients): projected
+    influence on the shared store (module doc); ``curvature`` is then ``"projected-fisher"`` (default) or
+    ``"identity"``, ``fisher`` must be ``"empirical"``. Without it (default) nothing changes: ``curvature`` defaults
+    to ``"ekfac"``.
     See the module docstring for the sign and the scale.
     """
 
     name = "influence"
 
-    def __init__(self, model: nn.Module, task: Task, *, curvature: str | Curvature = "ekfac",
+    def __init__(self, model: nn.Module, task: Task, *, curvature: str | Curvature | None = None,
                  damping: float | Damping = DEFAULT_DAMPING, store: Store | str | None = None,
                  batch_size: int = 64, query_batch: int | None = None, fisher: str = "empirical", seed: int = 0,
-                 progress: bool = True):
+                 features: GradientStore | None = None, progress: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress)
+        self.features = None if features is None else feature_stores(features)[0]
+        if curvature is None:
+            curvature = "ekfac" if self.features is None else PROJECTED_FISHER
         name = curvature.name if isinstance(curvature, Curvature) else curvature
+        if self.features is not None:
+            if name not in (PROJECTED_FISHER, "identity") or isinstance(curvature, Curvature):
+                raise ValueError(f"with features= the curvature is fitted on the store's features: curvature must "
+                                 f"be {PROJECTED_FISHER!r} (default) or 'identity', got {name!r}")
+            if fisher != "empirical":
+                raise ValueError("with features= the Fisher is the stored training-loss gradients' (empirical)")
+            if self.features.model is not model:
+                raise ValueError("features= must be a GradientStore of the same model object as the method's")
+            if self.features.train_target != "loss":
+                raise ValueError("influence needs a store of training-loss gradients (train_target='loss')")
+        elif name == PROJECTED_FISHER:
+            raise ValueError(f"curvature={PROJECTED_FISHER!r} needs features=GradientStore(...)")
         self.config = InfluenceConfig(name, as_damping(damping), query_batch, fisher, seed)
         check_fisher(fisher, task)
+        self._store_pre: dict[str, Tensor] | float | None = None  # features= route: per-block inverses or a scale
         self._given = curvature if isinstance(curvature, Curvature) else None
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.params = tracked_parameters(model, self.modules)
@@ -126,6 +176,8 @@ class Influence(GradientMethod):
     def fit(self, train: Data) -> Influence:
         """Fit the curvature on ``train`` (its per-example training-loss gradients); cached in the store, where a
         partly fitted curvature (EK-FAC after its first pass) resumes."""
+        if self.features is not None:
+            return self._fit_store(train)
         _, ids = as_loader(train, self.batch_size)
         self._train, self.train_ids = train, ids
         meta = {"n_train": len(ids), "train_ids_sha256": _digest(ids), "fisher": self.config.fisher,
@@ -142,6 +194,19 @@ class Influence(GradientMethod):
         with eval_mode(self.model):
             curvature.fit(feed, on_pass=save)
         self.curvature = curvature.to(self.device)
+        return self
+
+    def _fit_store(self, train: Data) -> Influence:
+        """The ``features=`` route: build (or reuse) the store, then the per-block inverse Fisher from one read."""
+        gs = self.features
+        gs.build(train)
+        self._train, self.train_ids = train, gs.train_ids()
+        damping = self.config.damping
+        if self.config.curvature == "identity":
+            self._store_pre = IdentityCurvature().scale(damping)
+        else:
+            self._store_pre = gs.fisher_inverse(damping.relative, absolute=damping.absolute)
+        self._fit_meta = {"features": store_meta([gs]), "train_ids_sha256": _digest(self.train_ids)}
         return self
 
     def _new_curvature(self) -> Curvature:
@@ -174,7 +239,7 @@ class Influence(GradientMethod):
         return curvature
 
     def _require_fit(self) -> None:
-        if self.curvature is None:
+        if self.curvature is None and self._store_pre is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train) before scoring")
 
     # -- score -------------------------------------------------------------------------------------------------
@@ -213,6 +278,10 @@ class Influence(GradientMethod):
         """Scores ``(n_train, n_query)``; positive = upweighting the training example lowers the query's
         measurement (see the module doc for sign and scale)."""
         self._require_fit()
+        if self.features is not None:
+            query_ids, block, meta = self._blocks(queries)
+            shape = (len(self.train_ids), len(query_ids))
+            return self._scores(fill_scores(self.store, shape, np.float64, self.batch_size, block, meta), query_ids)
         _, query_ids = as_loader(queries, self.batch_size)
         n_train_batches = len(as_loader(self._train, self.batch_size)[0])
         round_size = self._round_size()
@@ -256,6 +325,8 @@ class Influence(GradientMethod):
         batch by training batch in each query round: memory ``(k + batch) × n_query`` scores, never the
         ``(n_train, n_query)`` matrix, nothing written to the store. Same numbers as ``score(queries).topk(k, j)``."""
         self._require_fit()
+        if self.features is not None:
+            return GradientMethod.topk(self, queries, k, largest=largest)
         query_ids = as_loader(queries, self.batch_size)[1]
         per_round = max(1, self._round_size() // self.batch_size)
         n_rounds = -(-len(as_loader(queries, self.batch_size)[0]) // per_round)
@@ -266,6 +337,30 @@ class Influence(GradientMethod):
             for _, batch, g in self._grads(self._train, desc="top-k"):
                 acc.add(batch.rows, cols, combine(g).detach().double().cpu().numpy())
         return acc.result(self.train_ids, query_ids, self._method)
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+        """``features=`` route: query ids, ``block(rows)`` float64 scores (queries featurized and preconditioned once,
+        on the first call) and the metadata naming stored scores."""
+        gs = self.features
+        gs.check()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        prepared: list[Tensor] = []  # (D, n_query): (F_b + δ_b I)⁻¹ φ_q per block
+
+        def block(rows: slice) -> np.ndarray:
+            if not prepared:
+                if isinstance(self._store_pre, dict):
+                    _, q = gs.query_features(queries, self._store_pre)
+                else:
+                    _, q = gs.query_features(queries)
+                    q = q * self._store_pre
+                prepared.append(q.T.contiguous())
+            return store_products([(gs, prepared[0], 1.0)], rows)
+
+        meta = None
+        if self.store is not None:
+            meta = {"method": self._method, "config": asdict(self.config), "features": store_meta([gs]),
+                    "query_ids": ids_digest(query_ids), "batch_size": self.batch_size}
+        return query_ids, block, meta
 
     def _output(self, query_ids: np.ndarray, n_chunks: int, round_size: int) -> np.ndarray | ChunkedArray:
         shape = (len(self.train_ids), len(query_ids))
@@ -285,11 +380,24 @@ class Influence(GradientMethod):
         if train is not None:
             self.fit(train)
         self._require_fit()
+        if self.features is not None:
+            values = store_self_products([(self.features, self._store_transform, 1.0)])
+            return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self._method}:self",
+                          asdict(self.config))
         values = np.zeros(len(self.train_ids))
         with eval_mode(self.model):
             for _, batch, g in self._grads(self._train, desc="self"):
                 values[batch.rows] = self.curvature.self_products(g, self.config.damping).detach().double().cpu()
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self._method}:self", asdict(self.config))
+
+    def _store_transform(self, rows: Tensor) -> Tensor:
+        """The fitted ``(F + δI)⁻¹`` (block-diagonal) or ``(1 + δ)⁻¹`` applied to feature rows ``(r, D)`` float64."""
+        if not isinstance(self._store_pre, dict):
+            return rows * self._store_pre
+        out = rows.clone()
+        for b in self.features.blocks:
+            out[:, b.columns] = rows[:, b.columns] @ self._store_pre[b.name].to(rows).T
+        return out
 
     @property
     def _method(self) -> str:

@@ -19,23 +19,34 @@ Two routes, as Grad-Dot:
   (resumable, in the store when one is given); ``score`` is one projected backward over the queries per checkpoint
   and a matrix product.
 
+* on gradient stores (``features=[gs_0, …, gs_{C−1}]``, one :class:`~datacredit.gradstore.GradientStore` per
+  checkpoint, each on a model holding that checkpoint's weights; :meth:`TracIn.feature_stores` makes them): ``fit``
+  builds them (reused when built, resumed when killed; a store whose model is not its checkpoint is refused),
+  ``score`` featurizes the queries once per checkpoint and reads the stores in row blocks:
+  ``score[i, q] = Σ_k η_k ⟨φ_k(∇ℓ_i), φ_k(∇f_q)⟩`` with the stores' projection.
+
 Checkpoints are loaded into a private copy of the model: the user's model is never modified. With a store, the
 ``(n_train, n_query)`` scores are written chunk by chunk into a memmap in the store (resumable) and returned mapped.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..capture import ExampleGrads
 from ..capture.projection import Projector
 from ..errors import DataError
+from ..gradstore import GradientStore
+from ..gradstore import model_digest as state_digest
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
@@ -46,10 +57,14 @@ from .base import (
     as_loader,
     as_trajectory,
     cached_rows,
+    feature_stores,
     fill_scores,
     ids_digest,
     row_subset,
     storage_dtype,
+    store_meta,
+    store_products,
+    store_self_products,
     to_np,
     tracked_shapes,
     working_copy,
@@ -97,18 +112,34 @@ class TracIn(GradientMethod):
     projected ``fit`` = C over the training set, ``score`` = C over the queries + C products
     ``(n_train × k) · (k × n_query)``. Stored: C · n_train · k floats (projected). Scores are float64 in memory; with
     a store, a memmap in the model's float dtype.
+    features: one :class:`~datacredit.gradstore.GradientStore` per checkpoint (module doc; see
+    :meth:`feature_stores`); ``projection`` must then be None (the stores' projection is used).
     """
 
     name = "tracin"
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory | str | os.PathLike[str], *,
                  projection: int | None = None, projection_kind: str = "kronecker", seed: int = 0,
-                 weighting: str = "lr", store: Store | str | None = None, batch_size: int = 64,
-                 progress: bool = True):
+                 weighting: str = "lr", store: Store | str | None = None,
+                 features: Sequence[GradientStore] | None = None, batch_size: int = 64, progress: bool = True):
         self.config = TracInConfig(projection, projection_kind, seed, weighting)
         super().__init__(working_copy(model), task, batch_size=batch_size, progress=progress)
         self.trajectory = as_trajectory(trajectory)
         self.weights = checkpoint_weights(self.trajectory, weighting)
+        self.features = None if features is None else feature_stores(features, many=True)
+        if self.features is not None:
+            if projection is not None:
+                raise ValueError("features= brings its own projection: leave projection=None")
+            if len(self.features) != len(self.trajectory):
+                raise ValueError(f"features= needs one GradientStore per checkpoint: got {len(self.features)} for "
+                                 f"{len(self.trajectory)} checkpoints")
+            for k, gs in enumerate(self.features):
+                if gs.train_target != "loss":
+                    raise ValueError("TracIn needs stores of training-loss gradients (train_target='loss')")
+                self._load(k)
+                if state_digest(gs.model) != state_digest(self.model):
+                    raise ValueError(f"features[{k}] is a store of another model than checkpoint {k} "
+                                     "(make them with TracIn.feature_stores)")
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.projector = None
         if projection is not None:
@@ -118,6 +149,19 @@ class TracIn(GradientMethod):
         self._digests: list[str] | None = None
         self.train_ids: np.ndarray | None = None
         self.train_features: list[np.ndarray] | None = None  # per checkpoint (n_train, k), projected route
+
+    @staticmethod
+    def feature_stores(root: str | Path, model: nn.Module, task: Task,
+                       trajectory: Trajectory | str | Path, **kwargs: Any) -> list[GradientStore]:
+        """One :class:`~datacredit.gradstore.GradientStore` per checkpoint, in ``root/checkpoint-0000`` …, each on a
+        private copy of ``model`` holding that checkpoint's weights (C copies of the weights in memory); ``kwargs``
+        go to every store (projection, dtype, ...). Pass the list as ``features=``."""
+        trajectory = as_trajectory(trajectory)
+        stores = []
+        for k in range(len(trajectory)):
+            member = trajectory.load_into(copy.deepcopy(model), k)
+            stores.append(GradientStore(Path(root) / f"checkpoint-{k:04d}", member, task, **kwargs))
+        return stores
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def _load(self, k: int) -> None:
@@ -137,6 +181,14 @@ class TracIn(GradientMethod):
     def fit(self, train: Data) -> TracIn:
         """Cache what depends only on the training data (projected route: per-checkpoint features, resumable)."""
         self._train = train
+        if self.features is not None:
+            for gs in self.features:
+                gs.build(train)
+                ids = gs.train_ids()
+                if self.train_ids is not None and not np.array_equal(ids, self.train_ids):
+                    raise ValueError("the checkpoints' stores hold different training ids")
+                self.train_ids = ids
+            return self
         if self.projector is None:
             self.train_ids = as_loader(train, self.batch_size)[1]
             return self
@@ -172,6 +224,8 @@ class TracIn(GradientMethod):
         """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
         prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
+        if self.features is not None:
+            return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
         prepared: dict[str, Any] = {}
@@ -204,11 +258,32 @@ class TracIn(GradientMethod):
         return query_ids, block, meta
 
 
+    def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
+        """The ``features=`` route: each checkpoint's query features once (lazily), the stores read in row blocks."""
+        for gs in self.features:
+            gs.check()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        prepared: list[torch.Tensor] = []  # per checkpoint (D_k, n_query)
+
+        def block(rows: slice) -> np.ndarray:
+            if not prepared:
+                prepared.extend(gs.query_features(queries)[1].T.contiguous() for gs in self.features)
+            terms = [(gs, q, float(w)) for gs, q, w in zip(self.features, prepared, self.weights, strict=True)]
+            return store_products(terms, rows)
+
+        meta = {**self._meta(), "features": store_meta(self.features), "train_ids": ids_digest(self.train_ids),
+                "query_ids": ids_digest(query_ids)}
+        return query_ids, block, meta
+
     def self_scores(self, train: Data | None = None) -> Scores:
         """``Σ_k η_k ‖∇ℓ_i(θ_k)‖²`` (TracIn self-influence, used to find mislabelled examples), ``(n_train, 1)``."""
         if train is not None:
             self.fit(train)
         self._require_fit()
+        if self.features is not None:
+            values = store_self_products([(gs, lambda f: f, float(w)) for gs, w in zip(self.features, self.weights,
+                                                                                        strict=True)])
+            return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
         values = np.zeros(len(self.train_ids))
         for k, w in enumerate(self.weights):
             if self.train_features is not None:
@@ -221,4 +296,9 @@ class TracIn(GradientMethod):
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
 
     def _config(self) -> dict[str, Any]:
-        return {**asdict(self.config), "steps": self.trajectory.steps.tolist(), "weights": self.weights.tolist()}
+        out = {**asdict(self.config), "steps": self.trajectory.steps.tolist(), "weights": self.weights.tolist()}
+        if self.features is not None:
+            gs = self.features[0]
+            out["features"] = {"roots": [str(s.root) for s in self.features], "dtype": gs.dtype, "dim": gs.dim,
+                               "projection": gs.projection.describe()}
+        return out

@@ -44,6 +44,14 @@ Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) pe
 one projected backward over the queries per model, a ``(k × k)`` triangular solve per query and a chunked
 ``(n_train × k)·(k × n_query)`` product written into a memmap in the store (resumable), so many query batches reuse
 the training side.
+
+On gradient stores (``features=gs`` or one store per member, :class:`~datacredit.gradstore.GradientStore` built with
+``train_target="measurement"`` on a margin task, each on its member's model): ``fit`` builds the stores (reused when
+built, resumed when killed, refused for another model), reads ``1 − p`` with one forward pass (no backward) and
+accumulates each kernel ``ΦᵀΦ`` (and ``Φᵀr`` for GCV) from the store in row blocks of ``KERNEL_ROWS``; ``score``
+featurizes the queries once per member, applies ``(ΦᵀΦ + λI)⁻¹`` to them and reads the stores in row blocks. Same
+estimator, ridge rule and averaging; the projection is the store's (dense ``DenseProjection(k, "gaussian", seed)``
+gives the numbers of ``projection=k`` exactly). The kernels are kept in memory (``M·k²`` floats), not in ``store``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from torch import Tensor, nn
 
 from ..capture import ExampleGrads
 from ..capture.projection import Projector
+from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
 from ..task import ClassificationTask, Task
@@ -67,10 +76,16 @@ from .base import (
     Data,
     GradientMethod,
     as_loader,
+    batches,
     cached_rows,
+    eval_mode,
+    feature_stores,
     fill_scores,
     ids_digest,
     storage_dtype,
+    store_meta,
+    store_products,
+    store_self_products,
     to_np,
     tracked_shapes,
     working_copy,
@@ -210,6 +225,9 @@ class TRAK(GradientMethod):
     factorisations (``k³/3``); ``score`` = M backward passes over the queries + ``M·(k² + n_train·k)·n_query``.
     Stored: ``M·(n_train·k + k²)`` floats. Scores are float64 in memory; with a store, a memmap in the model's
     float dtype (float32 for a float32 model).
+    features: a :class:`~datacredit.gradstore.GradientStore` (M = 1) or a list, one per member, each built with
+        ``train_target="measurement"`` on its member's model (module doc); ``models`` must then be None and the
+        projection arguments are unused (the stores' projection is used).
     """
 
     name = "trak"
@@ -218,10 +236,20 @@ class TRAK(GradientMethod):
                  models: Sequence[Mapping[str, Tensor] | nn.Module] | Trajectory | str | None = None, *,
                  projection: int | None = 2048, projection_kind: str = "gaussian", seed: int = 0,
                  ridge: float | str = "gcv", average: str = "separate", store: Store | str | None = None,
+                 features: GradientStore | Sequence[GradientStore] | None = None,
                  batch_size: int = 64, progress: bool = True):
-        if isinstance(task, ClassificationTask) and task.kind != "margin":
-            raise ValueError("TRAK needs the margin measurement: pass ClassificationTask(measurement='margin')")
+        _check_margin(task)
         self.config = TRAKConfig(projection, projection_kind, seed, ridge, average)
+        self.features = None if features is None else feature_stores(features, many=True)
+        if self.features is not None:
+            if models is not None:
+                raise ValueError("with features= the members are the stores' models: leave models=None")
+            for gs in self.features:
+                _check_margin(gs.task)
+                if gs.train_target != "measurement":
+                    raise ValueError("TRAK's training features are margin gradients: build the store with "
+                                     "GradientStore(..., train_target='measurement') on a margin task")
+            models = [gs.model for gs in self.features]
         self.members = _members(model, models)
         super().__init__(working_copy(model), task, batch_size=batch_size, progress=progress)
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
@@ -260,6 +288,8 @@ class TRAK(GradientMethod):
     # -- fit -----------------------------------------------------------------------------------------------------
     def fit(self, train: Data) -> TRAK:
         """Φ_m, 1 − p and the inverse kernels of every member, resumed from the store when one is given."""
+        if self.features is not None:
+            return self._fit_stores(train)
         dtype = storage_dtype(self.model)
         features, weights, kernels, ridges = [], [], [], []
         for m in range(self.n_models):
@@ -284,6 +314,26 @@ class TRAK(GradientMethod):
         self.train_ids, self.train_features, self.one_minus_p = ids, features, weights
         self._kernels = kernels
         self.ridges, self.relative_ridges = [lam for lam, _ in ridges], [rho for _, rho in ridges]
+        return self
+
+    def _fit_stores(self, train: Data) -> TRAK:
+        """The ``features=`` route: build each member's store, ``1 − p`` by a forward pass, kernels from the stores."""
+        ids, weights, kernels, lams, rhos = None, [], [], [], []
+        for gs in self.features:
+            gs.build(train)
+            gs.check()
+            ids = gs.train_ids() if ids is None else ids
+            if not np.array_equal(gs.train_ids(), ids):
+                raise ValueError("the members' stores hold different training ids")
+            q = _one_minus_p(gs, train, self.batch_size)
+            solver = KernelSolver.fit(_StoreRows(gs), self.config.ridge, q)
+            weights.append(q)
+            kernels.append(solver)
+            lams.append(solver.ridge)
+            rhos.append(solver.relative)
+        self.train_ids, self.one_minus_p, self._kernels = ids, weights, kernels
+        self.train_features = None
+        self.ridges, self.relative_ridges = lams, rhos
         return self
 
     def _kernel(self, m: int, phi: np.ndarray, residuals: np.ndarray, meta: dict[str, Any], ids: np.ndarray
@@ -334,6 +384,8 @@ class TRAK(GradientMethod):
         """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
         prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
+        if self.features is not None:
+            return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         prepared: list[np.ndarray] = []  # per member (k, n_query): (ΦᵀΦ + λI)⁻¹ φ_q
 
@@ -361,12 +413,39 @@ class TRAK(GradientMethod):
         return query_ids, block, meta
 
 
+    def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
+        """The ``features=`` route of :meth:`_blocks`: queries featurized and solved once per member (lazily), the
+        stores read in row blocks; products in float64."""
+        for gs in self.features:
+            gs.check()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        prepared: list[Tensor] = []  # per member (k, n_query) float64: (ΦᵀΦ + λI)⁻¹ φ_q
+        weights = self._train_weights()
+
+        def block(rows: slice) -> np.ndarray:
+            if not prepared:
+                for m, gs in enumerate(self.features):
+                    phi_q = gs.query_features(queries)[1].double().cpu()
+                    prepared.append(self.kernel(m).solve(phi_q.T.contiguous()))
+            terms = [(gs, prepared[m].to(gs.device), weights[m]) for m, gs in enumerate(self.features)]
+            return store_products(terms, rows)
+
+        meta = {"method": self.name, "config": asdict(self.config), "features": store_meta(self.features),
+                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
+                "relative_ridges": list(self.relative_ridges)}
+        return query_ids, block, meta
+
     def self_scores(self, train: Data | None = None) -> Scores:
         """TRAK's τ of each training example for itself, ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i)`` averaged as in
         :meth:`score`, ``(n_train, 1)``."""
         if train is not None:
             self.fit(train)
         self._require_fit()
+        if self.features is not None:
+            terms = [(gs, lambda f, m=m: self.kernel(m).solve(f.T.contiguous()).T, w)
+                     for m, (gs, w) in enumerate(zip(self.features, self._train_weights(), strict=True))]
+            values = store_self_products(terms)
+            return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
         values = np.zeros(len(self.train_ids))
         for m, weight in enumerate(self._train_weights()):
             solver, phi_all = self.kernel(m), self.train_features[m]
@@ -377,5 +456,37 @@ class TRAK(GradientMethod):
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
 
     def _config(self) -> dict[str, Any]:
-        return {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges),
-                "relative_ridges": list(self.relative_ridges)}
+        out = {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges),
+               "relative_ridges": list(self.relative_ridges)}
+        if self.features is not None:
+            out["features"] = [{"root": str(gs.root), "projection": gs.projection.describe(), "dtype": gs.dtype,
+                                "dim": gs.dim} for gs in self.features]
+        return out
+
+
+def _check_margin(task: Task) -> None:
+    if isinstance(task, ClassificationTask) and task.kind != "margin":
+        raise ValueError("TRAK needs the margin measurement: pass ClassificationTask(measurement='margin')")
+
+
+def _one_minus_p(gs: GradientStore, train: Data, batch_size: int) -> np.ndarray:
+    """``1 − p_i = sigmoid(measurement_i)`` of every training example on the store's model, ``(n_train,)`` float64:
+    one forward pass, no backward (the measurement is a negated margin)."""
+    _, it = batches(train, batch_size, gs.device, progress=False)
+    out = []
+    with eval_mode(gs.model), torch.no_grad():
+        for batch in it:
+            out.append(torch.sigmoid(gs.task.measurement(gs.model, batch.data).double()).cpu().numpy())
+    return np.concatenate(out)
+
+
+class _StoreRows:
+    """A store's features as the ``(n, k)`` array :meth:`KernelSolver.fit` reads in row blocks (decoded rows)."""
+
+    def __init__(self, gs: GradientStore):
+        self.gs = gs
+        self.shape = (len(gs.train_ids()), gs.dim)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.gs.read_rows(start, stop).double().cpu().numpy()
