@@ -164,8 +164,11 @@ def test_one_store_serves_two_methods_and_two_query_rounds_featurizing_once(setu
     # training features once (3 batches), then one batch per query round per method
     assert gs.batches_featurized == 3 + 4
     reopened = _kron_store(tmp_path / "gs", model, task)
-    GradDot(model, task, features=reopened, progress=False).fit(train)
+    cached = GradDot(model, task, features=reopened, store=tmp_path / "scores", progress=False).fit(train)
     assert reopened.batches_featurized == 0
+    np.testing.assert_array_equal(cached.score(test).values, dot.score(test).values)  # a memmap in the score store
+    inf_cached = Influence(model, task, features=reopened, store=tmp_path / "inf", progress=False).fit(train)
+    np.testing.assert_array_equal(inf_cached.score(test).values, inf.score(test).values)
 
 
 def test_changed_model_is_refused_by_every_method_on_the_store(setup, tmp_path):
