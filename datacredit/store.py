@@ -61,6 +61,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ _FLAGS = ".done"
 _HASH_BLOCK = 1 << 22
 _TMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _atomic_file and staged saves create
 _TOKEN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.[0-9a-f]{16}\.(?:npy|npy\.done|safetensors|json)")
-_READ_RETRIES = 3
+_READ_RETRIES = 50  # a reader racing a writer that replaces the same artefact back to back still gets through
 _T = TypeVar("_T")
 
 
@@ -490,6 +491,7 @@ class Store:
             except _Stale as exc:
                 if attempt == _READ_RETRIES - 1:
                     raise StoreError(str(exc)) from None
+                time.sleep(0.001 * attempt)  # back off: on a loaded machine the writer may need the core
         raise AssertionError("unreachable")
 
     # -- commits --------------------------------------------------------------------------------------------
