@@ -351,11 +351,12 @@ class InRunShapley:
             if scalar_preconditioner(self.optimizer):
                 shares = {self._names[p]: s * clip for p, s in step_scale(self.optimizer).items() if p in self._names}
                 return self._first_order(pending, shares)
-            # s is a tensor (Adam): only s ⊙ g_val is needed, formed in one sweep per parameter
-            val = self._val_state = self._val_state or self._validation(with_pieces=False)
-            vectors = {p: val.grad(name) for name, p in self.capture.params.items() if val.has(name)}
-            scaled = {self._names[p]: v for p, v in precondition(self.optimizer, vectors, clip).items()}
-            return self._first_order(pending, scaled, prescaled=True)
+            if not self.targeted:  # targeted values need s itself, one product per validation example (below)
+                # s is a tensor (Adam): only s ⊙ g_val is needed, formed in one sweep per parameter
+                val = self._val_state = self._val_state or self._validation(with_pieces=False)
+                vectors = {p: val.grad(name) for name, p in self.capture.params.items() if val.has(name)}
+                scaled = {self._names[p]: v for p, v in precondition(self.optimizer, vectors, clip).items()}
+                return self._first_order(pending, scaled, prescaled=True)
         affine = {p: sc for p, sc in affine_step(self.optimizer).items() if p in self._names}
         if self.order == 2 and not self._val_capture.verified:  # first order checks it while capturing validation
             self._check_validation()
@@ -433,6 +434,8 @@ class InRunShapley:
 
         shares: ``s`` (times clipping) per parameter name; with ``prescaled``, ``s ⊙ g_val`` itself instead."""
         if self.targeted:
+            if prescaled:  # s ⊙ g_val would be taken for s: wrong values, never silently
+                raise AssertionError("internal: targeted In-Run values need the preconditioner s, not s ⊙ g_val")
             return self._first_order_targeted(pending, shares)
         device = next(self.inner.parameters()).device
         val = self._val_state
