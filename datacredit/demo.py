@@ -7,6 +7,7 @@ mislabelled images; writes a self-contained HTML report and prints where it is.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -21,6 +22,17 @@ from .task import ClassificationTask
 from .training import InRunCallback
 
 SHADES = " .:-=+*#%@"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What :func:`run_demo` measured. lds: method -> mean LDS on the demo's ground truth (higher is better);
+    detection: detector -> ``mislabel_detection`` result (``auroc``, ``ap``, ...); accuracy: test accuracy."""
+
+    report: Path
+    lds: dict[str, float]
+    detection: dict[str, dict[str, float]]
+    accuracy: float
 
 
 def ascii_digit(pixels: torch.Tensor) -> list[str]:
@@ -46,8 +58,9 @@ def show_query(scores: Scores, q: int, train: ArrayDataset, test: ArrayDataset, 
 
 
 def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, workers: int = 2, seed: int = 0,
-             progress: bool = True) -> Path:
-    """Run the demo; returns the report's path. Cached ground truth is reused from ``out/gt`` on a second run.
+             progress: bool = True) -> DemoResult:
+    """Run the demo; returns the report's path and the metrics it shows (:class:`DemoResult`). Cached ground truth
+    is reused from ``out/gt`` on a second run.
 
     Every argument is checked before any training (DataError naming it), not after minutes of work."""
     from . import evaluate
@@ -140,4 +153,4 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
                   "suspicious": {"inrun": "low", "self-influence": "high"}, "notes": notes})
     report = render_report(out)
     print(f"\nreport: {report.resolve()}")
-    return report
+    return DemoResult(report, {row["method"]: float(row["lds"]) for row in rows}, detection, accuracy)

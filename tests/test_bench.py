@@ -115,12 +115,15 @@ def test_peak_rss_sees_an_allocation():
     assert mem.peak_mb > 30
 
 
-PEERS = [("dattri-tracin", "dattri", 0.99), ("kronfluence-ekfac", "kronfluence", 0.9), ("traker", "trak", 0.0)]
+# traker and our TRAK draw different random projections, so they agree only in part: measured r = 0.352 on the quick
+# digits-lr case (traker 0.3.2); unrelated scores give r ≈ 0 and a flipped sign r < 0.
+PEERS = [("dattri-tracin", "dattri", 0.99), ("kronfluence-ekfac", "kronfluence", 0.9), ("traker", "trak", 0.2)]
 
 
 @pytest.mark.parametrize(("peer", "package", "min_r"), PEERS)
-def test_peer_sign_matches_ours(root, peer, package, min_r):
-    """Each peer's scores correlate positively with our method of the same definition (a flipped sign gives r < 0)."""
+def test_peer_agrees_with_ours(root, peer, package, min_r):
+    """Each peer's scores agree with our method of the same definition: mean per-query Pearson r above a bound
+    measured on this case (a flipped sign gives r < 0)."""
     if not installed(package):
         pytest.skip(f"{package} not installed (make peers)")
     pair = REGISTRY[peer].pair

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -31,4 +32,9 @@ def test_gpt2_trainer_callback(tmp_path):
 def test_posthoc_methods(tmp_path):
     results = load("posthoc_methods").main(n_train=300, m=6, out=str(tmp_path))
     assert set(results) == {"grad-dot", "influence-ekfac", "trak", "source"}
-    assert all(-1 <= v <= 1 for v in results.values())
+    # Measured LDS at these sizes, Fashion-MNIST / digits (the fallback without the Debian package):
+    #   grad-dot 0.120 / 0.514, influence-ekfac 0.280 / 0.483, trak 0.309 / 0.294, source 0.369 / 0.611.
+    # A flipped sign gives negative LDS; an unrelated score ≈ 0 (± ~0.1 with 6 subsets and 20 queries).
+    assert results["grad-dot"] > 0.05
+    assert min(results["influence-ekfac"], results["trak"], results["source"]) > 0.15
+    assert np.mean(list(results.values())) > 0.2
