@@ -223,6 +223,25 @@ def test_render_report_from_a_full_run_directory(tmp_path):
     assert external_refs(html) == []
 
 
+def _section(html: str, heading: str) -> str:
+    start = html.index(f">{heading}</h2>")
+    end = html.find("<h2", start)
+    return html[start : end if end >= 0 else len(html)]
+
+
+def test_values_headings_follow_what_the_values_mean(tmp_path):
+    """In-Run values are signed as scores (positive = helped); self-influence is a suspicion score, whose highest
+    values are not "helped most" (run.json says which end of each is suspicious)."""
+    _save_full_run(tmp_path / "run")
+    html = render_report(tmp_path / "run").read_text(encoding="utf-8")
+    inrun, self_influence = _section(html, "Values: inrun"), _section(html, "Values: self-influence")
+    assert "Highest (helped most)" in inrun and "Lowest (hurt most)" in inrun and "positive (helped)" in inrun
+    assert "Highest (most suspicious)" in self_influence and "Lowest (least suspicious)" in self_influence
+    assert "helped" not in self_influence and "hurt" not in self_influence
+    direct = Report("r").add_values(np.array([0.5, -1.0, 2.0]), np.arange(3), higher_is_suspicious=True).html()
+    assert "Highest (most suspicious)" in direct and "helped most" not in direct
+
+
 def test_render_report_skips_missing_parts_with_a_note(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

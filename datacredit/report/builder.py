@@ -58,10 +58,11 @@ class Report:
         return self._add(title, "".join(note(str(n)) for n in notes))
 
     def add_values(self, values: Any, ids: Any = None, *, name: str = "values", k: int = 10,
-                   title: str | None = None) -> Report:
+                   title: str | None = None, higher_is_suspicious: bool = False) -> Report:
         """Histogram and top/bottom ``k`` of per-example values: a one-column Scores (In-Run Shapley values,
-        self-scores), a Scores with several queries (mean over queries), or a vector ``(n,)`` with ``ids``."""
-        return self._add(title or f"Values: {name}", values_section(values, ids, name, k))
+        self-scores), a Scores with several queries (mean over queries), or a vector ``(n,)`` with ``ids``.
+        ``higher_is_suspicious=True`` for a suspicion score (self-influence): its ends are not "helped"/"hurt"."""
+        return self._add(title or f"Values: {name}", values_section(values, ids, name, k, higher_is_suspicious))
 
     def add_history(self, history: Any, *, top: int = 5, title: str = "In-Run value over training") -> Report:
         """Running In-Run Shapley value over steps of the ``top`` highest and lowest examples. ``history`` is

@@ -292,7 +292,8 @@ def render_report(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[s
         sections.add("metrics.json (methods table)", lambda: report.add_table(parts.metrics, "Methods"))
         sections.add("metrics.json (LDS against time)", lambda: report.add_lds_vs_time(parts.metrics))
     for name, values in parts.values.items():
-        sections.add(f"values/{name}", lambda values=values, name=name: report.add_values(values, name=name))
+        sections.add(f"values/{name}", lambda values=values, name=name: report.add_values(
+            values, name=name, higher_is_suspicious=_suspicious(run, name)))
     if parts.history is not None:
         sections.add("inrun_history.npz", lambda: report.add_history(parts.history))
     for name, values in parts.values.items():

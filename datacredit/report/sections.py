@@ -67,8 +67,12 @@ def _rank_table(pairs: Sequence[tuple[int, float]]) -> str:
                  raw=[False, False, True])
 
 
-def values_section(values: Any, ids: Any, name: str, k: int = 10) -> str:
-    """Histogram of per-example values, summary numbers, and the ``k`` highest and lowest examples."""
+def values_section(values: Any, ids: Any, name: str, k: int = 10, higher_is_suspicious: bool = False) -> str:
+    """Histogram of per-example values, summary numbers, and the ``k`` highest and lowest examples.
+
+    higher_is_suspicious: False for values signed as every score (positive = helped: In-Run Shapley, scores), whose
+    ends are headed "helped most" / "hurt most"; True for a suspicion score (self-influence: large = likely
+    mislabelled or atypical, not "helped"), whose ends are headed "most suspicious" / "least suspicious"."""
     vec, ids, what, notes = per_example(values, ids)
     if not len(vec):
         raise DataError(f"values {name!r} are empty")
@@ -81,12 +85,14 @@ def values_section(values: Any, ids: Any, name: str, k: int = 10) -> str:
                      f"examples × {esc(values.n_query)} {'query' if values.n_query == 1 else 'queries'}</p>")
     if len(finite):
         stats = {"examples": len(vec), "mean": finite.mean(), "median": np.median(finite), "min": finite.min(),
-                 "max": finite.max(), "positive (helped)": f"{100 * (finite > 0).mean():.1f} %"}
+                 "max": finite.max(),
+                 "positive" if higher_is_suspicious else "positive (helped)": f"{100 * (finite > 0).mean():.1f} %"}
         parts.append(table(list(stats), [list(stats.values())]))
         parts.append(plot(histogram(finite, f"{name}: {what}"), f"histogram of {name}"))
+    high, low = ("most suspicious", "least suspicious") if higher_is_suspicious else ("helped most", "hurt most")
     parts.append('<div class="row">'
-                 f"<div><h3>Highest (helped most)</h3>{_rank_table(_ranked(vec, ids, k, True))}</div>"
-                 f"<div><h3>Lowest (hurt most)</h3>{_rank_table(_ranked(vec, ids, k, False))}</div></div>")
+                 f"<div><h3>Highest ({high})</h3>{_rank_table(_ranked(vec, ids, k, True))}</div>"
+                 f"<div><h3>Lowest ({low})</h3>{_rank_table(_ranked(vec, ids, k, False))}</div></div>")
     if isinstance(values, Scores) and values.config:
         parts.append(details_json("method config", values.config))
     return "".join(parts)
