@@ -11,12 +11,16 @@ each source (leave-one-source-out, LOSO); ``--halves`` random halves of the sour
 The measured value of source s for query q is ``loss_without_s(q) − loss_full(q)`` (positive: the source helped q),
 averaged over seeds. Methods attribute the seed-0 full model; their source value is the sum of members' scores.
 
+A second case, ``--case digits-classes``: sklearn's digits with each class as one source (10 sources) plus a planted
+source of 50 uniform-noise images with random labels; 50 test images as queries, each expecting its own class's
+source first; the demo's MLP recipe (64-64-10, SGD).
+
 Reported per method: Spearman over sources between predicted and measured LOSO values, per query then averaged (with
 a bootstrap interval over queries), and for the query-averaged values; the source-level LDS on the halves; the
 seed-to-seed noise ceiling of each; planted checks (the verbatim source ranks first for its windows; the random source
 gets ≤ 0 credit). Usage::
 
-    .venv/bin/python benchmarks/source_credit.py [--seeds 3] [--halves 24] [--workers 2] [--out runs/source-credit]
+    .venv/bin/python benchmarks/source_credit.py [--case text-documents|digits-classes] [--seeds 3] [--halves 24]
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from datacredit import GradDot, Influence, LanguageModelingTask, Source, TracIn
-from datacredit.data import CharDataset, load_text_sample
+from datacredit import ClassificationTask, GradDot, Influence, LanguageModelingTask, Source, TracIn
+from datacredit.data import CharDataset, load_digits, load_text_sample
 from datacredit.dataset import ArrayDataset
-from datacredit.evaluate import LMRecipe
+from datacredit.evaluate import ClassifierRecipe, LMRecipe
 from datacredit.evaluate.runner import run_jobs
 from datacredit.evaluate.stats import bootstrap_mean_ci, spearman_columns
 from datacredit.methods import TRAK
@@ -44,8 +50,22 @@ from datacredit.training import InRunCallback, TrajectoryCallback
 SEQ, DOCS, PER_DOC, N_VERBATIM, N_HELDOUT = 32, 20, 50, 25, 25
 
 
-def make_data(seed: int = 0) -> tuple[ArrayDataset, ArrayDataset, Sources, np.ndarray]:
-    """(train, queries, sources, verbatim_doc) — ``verbatim_doc[q]`` is the source index of a verbatim query or -1."""
+@dataclass
+class Case:
+    """train, queries, sources (one level, ``"source"``), the expected top source per query (or -1), recipe, task
+    for the gradient methods, task for TRAK (margin for classifiers)."""
+
+    train: ArrayDataset
+    queries: ArrayDataset
+    sources: Sources
+    expected: np.ndarray
+    recipe: Any
+    task: Any
+    trak_task: Any
+
+
+def make_text(seed: int = 0) -> Case:
+    """The text case; ``expected[q]`` is the document of a near-verbatim query, -1 for a held-out one."""
     text = load_text_sample()
     chunks = CharDataset(text, seq_len=SEQ)
     rng = np.random.default_rng(seed)
@@ -61,19 +81,41 @@ def make_data(seed: int = 0) -> tuple[ArrayDataset, ArrayDataset, Sources, np.nd
     held = chunks.tensors[0][-N_HELDOUT:]
     queries = ArrayDataset(torch.cat([windows, held]), ids=np.arange(10_000, 10_000 + len(windows) + N_HELDOUT))
     verbatim = np.concatenate([starts // PER_DOC, -np.ones(N_HELDOUT, dtype=np.int64)])
-    return train_set, queries, Sources(np.arange(len(train_tokens)), {"document": keys}), verbatim
+    return Case(train_set, queries, Sources(np.arange(len(train_tokens)), {"source": keys}), verbatim,
+                LMRecipe(chunks.vocab_size, SEQ), LanguageModelingTask(), LanguageModelingTask())
+
+
+def make_digits(seed: int = 0) -> Case:
+    """Digits with each class as one source, plus a planted source of 50 uniform-noise images with random labels.
+    Queries: 50 test images; ``expected[q]`` is the query's own class."""
+    train, test = load_digits(seed=seed)
+    rng = np.random.default_rng(seed)
+    x, y = train.tensors
+    noise_x = torch.from_numpy(rng.uniform(float(x.min()), float(x.max()), size=(50, x.shape[1]))).to(x.dtype)
+    noise_y = torch.from_numpy(rng.integers(0, 10, size=50))
+    train_set = ArrayDataset(torch.cat([x, noise_x]), torch.cat([y, noise_y]), ids=np.arange(len(x) + 50))
+    keys = [f"class-{int(c)}" for c in y] + ["random"] * 50
+    pick = np.sort(rng.choice(len(test), size=50, replace=False))
+    queries = test.subset(pick)
+    names = sorted(set(keys))
+    expected = np.array([names.index(f"class-{int(c)}") for c in queries.tensors[1]])
+    return Case(train_set, queries, Sources(np.arange(len(keys)), {"source": keys}), expected,
+                ClassifierRecipe(64, 10, hidden=(64,)), ClassificationTask(), ClassificationTask(measurement="margin"))
+
+
+CASES = {"text-documents": make_text, "digits-classes": make_digits}
 
 
 def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarray]:
     """Retrain the full set, each LOSO set and each half; resumable (one chunk per job in a Store)."""
-    keys = sources.levels["document"]
+    keys = sources.levels["source"]
     names = np.unique(keys)
     rng = np.random.default_rng(1)
     halves = np.stack([rng.permutation(len(names)) < len(names) // 2 for _ in range(args.halves)])
     subsets = [np.ones(len(keys), bool)] + [keys != n for n in names] + [np.isin(keys, names[h]) for h in halves]
     jobs = [(np.flatnonzero(mask), seed) for mask in subsets for seed in range(args.seeds)]
     config = {"seeds": args.seeds, "halves": args.halves, "recipe": str(recipe), "n_train": len(keys)}
-    store = Store(Path(args.out) / "gt")
+    store = Store(Path(args.out) / args.case / "gt")
     outputs = store.chunked("loss", (len(jobs), len(queries)), np.float64, len(jobs), meta=config)
     todo = outputs.pending()
     print(f"ground truth: {len(jobs)} retrainings, {len(todo)} to do", file=sys.stderr)
@@ -85,9 +127,9 @@ def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarr
             "half_masks": halves, "names": names, "seconds": time.perf_counter() - start}
 
 
-def attribute(recipe, train_set, queries, out: Path) -> dict[str, tuple]:
+def attribute(case: Case, out: Path) -> dict[str, tuple]:
     """Scores of every method for the seed-0 full model, with their wall time."""
-    task = LanguageModelingTask()
+    recipe, train_set, queries, task = case.recipe, case.train, case.queries, case.task
     inrun, traj = InRunCallback(task, queries, order=1, targeted=True), TrajectoryCallback(str(out / "traj"), 6)
     t0 = time.perf_counter()
     model = recipe.train(train_set, 0, callbacks=[traj])
@@ -98,7 +140,7 @@ def attribute(recipe, train_set, queries, out: Path) -> dict[str, tuple]:
     factories = {
         "grad-dot": lambda: GradDot(model, task, progress=False),
         "influence-ekfac": lambda: Influence(model, task, curvature="ekfac", progress=False),
-        "trak": lambda: TRAK(model, task, projection=512, progress=False),
+        "trak": lambda: TRAK(model, case.trak_task, projection=512, progress=False),
         "tracin": lambda: TracIn(model, task, str(out / "traj"), progress=False),
         "source": lambda: Source(model, task, str(out / "traj"), segments=3, progress=False),
     }
@@ -135,7 +177,7 @@ def evaluate(results, gt, sources, verbatim) -> list[dict]:
     print(f"retraining's own verbatim top-1 (3-seed mean): {truth_top:.2f}", file=sys.stderr)
     rows = []
     for name, (scores, seconds) in results.items():
-        sv = sources.values(scores, "document")
+        sv = sources.values(scores, "source")
         assert (sv.names == gt["names"]).all()
         per_query = spearman_rows(sv.values, measured)
         lo, hi = bootstrap_mean_ci(per_query, 1000, 0.9, 0)
@@ -167,19 +209,20 @@ def main() -> None:
     parser.add_argument("--halves", type=int, default=24)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs/source-credit")
-    parser.add_argument("--results", default="benchmarks/results/source-credit.json")
+    parser.add_argument("--case", choices=sorted(CASES), default="text-documents")
+    parser.add_argument("--results", default=None, help="default benchmarks/results/source-credit-<case>.json")
     args = parser.parse_args()
     if args.seeds < 1 or args.halves < 4 or args.workers < 1:
         parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1")
     torch.set_num_threads(1)
-    train_set, queries, sources, verbatim = make_data()
-    recipe = LMRecipe(72, SEQ)
-    gt = groundtruth(recipe, train_set, queries, sources, args)
-    results = attribute(recipe, train_set, queries, Path(args.out))
-    rows = evaluate(results, gt, sources, verbatim)
+    args.results = args.results or f"benchmarks/results/source-credit-{args.case}.json"
+    case = CASES[args.case]()
+    gt = groundtruth(case.recipe, case.train, case.queries, case.sources, args)
+    results = attribute(case, Path(args.out) / args.case)
+    rows = evaluate(results, gt, case.sources, case.expected)
     atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "rows": rows})
     print("| method | LOSO Spearman (per query, 90% CI) | verbatim / held-out queries | LOSO Spearman (query-mean) |"
-          " source LDS | verbatim top-1 | random source credit / measured | seconds |")
+          " source LDS | expected-source top-1 | random source credit / measured | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['loso_spearman']:.3f} [{r['loso_ci'][0]:.3f}, {r['loso_ci'][1]:.3f}] | "
