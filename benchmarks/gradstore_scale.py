@@ -77,7 +77,7 @@ def worker_datacredit(args: argparse.Namespace, n: int) -> dict:
     import torch
 
     from datacredit.capture.kronecker import KronProjection
-    from datacredit.data.dataset import ArrayDataset
+    from datacredit.dataset import ArrayDataset
     from datacredit.gradstore import GradientStore
     from datacredit.task import LanguageModelingTask
 
@@ -180,7 +180,7 @@ def worker_agreement(args: argparse.Namespace, n: int) -> dict:
 
     from datacredit.capture import Capture, example_grads
     from datacredit.capture.kronecker import KronProjection
-    from datacredit.data.dataset import ArrayDataset
+    from datacredit.dataset import ArrayDataset
     from datacredit.gradstore import GradientStore
     from datacredit.task import LanguageModelingTask
 

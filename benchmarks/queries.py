@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks.bench from this checkout; appended, so a tree on PYTHONPATH keeps datacredit
+    sys.path.append(str(ROOT))
 OURS = ["graddot", "influence-identity", "influence-kfac", "influence-ekfac", "tracin", "trak", "source"]
 PEERS = ["kronfluence-kfac", "kronfluence-ekfac", "traker"]
 PAIRS = {"kronfluence-kfac": "influence-kfac", "kronfluence-ekfac": "influence-ekfac", "traker": "trak",
@@ -42,8 +44,8 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     import datacredit as dc
-    from datacredit.bench.cases import load_case
-    from datacredit.bench.methods import BATCH, Context
+    from benchmarks.bench.cases import load_case
+    from benchmarks.bench.methods import BATCH, Context
     from datacredit.data import load_digits, load_fashion_mnist
 
     case = load_case(args.case, args.root)
@@ -69,12 +71,12 @@ def child(args: argparse.Namespace) -> None:
             return dc.TRAK(model, margin, projection=args.trak_dim, **kw).fit(train).score(queries)
         if name == "source":
             return dc.Source(model, task, traj, segments=3, **kw).fit(train).score(queries)
-        from datacredit.bench import peers
+        from benchmarks.bench import peers
 
         ctx = Context(case, case.model, train, queries, task, case.recipe, 0, case.trajectory_dir,
                       Path(tempfile.mkdtemp(dir=args.scratch)))
         if name == "traker":
-            from datacredit.bench.cases import CASES
+            from benchmarks.bench.cases import CASES
 
             spec = CASES[args.case]
             object.__setattr__(spec, "trak_dim", args.trak_dim)  # the same projected dimension as ours
@@ -127,7 +129,8 @@ def main() -> None:
     methods = args.methods.split(",")
     scratch = tempfile.mkdtemp(prefix="dc-queries-")
     # train the case's model and trajectory once, before anything is timed
-    subprocess.run([sys.executable, "-c", f"from datacredit.bench.cases import load_case; "
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.append({str(ROOT)!r}); "
+                    f"from benchmarks.bench.cases import load_case; "
                     f"load_case({args.case!r}, {args.root!r}).model()"], check=True)
     results: dict[str, dict] = {}
     for method in methods:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datacredit.data.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset
 from datacredit.errors import DataError
 from datacredit.generation import CompletionTask, attribute_completions, completion_queries
 from datacredit.ledger import PayoutRule, compensation, model_digest

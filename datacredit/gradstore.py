@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from .capture import Capture, ExampleGrads, example_grads, resolve_modules
 from .capture.kronecker import Block, KronProjection
 from .capture.projection import Projector
-from .data.dataset import example_ids
+from .dataset import example_ids
 from .errors import DataError, StoreError
 from .lock import BuildLock
 from .scores import Scores

@@ -16,7 +16,7 @@ import torch
 from datacredit.capture import Capture, ExampleGrads, Outer, example_grads
 from datacredit.capture.kronecker import KronProjection
 from datacredit.capture.projection import Projector
-from datacredit.data.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset
 from datacredit.errors import NonFiniteError, StoreError
 from datacredit.gradstore import DenseProjection, ExactFeatures, GradientStore
 from datacredit.models import TinyGPT, mlp

@@ -24,8 +24,7 @@ def test_version_has_one_source():
 
 
 def test_benchmark_code_is_not_in_the_wheel():
-    """The packages setuptools ships under pyproject's find settings: datacredit without benchmarks/bench (nor the
-    checkout-only alias datacredit.bench)."""
+    """The packages setuptools ships under pyproject's find settings: datacredit without benchmarks/bench."""
     from pathlib import Path
 
     import tomllib

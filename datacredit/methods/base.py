@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..capture import Capture, ExampleGrads, example_grads, resolve_modules
 from ..capture.pieces import CHUNK_ELEMENTS, Dense, Outer, Piece, val_first_dot
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import DataError, StoreError
 from ..gradstore import MAX_BLOCK_ROWS, GradientStore
 from ..store import Store

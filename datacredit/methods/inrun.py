@@ -81,7 +81,7 @@ from ..capture.pieces import (
     piece_dot,
     piece_gram,
 )
-from ..data.dataset import example_ids
+from ..dataset import example_ids
 from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
 from ..scores import Scores
