@@ -8,7 +8,7 @@ same run: two companions on one model and one optimizer, so both see the same tr
    with a clean validation set held out from the test split. Training examples are ranked by value (lowest = most
    suspicious) and the flipped ones are the positives: AUROC and average precision (``sklearn.metrics``). Baselines
    for context, from the final model: its training loss per example (highest = suspicious) and Grad-Dot
-   self-influence ``GradDot(model, task).self_scores(train)`` (highest = suspicious).
+   self-influence ``GradDot(model, task).fit(train).self_scores()`` (highest = suspicious).
 2. **Junk detection in a char-level LM** — the bundled text sample, 64-character chunks; 90 % of the text trains, the
    last 10 % gives the validation set (16 chunks). Injected training chunks: uniformly random characters,
    character-shuffled chunks (right unigram statistics, no structure), exact duplicates of clean chunks, and one
@@ -110,7 +110,7 @@ def classification_run(name: str, train_set: ArrayDataset, val: tuple, n_classes
         det = {f"in-run order {o}": detection(-v, positive) for o, v in values.items()}
         if baselines:
             det["final training loss"] = detection(out["final_loss"], positive)
-            self_scores = GradDot(model, task, progress=False).self_scores(data)
+            self_scores = GradDot(model, task, progress=False).fit(data).self_scores()
             row = {int(i): k for k, i in enumerate(self_scores.train_ids)}
             det["Grad-Dot self-influence"] = detection(
                 np.array([self_scores.values[row[int(i)], 0] for i in data.ids]), positive)

@@ -93,7 +93,13 @@ def test_ghost_and_val_first_routes_equal_materialized(n, t, t2, m, w, indexed, 
     torch.testing.assert_close(ghost_gram(a, b), ga @ gb.T, **TOL)
     torch.testing.assert_close(val_first_dot(a, gb.reshape(-1, m, w)), ga @ gb.T, **TOL)
     torch.testing.assert_close(piece_sq_norms(a), (ga * ga).sum(1), **TOL)
-    torch.testing.assert_close(a.dense_u().argmax(-1) if indexed else a.u, a.u)
+    dense = a.dense_u()  # (k, T, m): the index form as one-hot rows, a dense u as itself
+    assert dense.shape == (n, t, m)
+    if indexed:
+        torch.testing.assert_close(dense.argmax(-1), a.u)
+        torch.testing.assert_close(dense.sum(-1), torch.ones(n, t, dtype=dense.dtype))
+    else:
+        torch.testing.assert_close(dense, a.u)
 
 
 def test_ghost_chunking_gives_the_same_gram(monkeypatch):

@@ -54,7 +54,7 @@ def test_grad_cos_and_self_scores(setup):
     cos = GradDot(model, task, normalize=True, progress=False).fit(train).score(test)
     want = (g_train @ g_test.T) / g_train.norm(dim=1)[:, None] / g_test.norm(dim=1)[None, :]
     np.testing.assert_allclose(cos.values, want.numpy(), rtol=1e-9, atol=1e-12)
-    self_dot = GradDot(model, task, progress=False).self_scores(train)
+    self_dot = GradDot(model, task, progress=False).fit(train).self_scores()
     np.testing.assert_allclose(self_dot.values[:, 0], (g_train**2).sum(1).numpy(), rtol=1e-9)
 
 

@@ -159,7 +159,7 @@ def test_identity_is_grad_dot_and_huge_damping_is_scaled_grad_dot(mlp_problem):
     grad_dot = GradDot(model, task, progress=False).fit(train).score(test).values
     identity = Influence(model, task, curvature="identity", damping=0.0, progress=False).fit(train)
     np.testing.assert_allclose(identity.score(test).values, grad_dot, rtol=1e-10, atol=1e-13)
-    self_dot = GradDot(model, task, progress=False).self_scores(train).values
+    self_dot = GradDot(model, task, progress=False).fit(train).self_scores().values
     np.testing.assert_allclose(identity.self_scores().values, self_dot, rtol=1e-10)
     delta = 1e8
     for name in [*FACTORED, "explicit"]:

@@ -78,7 +78,7 @@ def test_projected_kronecker_with_room_for_every_layer_is_exact(setup):
     tracin = TracIn(model, task, traj, projection=100, progress=False).fit(train)
     want = slow_tracin(model, task, traj, train, test, LRS)
     np.testing.assert_allclose(tracin.score(test).values, want, rtol=1e-9, atol=1e-12)
-    self_want = TracIn(model, task, traj, progress=False).self_scores(train).values
+    self_want = TracIn(model, task, traj, progress=False).fit(train).self_scores().values
     np.testing.assert_allclose(tracin.self_scores().values, self_want, rtol=1e-9)
 
 
@@ -91,8 +91,8 @@ def test_one_checkpoint_with_lr_one_is_grad_dot(setup):
     np.testing.assert_allclose(
         TracIn(model, task, one, projection=8, progress=False).fit(train).score(test).values,
         GradDot(model, task, projection=8, progress=False).fit(train).score(test).values, rtol=1e-5)  # float32 cache
-    np.testing.assert_allclose(TracIn(model, task, one, progress=False).self_scores(train).values,
-                               GradDot(model, task, progress=False).self_scores(train).values, rtol=1e-12)
+    np.testing.assert_allclose(TracIn(model, task, one, progress=False).fit(train).self_scores().values,
+                               GradDot(model, task, progress=False).fit(train).self_scores().values, rtol=1e-12)
 
 
 def test_scores_do_not_depend_on_batch_size(setup):

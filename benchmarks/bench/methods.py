@@ -133,7 +133,7 @@ def _graddot(normalize: bool) -> tuple[Run, SelfValues | None]:
         return make(ctx).fit(ctx.train).score(ctx.queries)
 
     def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).self_scores(ctx.train), True
+        return make(ctx).fit(ctx.train).self_scores(), True
 
     return run, (None if normalize else self_values)
 
@@ -150,7 +150,7 @@ def _influence(curvature: str) -> tuple[Run, SelfValues]:
         return make(ctx).fit(ctx.train).score(ctx.queries)
 
     def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).self_scores(ctx.train), True
+        return make(ctx).fit(ctx.train).self_scores(), True
 
     return run, self_values
 
@@ -166,7 +166,7 @@ def _trak() -> tuple[Run, SelfValues]:
         return make(ctx).fit(ctx.train).score(ctx.queries)
 
     def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).self_scores(ctx.train), True
+        return make(ctx).fit(ctx.train).self_scores(), True
 
     return run, self_values
 
@@ -181,7 +181,7 @@ def _tracin() -> tuple[Run, SelfValues]:
         return make(ctx).fit(ctx.train).score(ctx.queries)
 
     def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).self_scores(ctx.train), True
+        return make(ctx).fit(ctx.train).self_scores(), True
 
     return run, self_values
 

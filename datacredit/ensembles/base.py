@@ -296,10 +296,8 @@ class Ensemble:
             raise RuntimeError("call score(queries) first")
         return self._wrap(Scores.average(self.member_scores[:k]), k, self.cost.prefix(k))
 
-    def self_scores(self, train: Dataset | DataLoader | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """The mean of the members' self-scores ``(n_train, 1)`` (each computed inside its member's context)."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         parts = []
         for j in range(self.k):

@@ -1,7 +1,7 @@
 """What every post-hoc method shares: data in, per-example gradients out, one batching loop written once.
 
 A method is ``fit(train)`` (cache what depends only on training data) then ``score(queries) -> Scores``,
-``topk(queries, k) -> TopK`` and ``self_scores(train) -> Scores``. Shared here:
+``topk(queries, k) -> TopK`` and ``self_scores() -> Scores`` (after ``fit``). Shared here:
 
 * :meth:`GradientMethod.stream` — the one loop "batches → Capture → per-example gradients" (resumable by skipping);
 * :func:`products` — training gradients against prepared query weights, val-first or materialize + GEMM by cost;

@@ -242,10 +242,8 @@ class GradDot(GradientMethod):
                     "queries_sha256": data_digest(queries), "batch_size": self.batch_size}
         return query_ids, block, meta
 
-    def self_scores(self, train: Data | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """``⟨∇ℓ_i, ∇ℓ_i⟩`` (self-influence), ``(n_train, 1)``; all ones for Grad-Cos."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         if self.config.normalize:
             values = np.ones(len(self.train_ids))

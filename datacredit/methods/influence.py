@@ -374,11 +374,9 @@ class Influence(GradientMethod):
         except StoreError:  # the same queries scored under other settings: start afresh
             return self.store.chunked(name, shape, np.float64, n_chunks, meta=meta, overwrite=True)
 
-    def self_scores(self, train: Data | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """``∇ℓ_iᵀ (H + δI)⁻¹ ∇ℓ_i`` per training example, ``(n_train, 1)`` (self-influence; ≥ 0 for a PSD
         curvature). Materializes one training batch's gradients at a time."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         if self.features is not None:
             values = store_self_products([(self.features, self._store_transform, 1.0)])

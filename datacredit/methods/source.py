@@ -334,10 +334,8 @@ class Source(GradientMethod):
             out = part if out is None else out + part
         return out
 
-    def self_scores(self, train: Data | Sequence[Data] | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """τ(z, z) per training example, ``(n_train, 1)``: each example's own gradient at θ_T as the query."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         out = []
         with eval_mode(self.model):

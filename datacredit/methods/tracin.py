@@ -275,10 +275,8 @@ class TracIn(GradientMethod):
                 "query_ids": ids_digest(query_ids)}
         return query_ids, block, meta
 
-    def self_scores(self, train: Data | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """``Σ_k η_k ‖∇ℓ_i(θ_k)‖²`` (TracIn self-influence, used to find mislabelled examples), ``(n_train, 1)``."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         if self.features is not None:
             values = store_self_products([(gs, lambda f: f, float(w)) for gs, w in zip(self.features, self.weights,

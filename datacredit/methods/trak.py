@@ -435,11 +435,9 @@ class TRAK(GradientMethod):
                 "relative_ridges": list(self.relative_ridges)}
         return query_ids, block, meta
 
-    def self_scores(self, train: Data | None = None) -> Scores:
+    def self_scores(self) -> Scores:
         """TRAK's τ of each training example for itself, ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i)`` averaged as in
         :meth:`score`, ``(n_train, 1)``."""
-        if train is not None:
-            self.fit(train)
         self._require_fit()
         if self.features is not None:
             terms = [(gs, lambda f, m=m: self.kernel(m).solve(f.T.contiguous()).T, w)
