@@ -147,6 +147,11 @@ class Curvature:
         tracked parameter names; a no-op for the others."""
         return self
 
+    def nbytes(self) -> int:
+        """Bytes of the fitted state held in memory (eigenvalues, eigenbases, factors); 0 for a strategy that keeps
+        none (identity, CG)."""
+        return 0
+
     def to(self, device: torch.device | str) -> Curvature:
         """Move the fitted state to ``device`` (e.g. after loading from a store onto a GPU run)."""
         return self

@@ -95,6 +95,10 @@ class EigenBlock:
         basis = self.unrotate(eye.reshape(-1, self.m, self.n)).reshape(self.m * self.n, -1).T  # columns Q e_k
         return basis @ torch.diag(self.eigenvalues.reshape(-1)) @ basis.T
 
+    def nbytes(self) -> int:
+        """Bytes of the block's tensors (eigenvalues and eigenbases)."""
+        return sum(t.numel() * t.element_size() for t in (self.eigenvalues, self.q_u, self.q_v) if t is not None)
+
     def to(self, device: torch.device | str) -> EigenBlock:
         return EigenBlock(*(None if t is None else t.to(device) for t in (self.eigenvalues, self.q_u, self.q_v)))
 

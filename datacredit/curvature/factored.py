@@ -106,6 +106,9 @@ class _BlockCurvature(Curvature):
             out[name] = [r.reshape(w.shape) for r in result] if stack else result.reshape(w.shape)
         return out
 
+    def nbytes(self) -> int:
+        return sum(block.nbytes() for block in self.blocks.values())
+
     def to(self, device: torch.device | str) -> _BlockCurvature:
         self.blocks = {name: block.to(device) for name, block in self.blocks.items()}
         return self

@@ -148,6 +148,9 @@ class ExplicitHessian(_HessianCurvature):
         self.n_examples = int(count.item())
         self._sum, self._count = None, 0
 
+    def nbytes(self) -> int:
+        return 0 if self.block is None else self.block.nbytes()
+
     def to(self, device: torch.device | str) -> ExplicitHessian:
         if self.block is not None:
             self.block = self.block.to(device)

@@ -12,9 +12,9 @@ Costs (:class:`EnsembleCost`), in the units of the paper's three claims:
 * training: seconds spent producing the weights the members attribute with (K models for the independent ensemble;
   one model for dropout; one base model plus K LoRA fine-tunes for LoRA);
 * serving: seconds of the attribution itself, ``fit`` (train-side cache) plus the last ``score`` call;
-* stored bytes: what the ensemble keeps — model or adapter weights (and masks), ``weight_bytes``, plus each
-  method's cached features (every numpy array / tensor a fitted method holds except the model and the data),
-  ``cache_bytes``; each counted once when shared.
+* stored bytes: what the ensemble keeps — model or adapter weights (and masks), ``weight_bytes``, plus what each
+  member's fitted method keeps, as the method itself reports it (its documented ``cache_bytes()``: training ids,
+  projected features, curvature, kernels), ``cache_bytes``; each counted once when shared.
 """
 
 from __future__ import annotations
@@ -27,20 +27,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
+from ..methods.base import nbytes
 from ..scores import Scores
 from ..store import Store
 
-Method = Any  # an object with fit(train) -> self, score(queries) -> Scores, self_scores() -> Scores
+# A member's method: fit(train) -> self, score(queries) -> Scores, self_scores() -> Scores and cache_bytes() -> int
+# (bytes of what fit keeps; every post-hoc method in datacredit.methods has them).
+Method = Any
 MethodFactory = Callable[..., Method]
-
-# attributes of a fitted method that are not its cache: the model, the data, regenerable projections, the store
-_NOT_CACHE = {"model", "task", "_train", "store", "projector", "projectors", "members", "trajectory", "_given"}
 
 
 def member_factory(method: MethodFactory, method_kwargs: dict[str, Any] | None) -> Callable[[nn.Module, int], Method]:
@@ -60,43 +58,12 @@ def member_factory(method: MethodFactory, method_kwargs: dict[str, Any] | None) 
     return (lambda model, member: method(model, member)) if takes_member else (lambda model, member: method(model))
 
 
-def tensor_bytes(objs: Any) -> int:
-    """Bytes of the distinct numpy arrays and torch tensors reachable from ``objs`` (lists, tuples, dicts and
-    datacredit objects are walked; models, data, stores and projections are not)."""
-    seen: set[int] = set()
-
-    def walk(obj: Any, depth: int) -> int:
-        if depth > 6 or id(obj) in seen:
-            return 0
-        seen.add(id(obj))
-        if isinstance(obj, np.ndarray):
-            return int(obj.nbytes)
-        if isinstance(obj, torch.Tensor):
-            return int(obj.numel() * obj.element_size())
-        if isinstance(obj, (nn.Module, Dataset, DataLoader, Store, str, bytes)):
-            return 0
-        if isinstance(obj, dict):
-            return sum(walk(v, depth + 1) for v in obj.values())
-        if isinstance(obj, (list, tuple, set)):
-            return sum(walk(v, depth + 1) for v in obj)
-        if type(obj).__module__.startswith("datacredit.") and hasattr(obj, "__dict__"):
-            return sum(walk(v, depth + 1) for k, v in vars(obj).items() if k not in _NOT_CACHE)
-        return 0
-
-    return walk(objs, 0)
-
-
-def cache_bytes(method: Method) -> int:
-    """Bytes of what a fitted method caches: every array / tensor it holds except its model and data."""
-    return sum(tensor_bytes(v) for k, v in vars(method).items() if k not in _NOT_CACHE)
-
-
 def weight_bytes(model: nn.Module, trainable_only: bool = False) -> int:
     """Bytes of a model's distinct parameters and buffers (only the trainable parameters with ``trainable_only``)."""
     tensors = [p for p in model.parameters() if p.requires_grad or not trainable_only]
     if not trainable_only:
         tensors += list(model.buffers())
-    return tensor_bytes(tensors)
+    return nbytes(tensors)
 
 
 @dataclass
@@ -226,7 +193,7 @@ class Ensemble:
     # -- the loop, written once ----------------------------------------------------------------------------------
     def _build(self, member: int) -> Method:
         method = self._factory(self._model(member), member)
-        for verb in ("fit", "score", "self_scores"):
+        for verb in ("fit", "score", "self_scores", "cache_bytes"):
             if not callable(getattr(method, verb, None)):
                 raise TypeError(f"the method factory returned a {type(method).__name__} without {verb}()")
         return method
@@ -282,7 +249,7 @@ class Ensemble:
                 scores, sec = timed(lambda m=method: m.score(queries), self.clock)
             self.member_scores.append(scores)
             seconds.append(sec)
-            caches.append(cache_bytes(method))
+            caches.append(method.cache_bytes())
             del method
         cost = self.cost
         cost.shared_fit, cost.member_fit, cost.member_score = 0.0, fits, seconds
@@ -312,9 +279,9 @@ class Ensemble:
         cost = self.cost
         cost.shared_weight_bytes, cost.member_weight_bytes = self._weight_bytes()
         if self._shares_method:
-            cost.shared_cache_bytes, cost.member_cache_bytes = cache_bytes(self.methods[0]), [0] * self.k
+            cost.shared_cache_bytes, cost.member_cache_bytes = self.methods[0].cache_bytes(), [0] * self.k
         else:
-            cost.shared_cache_bytes, cost.member_cache_bytes = 0, [cache_bytes(m) for m in self.methods]
+            cost.shared_cache_bytes, cost.member_cache_bytes = 0, [m.cache_bytes() for m in self.methods]
 
     def _wrap(self, mean: Scores, k: int, cost: EnsembleCost) -> Scores:
         member = mean.config["members"][0]["method"]

@@ -174,6 +174,28 @@ def score_rows(n: int, n_query: int, rows_multiple: int) -> list[slice]:
     return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def nbytes(*objs: Any) -> int:
+    """Bytes of the distinct numpy arrays (memmaps included) and torch tensors among ``objs`` and inside their lists,
+    tuples and dict values; anything else (None, numbers, other objects) counts 0. How a method adds up its cache."""
+    seen: set[int] = set()
+
+    def count(obj: Any) -> int:
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            return int(obj.nbytes)
+        if isinstance(obj, torch.Tensor):
+            return int(obj.numel() * obj.element_size())
+        if isinstance(obj, dict):
+            return sum(count(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(count(v) for v in obj)
+        return 0
+
+    return sum(count(obj) for obj in objs)
+
+
 class GradientMethod:
     """Base of gradient-based post-hoc methods: owns the model, task, capture and batching.
 
@@ -190,6 +212,13 @@ class GradientMethod:
         self.device = next(model.parameters()).device
         self.modules = task.tracked_modules(model)
         Capture(model, self.modules)  # fail now, not in the middle of a pass, on an unsupported module
+
+    def cache_bytes(self) -> int:
+        """Bytes of what ``fit`` keeps for scoring: the training ids here, plus each method's own cache (projected
+        features, curvature, kernels; exact Grad-Dot keeps nothing else). 0 before ``fit``. Not counted: the model,
+        the data, projection matrices (regenerated from their seed) and files a ``features=`` store holds. Ensembles
+        report the sum over their members as stored bytes."""
+        return nbytes(getattr(self, "train_ids", None))
 
     def stream(self, data: Data, *, measurement: bool = False, losses: Callable[[Batch], Tensor] | None = None,
                skip: Callable[[int], bool] | None = None, desc: str | None = None

@@ -48,6 +48,7 @@ from .base import (
     feature_stores,
     fill_scores,
     model_digest,
+    nbytes,
     row_subset,
     storage_dtype,
     store_meta,
@@ -112,6 +113,11 @@ class GradDot(GradientMethod):
         return cls(features.model, features.task, features=features, **kwargs)
 
     # -- fit ---------------------------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the training ids, the projected training features and Grad-Cos's norms (exact Grad-Dot: the ids
+        only)."""
+        return nbytes(self.train_ids, self.train_features, self.train_norms)
+
     def fit(self, train: Data) -> GradDot:
         """Cache what depends only on the training data; resumes from the store after an interruption."""
         self._train = train

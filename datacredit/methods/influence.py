@@ -69,6 +69,7 @@ from .base import (
     feature_stores,
     fill_scores,
     ids_digest,
+    nbytes,
     products,
     store_meta,
     store_products,
@@ -173,6 +174,12 @@ class Influence(GradientMethod):
         return (b.data for b in it)
 
     # -- fit ---------------------------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the training ids and the fitted curvature (or, on the ``features=`` route, the per-block inverse
+        Fisher); the model's parameters are not counted."""
+        curvature = 0 if self.curvature is None else self.curvature.nbytes()
+        return nbytes(self.train_ids, self._store_pre) + curvature
+
     def fit(self, train: Data) -> Influence:
         """Fit the curvature on ``train`` (its per-example training-loss gradients); cached in the store, where a
         partly fitted curvature (EK-FAC after its first pass) resumes."""

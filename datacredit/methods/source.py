@@ -50,6 +50,7 @@ from .base import (
     as_loader,
     batches,
     eval_mode,
+    nbytes,
     products,
     row_subset,
 )
@@ -171,6 +172,11 @@ class Source(GradientMethod):
             _, it = batches(data, self.batch_size, self.device, progress=False)
             for batch in it:
                 yield batch.data
+
+    def cache_bytes(self) -> int:
+        """Bytes of the training ids (all stages, and per stage) and every segment's fitted curvature."""
+        curvatures = sum(seg.curvature.nbytes() for seg in self.segments if seg.curvature is not None)
+        return nbytes(self.train_ids, getattr(self, "_stage_ids", None)) + curvatures
 
     def fit(self, train: Data | Sequence[Data]) -> Source:
         """Fit each segment's curvature over its checkpoints (averaged) on its stage's training data."""

@@ -60,6 +60,7 @@ from .base import (
     feature_stores,
     fill_scores,
     ids_digest,
+    nbytes,
     row_subset,
     storage_dtype,
     store_meta,
@@ -178,6 +179,10 @@ class TracIn(GradientMethod):
                 "checkpoints": [self._digest(k) for k in range(len(self.trajectory))], "batch_size": self.batch_size}
 
     # -- fit -----------------------------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the training ids and the per-checkpoint projected training features (projected route)."""
+        return nbytes(self.train_ids, self.train_features)
+
     def fit(self, train: Data) -> TracIn:
         """Cache what depends only on the training data (projected route: per-checkpoint features, resumable)."""
         self._train = train

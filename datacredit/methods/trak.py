@@ -82,6 +82,7 @@ from .base import (
     feature_stores,
     fill_scores,
     ids_digest,
+    nbytes,
     storage_dtype,
     store_meta,
     store_products,
@@ -286,6 +287,12 @@ class TRAK(GradientMethod):
                 "projection_kind": self.config.projection_kind, "member": self._digests[m]}
 
     # -- fit -----------------------------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the training ids and, per member, Φ_m, 1 − p and the inverse kernel held in memory (a kernel read
+        from the store on demand is not counted)."""
+        kernels = [None if solver is None else solver.tensors for solver in self._kernels]
+        return nbytes(self.train_ids, self.train_features, self.one_minus_p, kernels)
+
     def fit(self, train: Data) -> TRAK:
         """Φ_m, 1 − p and the inverse kernels of every member, resumed from the store when one is given."""
         if self.features is not None:
