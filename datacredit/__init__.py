@@ -11,7 +11,20 @@ from .errors import DataCreditError, DataError, NonFiniteError, StoreError, Unsu
 from .generation import CompletionTask
 from .gradstore import GradientStore
 from .ledger import Ledger, PayoutRule, compensation
-from .methods import TRAK, GradDot, GradDotConfig, Influence, InfluenceConfig, InRunShapley, Source, TracIn
+from .methods import (
+    TRAK,
+    GradDot,
+    GradDotConfig,
+    Influence,
+    InfluenceConfig,
+    InRunConfig,
+    InRunShapley,
+    Source,
+    SourceConfig,
+    TracIn,
+    TracInConfig,
+    TRAKConfig,
+)
 from .scores import Scores
 from .sources import Sources, SourceValues
 from .store import Store
@@ -20,6 +33,7 @@ from .trajectory import Trajectory, TrajectoryRecorder
 
 __all__ = [
     "TRAK",
+    "TRAKConfig",
     "Capture",
     "ClassificationTask",
     "CompletionTask",
@@ -31,6 +45,7 @@ __all__ = [
     "GradDotConfig",
     "GradientStore",
     "InRunShapley",
+    "InRunConfig",
     "Influence",
     "InfluenceConfig",
     "LanguageModelingTask",
@@ -41,10 +56,12 @@ __all__ = [
     "SourceValues",
     "Sources",
     "Source",
+    "SourceConfig",
     "Store",
     "StoreError",
     "Task",
     "TracIn",
+    "TracInConfig",
     "Trajectory",
     "TrajectoryRecorder",
     "UnsupportedModuleError",

@@ -20,8 +20,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ..task import Task, batch_size
 from ..trajectory import Trajectory
 
 Data = Dataset | DataLoader
+C = TypeVar("C")  # a method's frozen config dataclass
 
 # The val-first product (one ``(N·T × m)·(m × n)`` product per query, then an elementwise reduction over an ``N·T × n``
 # temporary) runs several times slower per multiply-add than one GEMM with inner dimension ``m·n`` (measured 5× on a
@@ -172,6 +173,23 @@ def score_rows(n: int, n_query: int, rows_multiple: int) -> list[slice]:
     ``rows_multiple`` (the batch size) rows."""
     step = max(rows_multiple, (SCORE_CHUNK_BYTES // max(1, n_query * 8)) // rows_multiple * rows_multiple)
     return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def configure(config_class: type[C], config: C | None, settings: dict[str, Any]) -> C:
+    """A method's one frozen config: ``config`` as given, or ``config_class(**settings)`` from the keyword form (the
+    same object results: ``GradDot(m, t, normalize=True).config == GradDotConfig(normalize=True)``). Raises TypeError
+    naming the keywords when both are given, or when a keyword is not a field of the config."""
+    names = [f.name for f in fields(config_class)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}: {config_class.__name__} holds {names}")
+    if config is None:
+        return config_class(**settings)
+    if not isinstance(config, config_class):
+        raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+    if settings:
+        raise TypeError(f"give config= or the keyword(s) {sorted(settings)}, not both (config holds them)")
+    return config
 
 
 def nbytes(*objs: Any) -> int:

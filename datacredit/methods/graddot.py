@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture.projection import Projector
+from ..capture.projection import KINDS, Projector
 from ..errors import DataError
 from ..gradstore import GradientStore
 from ..scores import Scores
@@ -44,6 +44,7 @@ from .base import (
     Data,
     GradientMethod,
     as_loader,
+    configure,
     data_digest,
     feature_stores,
     fill_scores,
@@ -66,9 +67,11 @@ class GradDotConfig:
     projection_kind: str = "kronecker"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.projection is not None and self.projection < 1:
             raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
+        if self.projection_kind not in KINDS:
+            raise ValueError(f"projection_kind must be one of {KINDS}, got {self.projection_kind!r}")
 
 
 class GradDot(GradientMethod):
@@ -77,31 +80,31 @@ class GradDot(GradientMethod):
     Cost: exact ``score`` = one backward over queries + one over the training set; projected ``fit`` = one backward
     over the training set, ``score`` = one over the queries + an ``(n_train × k) · (k × n_query)`` product.
 
+    config: a :class:`GradDotConfig`, or its fields as keywords (``normalize=True``, ``projection=...``; not both).
     features: a :class:`~datacredit.gradstore.GradientStore` built (or to be built by ``fit``) on this ``model``:
         the projected route on the shared store (module doc); ``projection`` must then be None (the store's
         projection is used). ``GradDot.from_store(gs)`` is the same. store: where scores are cached (unchanged).
     """
 
-    def __init__(self, model: nn.Module, task: Task, *, normalize: bool = False, projection: int | None = None,
-                 projection_kind: str = "kronecker", seed: int = 0,
+    def __init__(self, model: nn.Module, task: Task, *, config: GradDotConfig | None = None,
                  store: Store | str | os.PathLike[str] | None = None, features: GradientStore | None = None,
-                 batch_size: int = 64, progress: bool = True):
+                 batch_size: int = 64, progress: bool = True, **settings: Any):
+        self.config = config = configure(GradDotConfig, config, settings)
         super().__init__(model, task, batch_size=batch_size, progress=progress)
-        self.config = GradDotConfig(normalize, projection, projection_kind, seed)
-        self.name = "grad-cos" if normalize else "grad-dot"
+        self.name = "grad-cos" if config.normalize else "grad-dot"
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.features = None if features is None else feature_stores(features)[0]
         if self.features is not None:
-            if projection is not None:
+            if config.projection is not None:
                 raise ValueError("features= brings its own projection: leave projection=None")
             if self.features.model is not model:
                 raise ValueError("features= must be a GradientStore of the same model object as the method's")
             if self.features.train_target != "loss":
                 raise ValueError("Grad-Dot needs a store of training-loss gradients (train_target='loss')")
         self.projector = None
-        if projection is not None:
+        if config.projection is not None:
             shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-            self.projector = Projector(shapes, projection, projection_kind, seed)
+            self.projector = Projector(shapes, config.projection, config.projection_kind, config.seed)
         self._train = None
         self.train_ids: np.ndarray | None = None
         self.train_features: np.ndarray | None = None  # (n_train, k), projected route

@@ -65,6 +65,7 @@ from .base import (
     TopKAccumulator,
     as_loader,
     batches,
+    configure,
     eval_mode,
     feature_stores,
     fill_scores,
@@ -88,7 +89,8 @@ class InfluenceConfig:
     """curvature: a registered name (see ``datacredit.curvature.curvature_names()``). damping: added to the curvature
     before inverting. query_batch: queries preconditioned per pass over the training data (None: as many as fit in
     ``QUERY_ELEMENTS`` entries). fisher: what the factored curvatures are fitted on, ``"empirical"`` (observed labels)
-    or ``"true"`` (labels sampled from the model with ``seed``; see :mod:`datacredit.curvature.fisher`)."""
+    or ``"true"`` (labels sampled from the model with ``seed``; see :mod:`datacredit.curvature.fisher`). A float
+    damping is taken as :class:`Damping` (absolute)."""
 
     curvature: str = "ekfac"
     damping: Damping = DEFAULT_DAMPING
@@ -96,7 +98,8 @@ class InfluenceConfig:
     fisher: str = "empirical"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "damping", as_damping(self.damping))
         if self.curvature not in (*curvature_names(), PROJECTED_FISHER):
             raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {curvature_names()} "
                              f"(or {PROJECTED_FISHER!r} with features=)")
@@ -120,20 +123,25 @@ class Influence(GradientMethod):
     influence on the shared store (module doc); ``curvature`` is then ``"projected-fisher"`` (default) or
     ``"identity"``, ``fisher`` must be ``"empirical"``. Without it (default) nothing changes: ``curvature`` defaults
     to ``"ekfac"``.
+    config: an :class:`InfluenceConfig`, or its fields as keywords (``curvature=``, ``damping=``, ``query_batch=``,
+    ``fisher=``, ``seed=``; not both). A :class:`Curvature` instance is given as the ``curvature=`` keyword.
     See the module docstring for the sign and the scale.
     """
 
     name = "influence"
 
-    def __init__(self, model: nn.Module, task: Task, *, curvature: str | Curvature | None = None,
-                 damping: float | Damping = DEFAULT_DAMPING, store: Store | str | None = None,
-                 batch_size: int = 64, query_batch: int | None = None, fisher: str = "empirical", seed: int = 0,
-                 features: GradientStore | None = None, progress: bool = True):
+    def __init__(self, model: nn.Module, task: Task, *, config: InfluenceConfig | None = None,
+                 store: Store | str | None = None, batch_size: int = 64, features: GradientStore | None = None,
+                 progress: bool = True, **settings: Any):
         super().__init__(model, task, batch_size=batch_size, progress=progress)
         self.features = None if features is None else feature_stores(features)[0]
-        if curvature is None:
-            curvature = "ekfac" if self.features is None else PROJECTED_FISHER
-        name = curvature.name if isinstance(curvature, Curvature) else curvature
+        curvature = settings.get("curvature")
+        if isinstance(curvature, Curvature):
+            settings["curvature"] = curvature.name
+        elif config is None and curvature is None:
+            settings["curvature"] = "ekfac" if self.features is None else PROJECTED_FISHER
+        config = configure(InfluenceConfig, config, settings)
+        name, fisher = config.curvature, config.fisher
         if self.features is not None:
             if name not in (PROJECTED_FISHER, "identity") or isinstance(curvature, Curvature):
                 raise ValueError(f"with features= the curvature is fitted on the store's features: curvature must "
@@ -146,7 +154,7 @@ class Influence(GradientMethod):
                 raise ValueError("influence needs a store of training-loss gradients (train_target='loss')")
         elif name == PROJECTED_FISHER:
             raise ValueError(f"curvature={PROJECTED_FISHER!r} needs features=GradientStore(...)")
-        self.config = InfluenceConfig(name, as_damping(damping), query_batch, fisher, seed)
+        self.config = config
         check_fisher(fisher, task)
         self._store_pre: dict[str, Tensor] | float | None = None  # features= route: per-block inverses or a scale
         self._given = curvature if isinstance(curvature, Curvature) else None

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,38 @@ from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
 from ..scores import Scores
 from ..task import Task, batch_size
-from .base import batches, eval_mode
+from .base import batches, configure, eval_mode
+
+
+@dataclass(frozen=True)
+class InRunConfig:
+    """The settings of :class:`InRunShapley` (each described there): order (1 or 2), targeted, keep_history,
+    validation_batch_size, unexplained_gradient (``"raise"`` or ``"baseline"``), validation_subsample (None or k ≥ 1),
+    seed, validation_rank (None or r ≥ 1; first order, untargeted), streaming."""
+
+    order: int = 1
+    targeted: bool = False
+    keep_history: bool = False
+    validation_batch_size: int = 256
+    unexplained_gradient: str = "raise"
+    validation_subsample: int | None = None
+    seed: int = 0
+    validation_rank: int | None = None
+    streaming: bool = True
+
+    def __post_init__(self) -> None:
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {self.order}")
+        if self.unexplained_gradient not in ("raise", "baseline"):
+            raise ValueError(f"unexplained_gradient must be 'raise' or 'baseline', got {self.unexplained_gradient!r}")
+        if self.validation_batch_size < 1:
+            raise ValueError(f"validation_batch_size must be positive, got {self.validation_batch_size}")
+        if self.validation_rank is not None and (self.order != 1 or self.targeted or int(self.validation_rank) < 1):
+            raise ValueError("validation_rank (a low-rank sketch of the validation gradient) is for first-order, "
+                             f"untargeted values and must be ≥ 1; got {self.validation_rank} with order={self.order}, "
+                             f"targeted={self.targeted}")
+        if self.validation_subsample is not None and self.targeted:
+            raise ValueError("validation_subsample estimates the summed validation value; not with targeted=True")
 
 
 class InRunShapley:
@@ -120,6 +151,8 @@ class InRunShapley:
     with ``targeted``. seed: the sampler's seed.
     streaming: ``True`` (default) reduces first-order SGD values inside the backward (module docstring); ``False``
     keeps every layer's factors until ``optimizer.step()`` (the reference route: same values, more memory, slower).
+    config: an :class:`InRunConfig`, or its fields as keywords (not both); ``validation``, ``optimizer`` and
+    ``scaler`` are the run's objects, not settings.
 
     Cost per step (first order, SGD, streaming): one validation forward/backward (``k/n_val`` of it with a budget),
     and per tracked layer ``min(N·T·P·(m+n), N·T·m·n)`` multiply-adds (ghost dots with the ``P`` validation tokens, or
@@ -128,14 +161,12 @@ class InRunShapley:
     """
 
     def __init__(self, model: nn.Module, task: Task, validation: Any, optimizer: torch.optim.Optimizer, *,
-                 order: int = 1, targeted: bool = False, keep_history: bool = False,
-                 validation_batch_size: int = 256, scaler: torch.amp.GradScaler | None = None,
-                 unexplained_gradient: str = "raise", validation_subsample: int | None = None, seed: int = 0,
-                 validation_rank: int | None = None, streaming: bool = True):
-        if order not in (1, 2):
-            raise ValueError(f"order must be 1 or 2, got {order}")
-        if unexplained_gradient not in ("raise", "baseline"):
-            raise ValueError(f"unexplained_gradient must be 'raise' or 'baseline', got {unexplained_gradient!r}")
+                 config: InRunConfig | None = None, scaler: torch.amp.GradScaler | None = None, **settings: Any):
+        self.config = config = configure(InRunConfig, config, settings)
+        order, targeted, keep_history = config.order, config.targeted, config.keep_history
+        validation_batch_size, unexplained_gradient = config.validation_batch_size, config.unexplained_gradient
+        validation_subsample, seed = config.validation_subsample, config.seed
+        validation_rank, streaming = config.validation_rank, config.streaming
         self.model, self.task, self.optimizer = model, task, optimizer
         self.order, self.targeted, self.keep_history = order, targeted, keep_history
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -147,15 +178,9 @@ class InRunShapley:
         self.query_ids = self._validation_ids(validation)
         self.streaming = streaming
         self.validation_subsample = validation_subsample
-        if validation_rank is not None and (order != 1 or targeted or int(validation_rank) < 1):
-            raise ValueError("validation_rank (a low-rank sketch of the validation gradient) is for first-order, "
-                             f"untargeted values and must be ≥ 1; got {validation_rank} with order={order}, "
-                             f"targeted={targeted}")
         self.validation_rank = validation_rank
         self.n_val = self._validation_size(validation) if validation_subsample is not None else None
         if validation_subsample is not None:
-            if targeted:
-                raise ValueError("validation_subsample estimates the summed validation value; not with targeted=True")
             if not 1 <= int(validation_subsample) <= self.n_val:
                 raise ValueError(f"validation_subsample must be in 1..{self.n_val} (the validation size), got "
                                  f"{validation_subsample}")
@@ -649,8 +674,7 @@ class InRunShapley:
         unique, inverse = np.unique(ids, return_inverse=True)
         merged = np.zeros((len(unique), sums.shape[1]))
         np.add.at(merged, inverse, sums)
-        config = {"order": self.order, "targeted": self.targeted, "steps": self.steps,
-                  "optimizer": type(self.optimizer).__name__}
+        config = {**asdict(self.config), "steps": self.steps, "optimizer": type(self.optimizer).__name__}
         return Scores(merged, unique, self.query_ids, f"inrun-shapley-{self.order}", config)
 
     def _validation_ids(self, validation: Any) -> np.ndarray:

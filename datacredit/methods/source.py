@@ -30,14 +30,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..capture import Capture, ExampleGrads, Outer, example_grads
-from ..curvature import Curvature, make_curvature
+from ..curvature import Curvature, curvature_names, make_curvature
 from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
@@ -49,6 +50,7 @@ from .base import (
     TopKAccumulator,
     as_loader,
     batches,
+    configure,
     eval_mode,
     nbytes,
     products,
@@ -66,6 +68,28 @@ class _Segment:
     @property
     def eta_k(self) -> float:
         return sum(lr * n for lr, n in self.intervals)
+
+
+TIMES = ("continuous", "discrete")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """segments: L, the segments of a single trajectory (default 3, the paper's; with ``stages=`` each stage gives its
+    own). curvature: an eigen-based curvature name (``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"explicit"``,
+    ``"identity"``). time: ``"continuous"`` (the paper) or ``"discrete"``."""
+
+    segments: int = 3
+    curvature: str = "ekfac"
+    time: str = "continuous"
+
+    def __post_init__(self) -> None:
+        if self.segments < 1:
+            raise ValueError(f"segments must be positive, got {self.segments}")
+        if self.curvature not in curvature_names():
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {curvature_names()}")
+        if self.time not in TIMES:
+            raise ValueError(f"time must be 'continuous' or 'discrete', got {self.time!r}")
 
 
 def _intervals(traj: Trajectory) -> list[tuple[float, int]]:
@@ -128,28 +152,28 @@ class Source(GradientMethod):
     ``stages=[(traj_pretrain, L1), (traj_finetune, L2)]`` and ``fit([pretrain_data, finetune_data])``.
     segments: L (default 3, the paper's; 6 checkpoints give 2 per segment). curvature: any eigen-based curvature name
     (``"ekfac"`` default, ``"kfac"``, ``"diagonal"``, ``"explicit"``). time: ``"continuous"`` (the paper) or
-    ``"discrete"``. The ``model`` is the final model θ_T; it is never modified (a private copy loads checkpoints).
+    ``"discrete"``. config: a :class:`SourceConfig`, or its fields as keywords (not both). The ``model`` is the
+    final model θ_T; it is never modified (a private copy loads checkpoints).
     """
 
     name = "source"
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory | str | None = None, *,
-                 segments: int = 3, stages: Sequence[tuple[Trajectory | str, int]] | None = None,
-                 curvature: str = "ekfac", time: str = "continuous", batch_size: int = 64, progress: bool = True):
+                 config: SourceConfig | None = None, stages: Sequence[tuple[Trajectory | str, int]] | None = None,
+                 batch_size: int = 64, progress: bool = True, **settings: Any):
         if (trajectory is None) == (stages is None):
             raise ValueError("give either a trajectory (with segments) or stages=[(trajectory, segments), ...]")
-        if time not in ("continuous", "discrete"):
-            raise ValueError(f"time must be 'continuous' or 'discrete', got {time!r}")
+        self.config = config = configure(SourceConfig, config, settings)
         self.final = model
         super().__init__(copy.deepcopy(model), task, batch_size=batch_size, progress=progress)
-        stages = [(trajectory, segments)] if stages is None else list(stages)
+        stages = [(trajectory, config.segments)] if stages is None else list(stages)
         self.segments: list[_Segment] = []
         for k, (traj, n) in enumerate(stages):
             traj = traj if isinstance(traj, Trajectory) else Trajectory.load(traj)
             for part in traj.segments(n):
                 self.segments.append(_Segment(k, part, _intervals(part)))
         self.n_stages = len(stages)
-        self.curvature_name, self.time = curvature, time
+        self.curvature_name, self.time = config.curvature, config.time
         self._train: list[Data] | None = None
         self.train_ids: np.ndarray | None = None
 
@@ -251,8 +275,10 @@ class Source(GradientMethod):
         return acc.result(self.train_ids, query_ids, self.name)
 
     def _config(self) -> dict:
-        return {"segments": [len(s.trajectory) for s in self.segments], "curvature": self.curvature_name,
-                "time": self.time, "eta_k": [s.eta_k for s in self.segments], "stages": self.n_stages}
+        """The config, with what the trajectory fixed: checkpoints per segment, η·K per segment, stages."""
+        return {**asdict(self.config), "segments": [len(s.trajectory) for s in self.segments],
+                "curvature": self.curvature_name, "time": self.time, "eta_k": [s.eta_k for s in self.segments],
+                "stages": self.n_stages}
 
     def _score_blocks(self, queries: Data) -> tuple[np.ndarray, Iterator[tuple[slice, np.ndarray]]]:
         """Query ids and an iterator of ``(rows, (len(rows), n_query) scores)`` over blocks of training rows (global

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..capture import ExampleGrads
-from ..capture.projection import Projector
+from ..capture.projection import KINDS, Projector
 from ..errors import DataError
 from ..gradstore import GradientStore
 from ..gradstore import model_digest as state_digest
@@ -57,6 +57,7 @@ from .base import (
     as_loader,
     as_trajectory,
     cached_rows,
+    configure,
     feature_stores,
     fill_scores,
     ids_digest,
@@ -84,9 +85,11 @@ class TracInConfig:
     seed: int = 0
     weighting: str = "lr"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.projection is not None and self.projection < 1:
             raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
+        if self.projection_kind not in KINDS:
+            raise ValueError(f"projection_kind must be one of {KINDS}, got {self.projection_kind!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
@@ -113,6 +116,7 @@ class TracIn(GradientMethod):
     projected ``fit`` = C over the training set, ``score`` = C over the queries + C products
     ``(n_train × k) · (k × n_query)``. Stored: C · n_train · k floats (projected). Scores are float64 in memory; with
     a store, a memmap in the model's float dtype.
+    config: a :class:`TracInConfig`, or its fields as keywords (``projection=...``, ``weighting=...``; not both).
     features: one :class:`~datacredit.gradstore.GradientStore` per checkpoint (module doc; see
     :meth:`feature_stores`); ``projection`` must then be None (the stores' projection is used).
     """
@@ -120,16 +124,16 @@ class TracIn(GradientMethod):
     name = "tracin"
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory | str | os.PathLike[str], *,
-                 projection: int | None = None, projection_kind: str = "kronecker", seed: int = 0,
-                 weighting: str = "lr", store: Store | str | None = None,
-                 features: Sequence[GradientStore] | None = None, batch_size: int = 64, progress: bool = True):
-        self.config = TracInConfig(projection, projection_kind, seed, weighting)
+                 config: TracInConfig | None = None, store: Store | str | None = None,
+                 features: Sequence[GradientStore] | None = None, batch_size: int = 64, progress: bool = True,
+                 **settings: Any):
+        self.config = config = configure(TracInConfig, config, settings)
         super().__init__(working_copy(model), task, batch_size=batch_size, progress=progress)
         self.trajectory = as_trajectory(trajectory)
-        self.weights = checkpoint_weights(self.trajectory, weighting)
+        self.weights = checkpoint_weights(self.trajectory, config.weighting)
         self.features = None if features is None else feature_stores(features, many=True)
         if self.features is not None:
-            if projection is not None:
+            if config.projection is not None:
                 raise ValueError("features= brings its own projection: leave projection=None")
             if len(self.features) != len(self.trajectory):
                 raise ValueError(f"features= needs one GradientStore per checkpoint: got {len(self.features)} for "
@@ -143,9 +147,9 @@ class TracIn(GradientMethod):
                                      "(make them with TracIn.feature_stores)")
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.projector = None
-        if projection is not None:
+        if config.projection is not None:
             shapes = tracked_shapes(self.model, self.modules)
-            self.projector = Projector(shapes, projection, projection_kind, seed)
+            self.projector = Projector(shapes, config.projection, config.projection_kind, config.seed)
         self._train: Data | None = None
         self._digests: list[str] | None = None
         self.train_ids: np.ndarray | None = None

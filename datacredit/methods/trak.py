@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import ExampleGrads
-from ..capture.projection import Projector
+from ..capture.projection import KINDS, Projector
 from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
@@ -78,6 +78,7 @@ from .base import (
     as_loader,
     batches,
     cached_rows,
+    configure,
     eval_mode,
     feature_stores,
     fill_scores,
@@ -111,9 +112,11 @@ class TRAKConfig:
     ridge: float | str = "gcv"
     average: str = "separate"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.projection is not None and self.projection < 1:
             raise ValueError(f"projection must be None or a positive dimension, got {self.projection}")
+        if self.projection_kind not in KINDS:
+            raise ValueError(f"projection_kind must be one of {KINDS}, got {self.projection_kind!r}")
         if self.ridge != "gcv" and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
             raise ValueError(f"ridge must be 'gcv' or a number >= 0, got {self.ridge!r}")
         if self.average not in AVERAGES:
@@ -226,6 +229,7 @@ class TRAK(GradientMethod):
     factorisations (``k³/3``); ``score`` = M backward passes over the queries + ``M·(k² + n_train·k)·n_query``.
     Stored: ``M·(n_train·k + k²)`` floats. Scores are float64 in memory; with a store, a memmap in the model's
     float dtype (float32 for a float32 model).
+    config: a :class:`TRAKConfig`, or its fields as keywords (``projection=...``, ``ridge=...``; not both).
     features: a :class:`~datacredit.gradstore.GradientStore` (M = 1) or a list, one per member, each built with
         ``train_target="measurement"`` on its member's model (module doc); ``models`` must then be None and the
         projection arguments are unused (the stores' projection is used).
@@ -235,12 +239,11 @@ class TRAK(GradientMethod):
 
     def __init__(self, model: nn.Module, task: Task,
                  models: Sequence[Mapping[str, Tensor] | nn.Module] | Trajectory | str | None = None, *,
-                 projection: int | None = 2048, projection_kind: str = "gaussian", seed: int = 0,
-                 ridge: float | str = "gcv", average: str = "separate", store: Store | str | None = None,
+                 config: TRAKConfig | None = None, store: Store | str | None = None,
                  features: GradientStore | Sequence[GradientStore] | None = None,
-                 batch_size: int = 64, progress: bool = True):
+                 batch_size: int = 64, progress: bool = True, **settings: Any):
+        self.config = config = configure(TRAKConfig, config, settings)
         _check_margin(task)
-        self.config = TRAKConfig(projection, projection_kind, seed, ridge, average)
         self.features = None if features is None else feature_stores(features, many=True)
         if self.features is not None:
             if models is not None:
@@ -256,7 +259,8 @@ class TRAK(GradientMethod):
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         shapes = tracked_shapes(self.model, self.modules)
         self.numel = sum(s.numel() for s in shapes.values())
-        self.projectors = [None if projection is None else Projector(shapes, projection, projection_kind, seed + m)
+        self.projectors = [None if config.projection is None
+                           else Projector(shapes, config.projection, config.projection_kind, config.seed + m)
                            for m in range(len(self.members))]
         self._digests: list[str] | None = None
         self.train_ids: np.ndarray | None = None

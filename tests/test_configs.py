@@ -1,0 +1,130 @@
+"""Every method takes one frozen config: the keyword form builds the same object, both at once is a TypeError naming
+the keyword, values are checked in the config (ValueError naming the field), and the config is what Scores keep."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import datacredit
+from datacredit import (
+    TRAK,
+    ClassificationTask,
+    GradDot,
+    GradDotConfig,
+    Influence,
+    InfluenceConfig,
+    InRunConfig,
+    InRunShapley,
+    Source,
+    SourceConfig,
+    TracIn,
+    TracInConfig,
+    TRAKConfig,
+)
+from datacredit.curvature import Damping
+from datacredit.data import ArrayDataset
+from datacredit.models import mlp
+from datacredit.trajectory import Trajectory
+
+TASK = ClassificationTask()
+MARGIN = ClassificationTask(measurement="margin")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 5, dtype=torch.float64), torch.randint(0, 3, (24,))
+    train = ArrayDataset(x[:20], y[:20], ids=np.arange(20))
+    test = ArrayDataset(x[20:], y[20:], ids=np.arange(4))
+    return mlp(5, 6, 3).double(), train, test
+
+
+def builders(model):
+    """(config class, settings, build(config=..., **settings))."""
+    traj = Trajectory.from_states([model] * 3, lrs=[0.1] * 3, steps=[2] * 3)
+    return [
+        (GradDotConfig, {"normalize": True, "projection": 8, "seed": 3},
+         lambda **kw: GradDot(model, TASK, progress=False, **kw)),
+        (InfluenceConfig, {"curvature": "kfac", "damping": 0.01, "query_batch": 2},
+         lambda **kw: Influence(model, TASK, progress=False, **kw)),
+        (TracInConfig, {"projection": 8, "weighting": "uniform"},
+         lambda **kw: TracIn(model, TASK, traj, progress=False, **kw)),
+        (TRAKConfig, {"projection": 8, "ridge": 1e-3, "average": "per-model"},
+         lambda **kw: TRAK(model, MARGIN, progress=False, **kw)),
+        (SourceConfig, {"segments": 3, "curvature": "kfac", "time": "discrete"},
+         lambda **kw: Source(model, TASK, traj, progress=False, **kw)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_keyword_and_config_forms_are_one_object(setup, index):
+    model, train, test = setup
+    cls, settings, build = builders(model)[index]
+    config = cls(**settings)
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1  # type: ignore[misc]  # every config has a field; seed or another
+    by_keyword, by_config = build(**settings), build(config=config)
+    assert by_keyword.config == config and by_config.config is config
+    a, b = by_keyword.fit(train).score(test), by_config.fit(train).score(test)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert a.config == b.config
+    for key, value in asdict(config).items():  # the config is what the scores keep (Source: segments per stage)
+        if key != "segments":
+            assert a.config[key] == value
+    name = next(iter(settings))
+    with pytest.raises(TypeError, match=name):
+        build(config=config, **{name: settings[name]})
+    with pytest.raises(TypeError, match="no_such_setting"):
+        build(no_such_setting=1)
+    with pytest.raises(TypeError, match=cls.__name__):
+        build(config=object())
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), [
+    (GradDotConfig, "projection", 0), (GradDotConfig, "projection_kind", "fourier"),
+    (InfluenceConfig, "curvature", "nope"), (InfluenceConfig, "fisher", "fake"), (InfluenceConfig, "query_batch", 0),
+    (TracInConfig, "weighting", "cosine"), (TracInConfig, "projection_kind", "fourier"),
+    (TRAKConfig, "ridge", -1.0), (TRAKConfig, "average", "median"),
+    (SourceConfig, "time", "later"), (SourceConfig, "segments", 0), (SourceConfig, "curvature", "nope"),
+    (InRunConfig, "order", 3), (InRunConfig, "unexplained_gradient", "ignore"),
+    (InRunConfig, "validation_batch_size", 0),
+])
+def test_values_are_checked_in_the_config(cls, field, value):
+    with pytest.raises(ValueError, match=field if field != "curvature" else "curvature"):
+        cls(**{field: value})
+
+
+def test_influence_config_takes_a_float_damping_as_absolute():
+    assert InfluenceConfig(damping=0.5).damping == Damping(0.5)
+
+
+def test_inrun_takes_a_config(setup):
+    model, train, _ = setup
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model is unchanged for the other tests
+    config = InRunConfig(order=1, keep_history=True, seed=4)
+    x, y = train.tensors
+    runs = []
+    for kw in ({"config": config}, asdict(config)):
+        shapley = InRunShapley(model, TASK, (x[:4], y[:4]), opt, **kw)
+        assert shapley.config == config and shapley.keep_history
+        with shapley.step(np.arange(8)):
+            TASK.loss(model, (x[4:12], y[4:12])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        runs.append(shapley.values())
+        shapley.close()
+    np.testing.assert_array_equal(runs[0].values, runs[1].values)
+    assert runs[0].config == {**asdict(config), "steps": 1, "optimizer": "SGD"}
+    with pytest.raises(TypeError, match="order"):
+        InRunShapley(model, TASK, (x[:4], y[:4]), opt, config=config, order=2)
+
+
+def test_every_config_is_public():
+    for name in ("GradDotConfig", "InfluenceConfig", "TracInConfig", "TRAKConfig", "SourceConfig", "InRunConfig"):
+        assert name in datacredit.__all__ and name in datacredit.methods.__all__
