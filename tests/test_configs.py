@@ -128,3 +128,49 @@ def test_inrun_takes_a_config(setup):
 def test_every_config_is_public():
     for name in ("GradDotConfig", "InfluenceConfig", "TracInConfig", "TRAKConfig", "SourceConfig", "InRunConfig"):
         assert name in datacredit.__all__ and name in datacredit.methods.__all__
+
+
+# -- ensembles ----------------------------------------------------------------------------------------------------
+def test_ensembles_take_one_config(setup):
+    from datacredit.ensembles import (
+        DropoutConfig,
+        DropoutEnsemble,
+        IndependentConfig,
+        IndependentEnsemble,
+        LoRAConfig,
+        LoRAEnsemble,
+    )
+
+    model, train, test = setup
+    factory = lambda m: GradDot(m, TASK, progress=False)  # noqa: E731
+    config = DropoutConfig(k=2, p=0.2, seed=5, modules=["1"])
+    assert config.modules == ("1",)  # sequences are kept as tuples: the config cannot change
+    by_config = DropoutEnsemble(model, factory, config=config).fit(train).score(test)
+    by_keyword = DropoutEnsemble(model, factory, 2, p=0.2, seed=5, modules=["1"]).fit(train).score(test)
+    np.testing.assert_array_equal(by_config.values, by_keyword.values)
+    assert by_config.config["p"] == 0.2 and by_config.config["modules"] == ["1"] and by_config.config["k"] == 2
+    with pytest.raises(TypeError, match="seed"):
+        DropoutEnsemble(model, factory, config=config, seed=1)
+    with pytest.raises(TypeError, match="k"):
+        DropoutEnsemble(model, factory, 2, config=config)
+    with pytest.raises(ValueError, match="p: the dropout probability"):
+        DropoutConfig(k=2, p=1.0)
+
+    ind = IndependentEnsemble(factory, models=[model, model], config=IndependentConfig(k=2))
+    assert ind.config == IndependentConfig(k=2) and ind.k == 2
+    seeded = IndependentEnsemble(factory, train_fn=lambda s: model, seeds=[3, 4])
+    assert seeded.config == IndependentConfig(seeds=(3, 4)) and seeded.seeds == [3, 4]
+    with pytest.raises(ValueError, match="seeds"):
+        IndependentConfig(k=3, seeds=(1, 2))
+    with pytest.raises(ValueError, match="k >= 1"):
+        IndependentConfig(k=0)
+
+    lora = LoRAConfig(k=2, rank=2, target_modules=["0"], epochs=1)
+    ens = LoRAEnsemble(model, factory, config=lora)
+    assert ens.config is lora and ens.rank == 2 and ens.target_modules == ["0"] and ens.finetune["epochs"] == 1
+    assert LoRAEnsemble(model, factory, 2, rank=2, target_modules=["0"], epochs=1).config == lora
+    with pytest.raises(TypeError, match="rank"):
+        LoRAEnsemble(model, factory, config=lora, rank=3)
+    for field, value in (("rank", 0), ("lora_dropout", 1.0), ("batch_size", 0)):
+        with pytest.raises(ValueError, match=field):
+            LoRAConfig(k=1, **{field: value})

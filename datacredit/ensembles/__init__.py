@@ -5,12 +5,14 @@ Every ensemble is ``Ensemble(..., method, k).fit(train).score(queries) -> Scores
 one fitted member in memory at a time): the plain mean of its K members' score matrices, with ``training_seconds``,
 ``serving_seconds`` and ``stored_bytes`` as attributes and, split per member, in ``Scores.config["cost"]``.
 ``first(k)`` gives the ensemble of the first k members; ``with_method(...)`` the same members under another method.
+Settings are one frozen config each (:class:`DropoutConfig`, :class:`IndependentConfig`, :class:`LoRAConfig`), or its
+fields as keywords; the factory's methods report what they cache through ``cache_bytes()``.
 """
 
 from .base import Ensemble, EnsembleCost
-from .dropout import DropoutEnsemble, dropout_mask
-from .independent import IndependentEnsemble
-from .lora import LoRAEnsemble, finetune_classifier
+from .dropout import DropoutConfig, DropoutEnsemble, dropout_mask
+from .independent import IndependentConfig, IndependentEnsemble
+from .lora import LoRAConfig, LoRAEnsemble, finetune_classifier
 
-__all__ = ["DropoutEnsemble", "Ensemble", "EnsembleCost", "IndependentEnsemble", "LoRAEnsemble", "dropout_mask",
-           "finetune_classifier"]
+__all__ = ["DropoutConfig", "DropoutEnsemble", "Ensemble", "EnsembleCost", "IndependentConfig", "IndependentEnsemble",
+           "LoRAConfig", "LoRAEnsemble", "dropout_mask", "finetune_classifier"]

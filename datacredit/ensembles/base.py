@@ -58,6 +58,18 @@ def member_factory(method: MethodFactory, method_kwargs: dict[str, Any] | None) 
     return (lambda model, member: method(model, member)) if takes_member else (lambda model, member: method(model))
 
 
+def check_k(k: int | None) -> None:
+    """The one check of an ensemble config's ``k`` (None: taken from what is given, e.g. the models)."""
+    if k is not None and int(k) < 1:
+        raise ValueError(f"k: an ensemble needs k >= 1 members, got {k}")
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """An ensemble config as it goes into ``Scores.config`` (lists for tuples; ``k`` is the scored prefix's, added by
+    the ensemble itself)."""
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(config).items() if key != "k"}
+
+
 def weight_bytes(model: nn.Module, trainable_only: bool = False) -> int:
     """Bytes of a model's distinct parameters and buffers (only the trainable parameters with ``trainable_only``)."""
     tensors = [p for p in model.parameters() if p.requires_grad or not trainable_only]

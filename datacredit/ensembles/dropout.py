@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, UnsupportedModuleError
-from .base import Ensemble, Method, MethodFactory, timed, weight_bytes
+from ..methods.base import configure
+from .base import Ensemble, Method, MethodFactory, check_k, config_settings, timed, weight_bytes
 
 
 def dropout_mask(width: int, p: float, seed: int, member: int, path: str) -> Tensor:
@@ -115,26 +117,48 @@ class MaskSites:
         return hook
 
 
+@dataclass(frozen=True)
+class DropoutConfig:
+    """k: members. p: dropout probability, None = each ``nn.Dropout`` layer's own (required with ``modules``). seed:
+    masks are a function of (seed, member, module path). modules: paths of modules whose outputs get masks instead of
+    the ``nn.Dropout`` layers (a tuple). share_train_cache: fit once on the unmasked model (module docstring)."""
+
+    k: int
+    p: float | None = None
+    seed: int = 0
+    modules: tuple[str, ...] | None = None
+    share_train_cache: bool = False
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if self.p is not None and not 0 <= self.p < 1:
+            raise ValueError(f"p: the dropout probability must be in [0, 1), got {self.p}")
+        if self.modules is not None:
+            object.__setattr__(self, "modules", tuple(str(m) for m in self.modules))
+
+
 class DropoutEnsemble(Ensemble):
     """K members = K fixed dropout masks on one trained model (see the module docstring).
 
     model: the trained model (never modified). method: factory ``model -> method`` (or ``(model, member) -> method``),
-    or a class with ``method_kwargs``. p: dropout probability; None = each ``nn.Dropout`` layer's own ``p`` (required
-    with ``modules``). seed: masks are a function of (seed, member, module path). modules: paths of modules whose
-    outputs get masks, instead of the model's ``nn.Dropout`` layers (for a model without them; a module owning
-    trainable parameters is refused). share_train_cache: fit once on the unmasked model (module docstring).
-    training_seconds: how long the model took to train (for the cost report; None = unknown).
+    or a class with ``method_kwargs``. config: a :class:`DropoutConfig` (k, p, seed, modules, share_train_cache), or
+    its fields as keywords (``k`` also positionally; not both). A module in ``modules`` owning trainable parameters is
+    refused. training_seconds: how long the model took to train (for the cost report; None = unknown).
     """
 
     kind = "dropout"
 
-    def __init__(self, model: nn.Module, method: MethodFactory, k: int, *, p: float | None = None, seed: int = 0,
-                 modules: list[str] | None = None, share_train_cache: bool = False,
-                 method_kwargs: dict[str, Any] | None = None, training_seconds: float | None = None):
-        super().__init__(method, k, method_kwargs)
-        self.model, self.seed, self.share_train_cache = model, int(seed), bool(share_train_cache)
-        self.sites = MaskSites(model, p, None if modules is None else list(modules))
-        self.p, self.modules = p, modules
+    def __init__(self, model: nn.Module, method: MethodFactory, k: int | None = None, *,
+                 config: DropoutConfig | None = None, method_kwargs: dict[str, Any] | None = None,
+                 training_seconds: float | None = None, **settings: Any):
+        if k is not None:
+            settings["k"] = k
+        self.config = config = configure(DropoutConfig, config, settings)
+        super().__init__(method, config.k, method_kwargs)
+        self.model, self.seed, self.share_train_cache = model, int(config.seed), bool(config.share_train_cache)
+        modules: Sequence[str] | None = None if config.modules is None else list(config.modules)
+        self.sites = MaskSites(model, config.p, modules)
+        self.p, self.modules = config.p, modules
         self._masks: list[dict[str, Tensor]] = [{} for _ in range(self.k)]
         self.cost.shared_training = training_seconds
         self.cost.member_training = [0.0] * self.k
@@ -147,8 +171,7 @@ class DropoutEnsemble(Ensemble):
         return self.model
 
     def _settings(self) -> dict[str, Any]:
-        return {"p": self.p, "seed": self.seed, "modules": self.modules, "share_train_cache": self.share_train_cache,
-                "sites": {path: rate for path, (rate, _) in self.sites.sites.items()}}
+        return {**config_settings(self.config), "sites": {path: rate for path, (rate, _) in self.sites.sites.items()}}
 
     @contextlib.contextmanager
     def _member(self, member: int, method: Method) -> Iterator[None]:

@@ -6,12 +6,31 @@ The expensive reference the dropout and LoRA ensembles are measured against (TRA
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .base import Ensemble, MethodFactory, timed, weight_bytes
+from ..methods.base import configure
+from .base import Ensemble, MethodFactory, check_k, config_settings, timed, weight_bytes
+
+
+@dataclass(frozen=True)
+class IndependentConfig:
+    """k: members (None: as many as the models or seeds given). seeds: the seeds ``train_fn`` is called with (a
+    tuple; default ``seed, seed + 1, …``). seed: the first default seed."""
+
+    k: int | None = None
+    seeds: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+            if self.k is not None and self.k != len(self.seeds):
+                raise ValueError(f"k={self.k} but {len(self.seeds)} seeds were given")
 
 
 class IndependentEnsemble(Ensemble):
@@ -20,15 +39,18 @@ class IndependentEnsemble(Ensemble):
     timed) at the first ``fit``.
 
     method: factory ``model -> method`` (or ``(model, member) -> method``, e.g. to give each member its own projection
-    seed), or a class with ``method_kwargs``. The models are never modified.
+    seed), or a class with ``method_kwargs``. config: an :class:`IndependentConfig` (k, seeds, seed), or its fields as
+    keywords (not both). The models are never modified.
     """
 
     kind = "independent"
 
     def __init__(self, method: MethodFactory, models: Sequence[nn.Module] | None = None, *,
-                 train_fn: Callable[[int], nn.Module] | None = None, k: int | None = None,
-                 seeds: Sequence[int] | None = None, seed: int = 0,
-                 training_seconds: Sequence[float] | None = None, method_kwargs: dict[str, Any] | None = None):
+                 train_fn: Callable[[int], nn.Module] | None = None, config: IndependentConfig | None = None,
+                 training_seconds: Sequence[float] | None = None, method_kwargs: dict[str, Any] | None = None,
+                 **settings: Any):
+        self.config = config = configure(IndependentConfig, config, settings)
+        k, seeds, seed = config.k, config.seeds, config.seed
         if (models is None) == (train_fn is None):
             raise ValueError("pass either models=[...] or train_fn=(seed -> model) with k")
         if models is not None:
@@ -41,10 +63,8 @@ class IndependentEnsemble(Ensemble):
             seeds = None
         else:
             if seeds is not None:
-                seeds = [int(s) for s in seeds]
-                k = len(seeds) if k is None else k
-                if k != len(seeds):
-                    raise ValueError(f"k={k} but {len(seeds)} seeds were given")
+                seeds = list(seeds)
+                k = len(seeds)
             elif k is None:
                 raise ValueError("pass k (or seeds) with train_fn")
             else:
@@ -72,7 +92,7 @@ class IndependentEnsemble(Ensemble):
         return self.models[member]
 
     def _settings(self) -> dict[str, Any]:
-        return {"seeds": self.seeds}
+        return {**config_settings(self.config), "seeds": self.seeds}
 
     def _weight_bytes(self) -> tuple[int, list[int]]:
         return 0, [weight_bytes(m) for m in self.models]

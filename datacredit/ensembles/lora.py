@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,8 +31,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
+from ..methods.base import configure
 from ..training import train_classifier
-from .base import Ensemble, MethodFactory, timed, weight_bytes
+from .base import Ensemble, MethodFactory, check_k, config_settings, timed, weight_bytes
 
 
 def linear_paths(model: nn.Module) -> list[str]:
@@ -46,35 +48,65 @@ def finetune_classifier(model: nn.Module, data: Dataset | DataLoader, seed: int,
     return train_classifier(model, data, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed)
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """k: members. rank, alpha (None: ``rank``, a scaling of 1), target_modules (None: every ``nn.Linear``; a tuple),
+    lora_dropout: peft's ``LoraConfig``. seed: member j uses ``seed + j``. epochs, lr, batch_size, momentum: the
+    default fine-tune (:func:`finetune_classifier`; unused with a ``train_fn``)."""
+
+    k: int
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+    seed: int = 0
+    epochs: int = 3
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if self.rank < 1:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(f"epochs must be >= 0 and batch_size positive, got epochs={self.epochs}, "
+                             f"batch_size={self.batch_size}")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(str(m) for m in self.target_modules))
+
+
 class LoRAEnsemble(Ensemble):
     """K LoRA fine-tunes of ``base_model`` (see the module docstring); the adapters are trained at the first ``fit``.
 
     method: factory ``model -> method`` (or ``(model, member) -> method``), or a class with ``method_kwargs``; it is
-    called with the member's inner model. train_fn: ``(peft_model, seed) -> None`` fine-tunes in place; None = the
-    default classification loop on the data given to ``fit`` (``epochs``, ``lr``, ``batch_size``, ``momentum``).
-    rank, alpha (default: ``rank``, a scaling of 1), target_modules (default: every ``nn.Linear``), lora_dropout:
-    peft's ``LoraConfig``. seed: member j uses ``seed + j``. base_training_seconds: how long the base took to train
-    (for the cost report; None = unknown).
+    called with the member's inner model. config: a :class:`LoRAConfig` (k, rank, alpha, target_modules,
+    lora_dropout, seed and the default fine-tune's epochs, lr, batch_size, momentum), or its fields as keywords (``k``
+    also positionally; not both). train_fn: ``(peft_model, seed) -> None`` fine-tunes in place; None = the default
+    classification loop on the data given to ``fit``. base_training_seconds: how long the base took to train (for the
+    cost report; None = unknown).
     """
 
     kind = "lora"
 
-    def __init__(self, base_model: nn.Module, method: MethodFactory, k: int, *,
-                 train_fn: Callable[[nn.Module, int], Any] | None = None, rank: int = 4, alpha: float | None = None,
-                 target_modules: list[str] | None = None, lora_dropout: float = 0.0, seed: int = 0, epochs: int = 3,
-                 lr: float = 0.05, batch_size: int = 64, momentum: float = 0.9,
-                 method_kwargs: dict[str, Any] | None = None, base_training_seconds: float | None = None):
-        super().__init__(method, k, method_kwargs)
-        if rank < 1:
-            raise ValueError(f"rank must be positive, got {rank}")
+    def __init__(self, base_model: nn.Module, method: MethodFactory, k: int | None = None, *,
+                 config: LoRAConfig | None = None, train_fn: Callable[[nn.Module, int], Any] | None = None,
+                 method_kwargs: dict[str, Any] | None = None, base_training_seconds: float | None = None,
+                 **settings: Any):
+        if k is not None:
+            settings["k"] = k
+        self.config = c = configure(LoRAConfig, config, settings)
+        super().__init__(method, c.k, method_kwargs)
         self.base_model, self.train_fn = base_model, train_fn
-        self.rank, self.alpha = int(rank), float(rank if alpha is None else alpha)
-        self.target_modules = linear_paths(base_model) if target_modules is None else list(target_modules)
+        self.rank, self.alpha = int(c.rank), float(c.rank if c.alpha is None else c.alpha)
+        self.target_modules = linear_paths(base_model) if c.target_modules is None else list(c.target_modules)
         if not self.target_modules:
             raise ValueError(f"{type(base_model).__name__} has no nn.Linear to put adapters on; pass target_modules")
-        self.lora_dropout, self.seed = float(lora_dropout), int(seed)
-        self.finetune = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
-                         "momentum": float(momentum)}
+        self.lora_dropout, self.seed = float(c.lora_dropout), int(c.seed)
+        self.finetune = {"epochs": int(c.epochs), "lr": float(c.lr), "batch_size": int(c.batch_size),
+                         "momentum": float(c.momentum)}
         self.peft_models: list[nn.Module] = []
         self._base: nn.Module | None = None
         self.cost.shared_training = base_training_seconds
@@ -126,7 +158,8 @@ class LoRAEnsemble(Ensemble):
         return get_peft_model_state_dict(self.peft_models[member])
 
     def _settings(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
+        return {**config_settings(self.config), "rank": self.rank, "alpha": self.alpha,
+                "target_modules": self.target_modules,
                 "lora_dropout": self.lora_dropout, "seed": self.seed,
                 "finetune": "train_fn" if self.train_fn is not None else self.finetune}
 
