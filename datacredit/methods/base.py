@@ -269,6 +269,15 @@ class GradientMethod:
         """Query ids and ``block(rows) -> (len(rows), n_query)`` scores (and the stored scores' metadata)."""
         raise NotImplementedError(f"{type(self).__name__} has no block-wise scoring")
 
+    def _fill(self, queries: Data) -> tuple[np.ndarray, np.ndarray]:
+        """``(values (n_train, n_query), query_ids)`` from :meth:`_blocks`, row block by row block: in memory, or into
+        the method's store (``self.store``) as resumable chunked scores."""
+        query_ids, block, meta = self._blocks(queries)
+        shape = (len(self.train_ids), len(query_ids))
+        values = fill_scores(getattr(self, "store", None), shape, storage_dtype(self.model), self.batch_size, block,
+                             meta)
+        return values, query_ids
+
     def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
         """The ``k`` training examples with the largest (``largest=False``: smallest) scores for each query, computed
         block by block (:func:`score_rows`): never more than one block of ``(rows, n_query)`` scores plus the

@@ -47,11 +47,9 @@ from .base import (
     configure,
     data_digest,
     feature_stores,
-    fill_scores,
     model_digest,
     nbytes,
     row_subset,
-    storage_dtype,
     store_meta,
     store_products,
 )
@@ -183,9 +181,7 @@ class GradDot(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
-        query_ids, block, meta = self._blocks(queries)
-        shape = (len(self.train_ids), len(query_ids))
-        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        values, query_ids = self._fill(queries)
         return self._scores(values, query_ids)
 
     def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:

@@ -59,7 +59,6 @@ from .base import (
     cached_rows,
     configure,
     feature_stores,
-    fill_scores,
     ids_digest,
     nbytes,
     row_subset,
@@ -224,9 +223,7 @@ class TracIn(GradientMethod):
     # -- score ---------------------------------------------------------------------------------------------------
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
-        query_ids, block, meta = self._blocks(queries)
-        shape = (len(self.train_ids), len(query_ids))
-        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        values, query_ids = self._fill(queries)
         return Scores(values, self.train_ids, query_ids, self.name, self._config())
 
     def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:

@@ -81,7 +81,6 @@ from .base import (
     configure,
     eval_mode,
     feature_stores,
-    fill_scores,
     ids_digest,
     nbytes,
     storage_dtype,
@@ -386,9 +385,7 @@ class TRAK(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``: TRAK's τ; positive = the training example helps the query."""
-        query_ids, block, meta = self._blocks(queries)
-        shape = (len(self.train_ids), len(query_ids))
-        values = fill_scores(self.store, shape, storage_dtype(self.model), self.batch_size, block, meta)
+        values, query_ids = self._fill(queries)
         return Scores(values, self.train_ids, query_ids, self.name, self._config())
 
     def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
