@@ -107,3 +107,21 @@ def test_bad_arguments():
         Projector({"w": torch.Size([2, 2])}, 4, "sparse")
     with pytest.raises(ValueError, match="positive"):
         Projector({"w": torch.Size([2, 2])}, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CI; runs where a GPU is lent)")
+@pytest.mark.parametrize("kind", ["gaussian", "kronecker"])
+def test_projection_follows_the_gradients_device(kind):
+    """Projection matrices are drawn on the CPU (same numbers on every device) and moved to the gradients' device."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=11, d=16, n_layers=1, n_heads=2, max_len=16).double()
+    tokens = torch.randint(0, 11, (6, 9))
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        with Capture(m) as cap:
+            grads = example_grads(cap, LanguageModelingTask().loss(m, tokens.to(device)))
+        shapes = {k: p.shape for k, p in m.named_parameters()}
+        out[device] = Projector(shapes, 32, kind, seed=2).project(grads)
+        assert out[device].device.type == device
+    torch.testing.assert_close(out["cuda"].cpu(), out["cpu"], rtol=1e-9, atol=1e-10)

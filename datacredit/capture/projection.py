@@ -32,6 +32,16 @@ KINDS = ("gaussian", "rademacher", "kronecker")
 COLUMN_CHUNK = 8192
 
 
+def _device(grads: ExampleGrads) -> torch.device:
+    piece = next(p for ps in grads.pieces.values() for p in ps)
+    return piece.v.device if isinstance(piece, Outer) else piece.g.device
+
+
+def _like(mat: Tensor, ref: Tensor) -> Tensor:
+    """A projection matrix (drawn on the CPU, so every device draws the same numbers) on ``ref``'s device and dtype."""
+    return mat.to(device=ref.device, dtype=ref.dtype)
+
+
 def _generator(seed: int, *parts: object) -> torch.Generator:
     # A stable seed per (projection seed, parameter, chunk) that does not depend on Python's hash randomisation.
     key = zlib.crc32(repr((seed, *parts)).encode())
@@ -89,7 +99,7 @@ class Projector:
         for name, shape in self.shapes.items():
             k_u, k_v = self.out_dims[name]
             if name not in grads.pieces:
-                blocks.append(torch.zeros(grads.n, k_u * k_v, dtype=_dtype(grads)))
+                blocks.append(torch.zeros(grads.n, k_u * k_v, dtype=_dtype(grads), device=_device(grads)))
                 continue
             total = None
             for p in grads.pieces[name]:
@@ -100,21 +110,20 @@ class Projector:
                 else:  # a dense piece of a large parameter: project it as the (m, n) matrix it is
                     g = p.materialize().reshape(grads.n, shape[0], -1)
                     pu, pv = self._side(name, "u", g.shape[1], k_u), self._side(name, "v", g.shape[2], k_v)
-                    g = g if pu is None else torch.einsum("km,nmj->nkj", pu.to(g.dtype), g)
-                    g = g if pv is None else torch.einsum("nkj,lj->nkl", g, pv.to(g.dtype))
+                    g = g if pu is None else torch.einsum("km,nmj->nkj", _like(pu, g), g)
+                    g = g if pv is None else torch.einsum("nkj,lj->nkl", g, _like(pv, g))
                     out = g.reshape(grads.n, -1)
                 total = out if total is None else total + out
             blocks.append(total)
         return torch.cat(blocks, dim=1)
 
     def _kron_outer(self, name: str, p: Outer, k_u: int, k_v: int) -> Tensor:
-        dtype = p.v.dtype
         pu, pv = self._side(name, "u", p.m, k_u), self._side(name, "v", p.n, k_v)
         if p.indexed:
-            u = p.dense_u() if pu is None else pu.to(dtype).T[p.u]  # column idx of P_u = P_u e_idx
+            u = p.dense_u() if pu is None else _like(pu, p.v).T[p.u]  # column idx of P_u = P_u e_idx
         else:
-            u = p.u if pu is None else p.u @ pu.to(dtype).T
-        v = p.v if pv is None else p.v @ pv.to(dtype).T
+            u = p.u if pu is None else p.u @ _like(pu, p.v).T
+        v = p.v if pv is None else p.v @ _like(pv, p.v).T
         return torch.bmm(u.transpose(1, 2), v).reshape(p.n_examples, -1)
 
     # -- dense ---------------------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ class Projector:
             g = sum(p.materialize() for p in grads.pieces[name])  # (N, numel)
             for start in range(0, shape.numel(), COLUMN_CHUNK):
                 width = min(COLUMN_CHUNK, shape.numel() - start)
-                term = g[:, start : start + width] @ self._chunk(name, start, width).to(g.dtype).T
+                term = g[:, start : start + width] @ _like(self._chunk(name, start, width), g).T
                 out = term if out is None else out + term
         if out is None:
             raise ValueError("no projected parameter among these gradients")
