@@ -55,6 +55,11 @@ bench: $(PEERS) fmnist
 	$(BIN)/python benchmarks/inrun_quality.py
 	$(BIN)/python benchmarks/lds.py
 	$(BIN)/python benchmarks/ensembles.py
+	$(BIN)/python benchmarks/source_credit.py --case digits-classes --seeds 10 --halves 40 \
+		--out runs/source-credit-s10 --results benchmarks/results/source-credit-digits-classes.json
+	$(BIN)/python benchmarks/source_credit.py --case text-documents
+	$(BIN)/python benchmarks/gradstore_methods.py --out benchmarks/results/gradstore_methods.json
+	$(BIN)/python benchmarks/gradstore_scale.py --n-train 1000 10000 --queries 1000 --threads 1
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
