@@ -40,3 +40,13 @@ def torch_func_grads(model: nn.Module, task: Task, batch, measurement: bool = Fa
 def flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     n = next(iter(grads.values())).shape[0]
     return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)
+
+
+def refused_as_stale(call) -> None:
+    """``call()`` raises the StoreError that names a cache computed for another model, data or configuration."""
+    import pytest
+
+    from datacredit.errors import StoreError
+
+    with pytest.raises(StoreError, match="computed for another model, data, batch size or configuration"):
+        call()

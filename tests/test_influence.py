@@ -310,3 +310,22 @@ def test_bad_input(mlp_problem):
         Influence(model, task, progress=False).score(test)
     with pytest.raises(ValueError, match="increase the damping"):  # the MLP's Hessian is indefinite
         Influence(model, task, curvature="explicit", damping=0.0, progress=False).fit(train).score(test)
+
+
+def test_same_ids_with_other_contents_are_refitted_and_rescored(mlp_problem, tmp_path):
+    """Corrected labels keep their ids: the store's curvature and scores must follow the data's content, not its ids
+    (they did not: TracIn, TRAK and influence keyed their caches by ids alone)."""
+    model, train, test = mlp_problem
+    task = ClassificationTask()
+    store = Store(tmp_path / "cache")
+
+    def run(data, queries, store):
+        return Influence(model, task, curvature="ekfac", store=store, progress=False).fit(data).score(queries).values
+
+    run(train, test, store)
+    x, y = train.tensors
+    relabelled = ArrayDataset(x, (y + 1) % 3, ids=np.arange(30))
+    np.testing.assert_allclose(run(relabelled, test, store), run(relabelled, test, None), rtol=1e-12)
+    qx, qy = test.tensors
+    other_queries = ArrayDataset(qx, (qy + 1) % 3)  # the same default ids 0..9
+    np.testing.assert_allclose(run(train, other_queries, store), run(train, other_queries, None), rtol=1e-12)

@@ -15,7 +15,7 @@ from datacredit.methods.tracin import TracIn
 from datacredit.models import mlp
 from datacredit.trajectory import Trajectory, TrajectoryRecorder
 
-from .helpers import flat, torch_func_grads
+from .helpers import flat, refused_as_stale, torch_func_grads
 
 LRS = [0.5, 0.3, 0.1]
 
@@ -210,3 +210,22 @@ def test_bad_input(setup):
         TracIn(model, task, Trajectory.from_states([model]), progress=False)
     with pytest.raises(ValueError, match="weighting"):
         TracIn(model, task, traj, weighting="cosine", progress=False)
+
+
+def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
+    """TracIn's cached features belong to one trajectory, data set and projection: anything else is refused by name."""
+    model, traj, train, test = setup
+
+    def run(trajectory, data, dim, store):
+        return TracIn(model, ClassificationTask(), trajectory, projection=dim, store=store, progress=False
+                      ).fit(data).score(test).values
+
+    store = Store(tmp_path / "tracin")
+    run(traj, train, 16, store)
+    states = [{k: v * 1.1 for k, v in traj.state_dict(j).items()} for j in range(len(traj))]
+    scaled = Trajectory.from_states(states, lrs=LRS, steps=[5, 10, 15])
+    refused_as_stale(lambda: run(scaled, train, 16, store))
+    x, y = train.tensors
+    shifted = ArrayDataset(x + 0.5, y, ids=np.arange(100, 130))
+    refused_as_stale(lambda: run(traj, shifted, 16, store))
+    refused_as_stale(lambda: run(traj, train, 8, store))

@@ -14,7 +14,7 @@ from datacredit.methods import base as tracin_module
 from datacredit.methods.trak import TRAK, KernelSolver
 from datacredit.models import mlp
 
-from .helpers import flat, torch_func_grads
+from .helpers import flat, refused_as_stale, torch_func_grads
 
 RIDGE = 1e-6
 
@@ -240,3 +240,23 @@ def test_bad_input(setup):
         TRAK(models[0], ClassificationTask(measurement="margin"), progress=False).score(test)
     with pytest.raises(ValueError, match="average"):
         TRAK(models[0], ClassificationTask(measurement="margin"), average="max", progress=False)
+
+
+def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
+    """The store's cached features and scores belong to one model, data set and configuration: anything else is
+    refused by name (never read back stale; Grad-Dot and influence refit instead, see their tests)."""
+    models, train, test = setup
+    task = ClassificationTask(measurement="margin")
+
+    def run(model_list, data, dim, store):
+        return TRAK(model_list[0], task, model_list, projection=dim, batch_size=16, store=store,
+                    progress=False).fit(data).score(test).values
+
+    store = Store(tmp_path / "trak")
+    run(models, train, 32, store)
+    other_models = [train_model(*train.tensors, seed) for seed in (5, 6)]
+    refused_as_stale(lambda: run(other_models, train, 32, store))
+    x, y = train.tensors
+    shifted = ArrayDataset(x + 0.5, y, ids=np.arange(1000, 1120))  # same ids, other inputs
+    refused_as_stale(lambda: run(models, shifted, 32, store))
+    refused_as_stale(lambda: run(models, train, 16, store))

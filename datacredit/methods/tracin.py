@@ -58,6 +58,7 @@ from .base import (
     as_trajectory,
     cached_rows,
     configure,
+    data_digest,
     feature_stores,
     ids_digest,
     nbytes,
@@ -146,6 +147,7 @@ class TracIn(GradientMethod):
                                      "(make them with TracIn.feature_stores)")
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.projector = None
+        self._train_sha: str | None = None  # data_digest of the fitted training set
         if config.projection is not None:
             shapes = tracked_shapes(self.model, self.modules)
             self.projector = Projector(shapes, config.projection, config.projection_kind, config.seed)
@@ -189,6 +191,7 @@ class TracIn(GradientMethod):
     def fit(self, train: Data) -> TracIn:
         """Cache what depends only on the training data (projected route: per-checkpoint features, resumable)."""
         self._train = train
+        self._train_sha = data_digest(train)  # caches are keyed by the data's content, not only its ids
         if self.features is not None:
             for gs in self.features:
                 gs.build(train)
@@ -204,7 +207,8 @@ class TracIn(GradientMethod):
         for k in range(len(self.trajectory)):
             self._load(k)
             meta = {"method": self.name, "projection": self.config.projection, "seed": self.config.seed,
-                    "projection_kind": self.config.projection_kind, "checkpoint": self._digest(k)}
+                    "projection_kind": self.config.projection_kind, "checkpoint": self._digest(k),
+                    "data_sha256": self._train_sha}
             ids, arrays = cached_rows(
                 self, train, measurement=False, desc=f"{self.name} fit {k + 1}/{len(self.trajectory)}",
                 store=self.store, arrays={f"tracin-features-{k:04d}": (self.projector.out_dim, dtype)},
@@ -260,7 +264,8 @@ class TracIn(GradientMethod):
                         out[batch.rows, q_rows] += w * to_np(g.gram(qg))
             return out
 
-        meta = {**self._meta(), "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids)}
+        meta = {**self._meta(), "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
+                "train_sha256": self._train_sha, "queries_sha256": data_digest(queries)}
         return query_ids, block, meta
 
 
@@ -278,7 +283,7 @@ class TracIn(GradientMethod):
             return store_products(terms, rows)
 
         meta = {**self._meta(), "features": store_meta(self.features), "train_ids": ids_digest(self.train_ids),
-                "query_ids": ids_digest(query_ids)}
+                "query_ids": ids_digest(query_ids), "queries_sha256": data_digest(queries)}
         return query_ids, block, meta
 
     def self_scores(self) -> Scores:

@@ -79,6 +79,7 @@ from .base import (
     batches,
     cached_rows,
     configure,
+    data_digest,
     eval_mode,
     feature_stores,
     ids_digest,
@@ -262,6 +263,7 @@ class TRAK(GradientMethod):
                            else Projector(shapes, config.projection, config.projection_kind, config.seed + m)
                            for m in range(len(self.members))]
         self._digests: list[str] | None = None
+        self._train_sha: str | None = None  # data_digest of the fitted training set
         self.train_ids: np.ndarray | None = None
         self.train_features: list[np.ndarray] | None = None  # Φ_m (n_train, k) per member
         self.one_minus_p: list[np.ndarray] | None = None  # (n_train,) per member
@@ -287,7 +289,8 @@ class TRAK(GradientMethod):
         if self._digests is None:
             self._digests = [self.members.digest(j) for j in range(self.n_models)]
         return {"method": self.name, "projection": self.config.projection, "seed": self.config.seed + m,
-                "projection_kind": self.config.projection_kind, "member": self._digests[m]}
+                "projection_kind": self.config.projection_kind, "member": self._digests[m],
+                "data_sha256": self._train_sha}
 
     # -- fit -----------------------------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
@@ -300,6 +303,7 @@ class TRAK(GradientMethod):
         """Φ_m, 1 − p and the inverse kernels of every member, resumed from the store when one is given."""
         if self.features is not None:
             return self._fit_stores(train)
+        self._train_sha = data_digest(train)  # caches are keyed by the data's content, not only its ids
         dtype = storage_dtype(self.model)
         features, weights, kernels, ridges = [], [], [], []
         for m in range(self.n_models):
@@ -417,7 +421,8 @@ class TRAK(GradientMethod):
 
         meta = {"method": self.name, "config": asdict(self.config), "batch_size": self.batch_size,
                 "members": [self._meta(m)["member"] for m in range(self.n_models)],
-                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids)}
+                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
+                "train_sha256": self._train_sha, "queries_sha256": data_digest(queries)}
         return query_ids, block, meta
 
 
@@ -440,7 +445,7 @@ class TRAK(GradientMethod):
 
         meta = {"method": self.name, "config": asdict(self.config), "features": store_meta(self.features),
                 "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
-                "relative_ridges": list(self.relative_ridges)}
+                "queries_sha256": data_digest(queries), "relative_ridges": list(self.relative_ridges)}
         return query_ids, block, meta
 
     def self_scores(self) -> Scores:
