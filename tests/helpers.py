@@ -50,3 +50,15 @@ def refused_as_stale(call) -> None:
 
     with pytest.raises(StoreError, match="computed for another model, data, batch size or configuration"):
         call()
+
+
+class FunctionalReuse(nn.Module):
+    """A tracked Linear whose weight is also used outside its module call (``F.linear``): the engine must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + torch.nn.functional.linear(h, self.b.weight)

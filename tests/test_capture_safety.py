@@ -17,7 +17,7 @@ from datacredit.capture.linear import LinearRule
 from datacredit.errors import DataError, UnsupportedModuleError
 from datacredit.methods.graddot import GradDot
 
-from .helpers import TOL, torch_func_grads
+from .helpers import TOL, FunctionalReuse, torch_func_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -118,16 +118,6 @@ def test_a_rule_registered_for_the_subclass_is_used():
 
 
 # -- item 2: a tracked parameter used outside its module's call -----------------------------------------------------
-class FunctionalReuse(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h) + F.linear(h, self.b.weight)
-
-
 class TiedByHand(nn.Module):
     """Output layer tied to the embedding as ``h @ emb.weight.T``: the second use is no module call."""
 

@@ -8,13 +8,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datacredit import ClassificationTask
 from datacredit.errors import DataCreditError, DataError, UnsupportedModuleError
 from datacredit.methods.inrun import InRunShapley
 
+from .helpers import FunctionalReuse
 from .test_inrun import OPTIMIZERS, Twin, one_step, warm_up
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -119,16 +119,6 @@ def test_loss_scaled_by_hand_is_refused_naming_the_parameters():
         p.grad /= 1024.0  # unscaled by hand: the captured gradients are still ×1024
     with pytest.raises(DataCreditError, match=r"'0\.weight'.*1024 × .*scaler=scaler"):
         opt.step()
-
-
-class FunctionalReuse(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h) + F.linear(h, self.b.weight)
 
 
 @pytest.mark.parametrize("order", [1, 2])
