@@ -32,6 +32,7 @@ from datacredit.dataset import ArrayDataset
 from datacredit.errors import DataError
 from datacredit.generation import CompletionTask, attribute_completions, completion_queries
 from datacredit.ledger import PayoutRule, compensation, model_digest
+from datacredit.methods.base import data_digest
 from datacredit.models import TinyGPT
 from datacredit.sources import Sources
 from datacredit.store import atomic_write_json
@@ -205,11 +206,10 @@ def run(args: argparse.Namespace) -> int:
         by_method[name] = attribute_completions(method, prompts, completions, sources, level=fields[0],
                                                 seed=args.seed, **limits)
     credit = by_method[names[0]]
-    data_digest = _digest(tokens, mask)
     ledger = compensation(credit.outputs, np.asarray(amounts), noise=credit.noise,
                           rule=PayoutRule(min_evidence=args.min_evidence),
                           audit={"model": model_digest(model), "model_source": args.model or "character TinyGPT",
-                                 "train_file": str(args.train), "train_digest": data_digest,
+                                 "train_file": str(args.train), "train_digest": data_digest(train),
                                  "outputs_file": str(args.outputs), "n_train_windows": len(tokens),
                                  "source_field": fields[0], "methods_compared": names[1:]})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,11 +227,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"ledger: {out_dir / 'ledger.json'}, report: {report}")
     return 0
 
-
-def _digest(*tensors: torch.Tensor) -> str:
-    import hashlib
-
-    sha = hashlib.sha256()
-    for t in tensors:
-        sha.update(t.contiguous().numpy().tobytes())
-    return sha.hexdigest()

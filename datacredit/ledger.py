@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import math
 import os
@@ -30,10 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from datacredit.errors import DataError
+from datacredit.gradstore import model_digest  # the audit's model digest is the one caches use
 from datacredit.sources import SourceValues
 from datacredit.store import atomic_write_bytes, atomic_write_json
 
@@ -90,16 +88,6 @@ def split_amount(amount: float, credit: np.ndarray, noise: np.ndarray | None,
     paid[eligible] = amount * credit[eligible] / credit[eligible].sum()
     paid = _round_exact(paid, amount, rule.decimals)
     return paid, status, 0.0
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 over a model's state dict (names, dtypes, shapes and bytes), for the audit trail."""
-    sha = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        sha.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return sha.hexdigest()
 
 
 @dataclass
