@@ -9,7 +9,13 @@ end of the sample. Model: the text-gpt recipe (TinyGPT d=32, 2 layers, Adam, 8 e
 Ground truth, retrained with ``--seeds`` seeds each (common seeds across jobs): the full set; the full set without
 each source (leave-one-source-out, LOSO); ``--halves`` random halves of the sources (for a source-level LDS).
 The measured value of source s for query q is ``loss_without_s(q) − loss_full(q)`` (positive: the source helped q),
-averaged over seeds. Methods attribute the seed-0 full model; their source value is the sum of members' scores.
+averaged over seeds. Every subset is trained with the same seeds (common random numbers: seed k fixes the
+initialisation and the shuffling stream of every subset, so seed effects shared by the subsets cancel in their
+difference). Methods attribute the seed-0 full model; their source value is the sum of members' scores.
+
+A less noisy text case, ``--case text-styles`` (``benchmarks/text_styles.py``): the sample rewritten in 9 styles
+(case × letter order), one source per style plus a planted source of random characters; 54 held-out queries, 6
+passages written in each style, each expecting its own style's source first. Same recipe.
 
 A second case, ``--case digits-classes``: sklearn's digits with each class as one source (10 sources) plus a planted
 source of 50 uniform-noise images with random labels; 50 test images as queries, each expecting its own class's
@@ -17,10 +23,12 @@ source first; the demo's MLP recipe (64-64-10, SGD).
 
 Reported per method: Spearman over sources between predicted and measured LOSO values, per query then averaged (with
 a bootstrap interval over queries), and for the query-averaged values; the source-level LDS on the halves; the
-seed-to-seed noise ceiling of each; planted checks (the verbatim source ranks first for its windows; the random source
-gets ≤ 0 credit). Usage::
+seed-to-seed noise ceiling of each (split-half: the ground truth of the first half of the seeds against that of
+the second half, with a bootstrap interval over queries; and one seed against the mean of the others); planted
+checks (the expected source ranks first for its queries; the random source gets ≤ 0 credit). Usage::
 
-    .venv/bin/python benchmarks/source_credit.py [--case text-documents|digits-classes] [--seeds 3] [--halves 24]
+    .venv/bin/python benchmarks/source_credit.py [--case text-documents|text-styles|digits-classes] [--seeds 3] \
+        [--halves 24]
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ from datacredit.methods import TRAK
 from datacredit.sources import Sources
 from datacredit.store import Store, atomic_write_json
 from datacredit.training import InRunCallback, TrajectoryCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks.text_styles from this checkout when run as a script
+    sys.path.append(str(ROOT))
+from benchmarks.text_styles import STYLES, styled_text  # noqa: E402
 
 SEQ, DOCS, PER_DOC, N_VERBATIM, N_HELDOUT = 32, 20, 50, 25, 25
 
@@ -103,7 +116,16 @@ def make_digits(seed: int = 0) -> Case:
                 ClassifierRecipe(64, 10, hidden=(64,)), ClassificationTask(), ClassificationTask(measurement="margin"))
 
 
-CASES = {"text-documents": make_text, "digits-classes": make_digits}
+def make_text_styles(seed: int = 0) -> Case:
+    """The styled text case (``benchmarks/text_styles.py``); ``expected[q]`` is the source of the query's style."""
+    corpus = styled_text(seed)
+    names = sorted(set(corpus.sources.levels["source"]))
+    expected = np.array([names.index(STYLES[s]) for s in corpus.query_style])
+    return Case(corpus.train, corpus.queries, corpus.sources, expected, LMRecipe(len(corpus.vocab), SEQ),
+                LanguageModelingTask(), LanguageModelingTask())
+
+
+CASES = {"text-documents": make_text, "text-styles": make_text_styles, "digits-classes": make_digits}
 
 
 def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarray]:
@@ -210,6 +232,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="runs/source-credit")
     parser.add_argument("--case", choices=sorted(CASES), default="text-documents")
+    parser.add_argument("--gt-only", action="store_true", help="retrain (resumable) and stop before the methods")
     parser.add_argument("--results", default=None, help="default benchmarks/results/source-credit-<case>.json")
     args = parser.parse_args()
     if args.seeds < 1 or args.halves < 4 or args.workers < 1:
@@ -218,6 +241,8 @@ def main() -> None:
     args.results = args.results or f"benchmarks/results/source-credit-{args.case}.json"
     case = CASES[args.case]()
     gt = groundtruth(case.recipe, case.train, case.queries, case.sources, args)
+    if args.gt_only:
+        return
     results = attribute(case, Path(args.out) / args.case)
     rows = evaluate(results, gt, case.sources, case.expected)
     atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "rows": rows})
