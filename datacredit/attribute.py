@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from datacredit.dataset import ArrayDataset
+from datacredit.digests import data_digest, model_digest
 from datacredit.errors import DataError
 from datacredit.generation import CompletionTask, attribute_completions, completion_queries
-from datacredit.ledger import PayoutRule, compensation, model_digest
-from datacredit.methods.base import data_digest
+from datacredit.ledger import PayoutRule, compensation
 from datacredit.models import TinyGPT
 from datacredit.sources import Sources
 from datacredit.store import atomic_write_json

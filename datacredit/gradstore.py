@@ -50,7 +50,6 @@ count in the resident set until the kernel reclaims them).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -67,13 +66,14 @@ from .capture import Capture, ExampleGrads, example_grads, resolve_modules
 from .capture.kronecker import Block, KronProjection
 from .capture.projection import Projector
 from .dataset import example_ids
+from .digests import config_digest, data_digest, ids_digest, model_digest
 from .errors import DataError, StoreError
 from .lock import BuildLock
 from .scores import Scores
 from .store import Store
 from .task import Task
 
-__all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "TopK", "data_digest", "model_digest"]
+__all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "TopK"]
 
 FORMAT = "datacredit.gradstore"
 KIND = "gradstore"
@@ -158,61 +158,17 @@ def _project(featurizer: Featurizer, grads: ExampleGrads, shapes: dict[str, torc
     return featurizer.project(grads, shapes)
 
 
-# -- digests -------------------------------------------------------------------------------------------------------
-def _tensor_bytes(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 of every ``state_dict`` entry's name, dtype, shape and bytes (buffers too: they change the forward)."""
-    sha = hashlib.sha256(type(model).__qualname__.encode())
-    for name, t in model.state_dict().items():
-        sha.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
-        sha.update(_tensor_bytes(t))
-    return sha.hexdigest()
-
-
-def _hash_tree(sha: Any, obj: Any) -> None:
-    if isinstance(obj, Tensor):
-        sha.update(repr((str(obj.dtype), tuple(obj.shape))).encode())
-        sha.update(_tensor_bytes(obj))
-    elif isinstance(obj, np.ndarray):
-        sha.update(repr((obj.dtype.str, obj.shape)).encode())
-        sha.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            _hash_tree(sha, x)
-    elif isinstance(obj, dict):
-        for key in sorted(obj, key=repr):
-            sha.update(repr(key).encode())
-            _hash_tree(sha, obj[key])
-    else:
-        sha.update(repr(obj).encode())
-
-
-def data_digest(dataset: Dataset, ids: np.ndarray | None = None) -> dict[str, Any]:
-    """``{"n", "ids_sha256", "data_sha256"}`` of a map-style dataset.
-
-    A dataset with ``.tensors`` (:class:`~datacredit.data.ArrayDataset`) is hashed directly (about 1 s per GB);
-    any other dataset is read once, item by item (the cost of one pass of data loading).
-    """
-    ids = example_ids(dataset) if ids is None else ids
-    sha = hashlib.sha256()
-    tensors = getattr(dataset, "tensors", None)
-    if isinstance(tensors, (tuple, list)) and all(isinstance(t, Tensor) for t in tensors):
-        _hash_tree(sha, list(tensors))
-    else:
-        for i in range(len(dataset)):
-            _hash_tree(sha, dataset[i])
-    return {"n": len(ids), "ids_sha256": hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest(),
-            "data_sha256": sha.hexdigest()}
+# -- digests (datacredit.digests) -------------------------------------------------------------------------------
+def _data_header(dataset: Dataset, ids: np.ndarray) -> dict[str, Any]:
+    """``{"n", "ids_sha256", "data_sha256"}`` of a map-style dataset (:func:`~datacredit.digests.data_digest`: an
+    array dataset is hashed directly, about 1 s per GB; any other is read once, item by item)."""
+    return {"n": len(ids), "ids_sha256": ids_digest(ids), "data_sha256": data_digest(dataset)}
 
 
 def _task_description(task: Task) -> dict[str, Any]:
     """The task's class and a digest of its attributes (tensors hashed by value), so another loss never matches."""
-    sha = hashlib.sha256()
-    _hash_tree(sha, {k: v for k, v in sorted(vars(task).items())})
-    return {"class": f"{type(task).__module__}.{type(task).__qualname__}", "attributes_sha256": sha.hexdigest()}
+    return {"class": f"{type(task).__module__}.{type(task).__qualname__}",
+            "attributes_sha256": config_digest(dict(vars(task)))}
 
 
 def _json(obj: Any) -> Any:
@@ -467,7 +423,7 @@ class GradientStore:
         """
         src = _source(train, self.batch_size)
         ids = example_ids(src.dataset)
-        header = self._header(data_digest(src.dataset, ids))
+        header = self._header(_data_header(src.dataset, ids))
         n = len(ids)
         with BuildLock(self.root, wait=self.lock_wait):
             # a directory holding another kind of artefact (a Scores directory, a method's cache) is refused
@@ -529,7 +485,7 @@ class GradientStore:
         ids = self.store.load_array(IDS)
         header = self.header() or {}
         want = (header.get("data") or {}).get("ids_sha256")
-        if want != hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest():
+        if want != ids_digest(ids):
             raise StoreError(f"{self.root}: the stored training ids do not match the features' header (an interrupted "
                              "refit?); call build(train) again")
         return ids

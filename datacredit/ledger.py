@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from datacredit.digests import model_digest  # the audit's model digest is the one caches use
 from datacredit.errors import DataError
-from datacredit.gradstore import model_digest  # the audit's model digest is the one caches use
 from datacredit.sources import SourceValues
 from datacredit.store import atomic_write_bytes, atomic_write_json
 

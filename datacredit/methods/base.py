@@ -7,7 +7,8 @@ A method is ``fit(train)`` (cache what depends only on training data) then ``sco
 * :func:`products` — training gradients against prepared query weights, val-first or materialize + GEMM by cost;
 * :func:`fill_scores` / :func:`score_rows` — the ``(n_train, n_query)`` matrix in row blocks, in memory or as a
   resumable chunked memmap in a store; :class:`TopKAccumulator` — the same blocks merged into the k best per query;
-* :func:`cached_rows`, :func:`model_digest`, :func:`data_digest`, :func:`ids_digest` — caches and what they depend on;
+* :func:`cached_rows` — resumable per-example caches; what they depend on is digested by :mod:`datacredit.digests`
+  (``model_digest``, ``data_digest``, ``ids_digest``, re-exported here for the methods);
 * :func:`feature_stores` / :func:`store_products` — the projected route of every method on a
   :class:`~datacredit.gradstore.GradientStore` built once (the ``features=`` keyword of each method).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 from ..capture import Capture, ExampleGrads, example_grads, resolve_modules
 from ..capture.pieces import CHUNK_ELEMENTS, Dense, Outer, Piece, val_first_dot
 from ..dataset import example_ids
+from ..digests import config_digest, ids_digest
+from ..digests import data_digest as data_digest  # re-exported: the methods (influence, source too) import it here
+from ..digests import model_digest as model_digest
 from ..errors import DataError, StoreError
 from ..gradstore import MAX_BLOCK_ROWS, GradientStore
 from ..store import Store
@@ -355,32 +358,6 @@ def tracked_shapes(model: nn.Module, modules: list[str] | None) -> dict[str, tor
     return {name: p.shape for name, p in model.named_parameters() if id(p) in owned}
 
 
-def ids_digest(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def model_digest(params: dict[str, Tensor]) -> str:
-    """sha256 of named parameter values (names, dtypes, shapes and bytes): a cache belongs to one model state."""
-    sha = hashlib.sha256()
-    for name, p in params.items():
-        t = p.detach().cpu().contiguous()
-        sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
-def data_digest(data: Data) -> str:
-    """sha256 of a dataset's ids and, for an ArrayDataset-like one (``.tensors``), its tensors; other datasets are
-    identified by their ids alone (their contents are not read twice just to hash them)."""
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    sha = hashlib.sha256(np.ascontiguousarray(example_ids(dataset), dtype=np.int64).tobytes())
-    for t in getattr(dataset, "tensors", None) or ():
-        arr = t.detach().cpu().contiguous().numpy() if isinstance(t, Tensor) else np.ascontiguousarray(t)
-        sha.update(f"{arr.dtype.str}{arr.shape}".encode())
-        sha.update(arr.tobytes())
-    return sha.hexdigest()
-
-
 def working_copy(model: nn.Module) -> nn.Module:
     """A private copy of ``model`` that checkpoints are loaded into (costs one more copy of the weights)."""
     return copy.deepcopy(model)
@@ -477,7 +454,7 @@ def fill_scores(store: Store | None, shape: tuple[int, int], dtype: np.dtype, ro
         for rows in blocks:
             out[rows] = block(rows)
         return out
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    key = config_digest(json.loads(json.dumps(meta)))[:16]
     name = f"scores-{key}"
     chunked = store.chunked(name, shape, dtype, len(blocks), meta=meta, overwrite=_stale(store, name, meta))
     for k, rows in enumerate(blocks):

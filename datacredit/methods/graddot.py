@@ -170,8 +170,7 @@ class GradDot(GradientMethod):
 
     def _digests(self, train: Data) -> dict[str, Any]:
         """What a cache depends on: the model's tracked parameters, the data, the configuration."""
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(params),
+        return {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(self.model),
                 "data_sha256": data_digest(train)}
 
     # -- score -------------------------------------------------------------------------------------------------

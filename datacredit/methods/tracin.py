@@ -44,9 +44,9 @@ from torch import nn
 
 from ..capture import ExampleGrads
 from ..capture.projection import KINDS, Projector
+from ..digests import model_digest
 from ..errors import DataError
 from ..gradstore import GradientStore
-from ..gradstore import model_digest as state_digest
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
@@ -142,7 +142,7 @@ class TracIn(GradientMethod):
                 if gs.train_target != "loss":
                     raise ValueError("TracIn needs stores of training-loss gradients (train_target='loss')")
                 self._load(k)
-                if state_digest(gs.model) != state_digest(self.model):
+                if model_digest(gs.model) != model_digest(self.model):
                     raise ValueError(f"features[{k}] is a store of another model than checkpoint {k} "
                                      "(make them with TracIn.feature_stores)")
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
