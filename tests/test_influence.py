@@ -254,18 +254,18 @@ def test_store_resumes_the_curvature_and_the_scores(mlp_problem, tmp_path, monke
     resumed.fit(train)
     assert calls["n"] - 100 == 4  # only the second pass ran again (4 batches of 8 for 30 examples)
 
-    from datacredit.methods import influence
+    from datacredit.methods.prepared import PreparedQueries
 
     dots = {"n": 0}
-    original_dot = influence.products
+    original_dot = PreparedQueries.products
 
-    def flaky_dot(grads, weights):
+    def flaky_dot(self, grads):
         dots["n"] += 1
         if dots["n"] == 6:  # second round of queries (query_batch 4 rounds up to a batch of 8), second train batch
             raise KeyboardInterrupt
-        return original_dot(grads, weights)
+        return original_dot(self, grads)
 
-    monkeypatch.setattr(influence, "products", flaky_dot)
+    monkeypatch.setattr(PreparedQueries, "products", flaky_dot)
     with pytest.raises(KeyboardInterrupt):
         resumed.score(test)
     dots["n"] = 100

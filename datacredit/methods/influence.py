@@ -12,10 +12,13 @@ is *not* included (as in kronfluence and dattri). Removing example i changes the
 training objective belongs in the curvature: pass ``damping=λ``.
 
 Work: query gradients are computed once per round of ``query_batch`` queries and the inverse curvature is applied to
-them (materialized per parameter, ``(Q, *shape)``); every training batch is then scored against the whole round by
-:func:`~datacredit.methods.base.products`, which per layer either materializes the batch's training gradients
-(``N·T·m·n``) and multiplies them with all the round's queries in one GEMM (``N·Q·m·n``), or takes val-first dots
-(``Σ_t u_tᵀ V v_t``, ``N·T·m·n·Q``) where that is much cheaper (Embedding rows). ``curvature="identity"`` skips the
+them (:meth:`Influence.prepare`: factored curvatures rotate the factored query gradients straight into their
+eigenbasis and may leave the last rotation ``Q_v`` to the training side, where it is cheaper); every training batch is
+then scored against the whole round by :class:`~datacredit.methods.prepared.PreparedQueries`, which per layer skips
+the exact zeros of the training gradients' factors (inactive ReLUs: one GEMM per weight row over the examples where
+it is active, ``nnz(u)·n·Q``), or materializes the batch's training gradients (``N·T·m·n``) and multiplies them with all
+the round's queries in one GEMM (``N·Q·m·n``), or takes val-first dots (``Σ_t u_tᵀ V v_t``, ``N·T·m·n·Q``), whichever
+costs least (Embedding rows: val-first). ``curvature="identity"`` skips the
 preconditioning and uses Grad-Dot's Gram products on the factored query gradients (ghost dots: ``N·Q·T²·(m+n)``).
 Each round is one pass over the training data, so memory is ``query_batch × (number of parameters)`` and the
 training backward passes are repeated only when the queries do not fit in one round. With a store, the curvature is
@@ -50,7 +53,7 @@ from torch import Tensor, nn
 
 from ..capture import ExampleGrads
 from ..curvature import Curvature, Damping, as_damping, curvature_class, curvature_names, tracked_parameters
-from ..curvature.factored import IdentityCurvature
+from ..curvature.factored import IdentityCurvature, _BlockCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
 from ..errors import DataError, StoreError
 from ..gradstore import GradientStore
@@ -72,11 +75,11 @@ from .base import (
     fill_scores,
     ids_digest,
     nbytes,
-    products,
     store_meta,
     store_products,
     store_self_products,
 )
+from .prepared import PreparedQueries, prepare, views
 
 logger = logging.getLogger(__name__)
 
@@ -277,19 +280,35 @@ class Influence(GradientMethod):
         with eval_mode(self.model):
             return self.curvature.apply_inverse(weights, self.config.damping)
 
+    def prepare(self, grads: list[ExampleGrads]) -> PreparedQueries:
+        """The queries of ``grads`` (in order) preconditioned, ``(H + δI)⁻¹ ∇f_q``, in the layout
+        :class:`~datacredit.methods.prepared.PreparedQueries` scores training batches with. Factored curvatures
+        (diagonal, KFAC, EK-FAC) go from the factored query gradients straight into their eigenbasis and may leave
+        the last rotation to the training side (:func:`~datacredit.methods.prepared.prepare`); the others go through
+        :meth:`precondition`. Same numbers as :meth:`precondition` to rounding (the tests' twin)."""
+        if isinstance(self.curvature, _BlockCurvature):
+            self.curvature._require_fit()
+            missing = sorted({name for g in grads for name in g.pieces} - set(self.curvature.blocks))
+            if missing:
+                raise KeyError(f"curvature {self.curvature.name!r} has no block for parameter(s) {missing}; "
+                               f"fitted: {sorted(self.curvature.blocks)}")
+            with eval_mode(self.model):
+                return prepare(self.curvature.blocks, grads, self.config.damping, len(self.train_ids),
+                               lambda g: g.flat_dtype)
+        return PreparedQueries.from_weights(self.precondition(grads), views(grads))
+
     def _query_side(self, group: list[ExampleGrads]) -> Callable[[ExampleGrads], Tensor]:
         """What one query round does to each training batch: ``g -> (N, Q)`` scores of the round's queries.
 
         Identity curvature: ``(1 + δ)⁻¹ ⟨g_i, g_q⟩`` by the Gram products Grad-Dot uses (ghost dots where cheaper: for
         one position per example ``N·Q·(m + n)`` instead of ``N·Q·m·n``), on the factored query gradients.
-        Otherwise the queries are preconditioned once (:meth:`precondition`) and every training batch is multiplied
-        with them by :func:`~datacredit.methods.base.products` (val-first or materialize + GEMM, by cost).
+        Otherwise the queries are preconditioned once (:meth:`prepare`) and every training batch is multiplied with
+        them by :meth:`PreparedQueries.products` (zero-skipping, materialize + GEMM or val-first, by cost).
         """
         if isinstance(self.curvature, IdentityCurvature):
             scale = self.curvature.scale(self.config.damping)
             return lambda g: torch.cat([g.gram(q) for q in group], dim=1) * scale
-        pre = self.precondition(group)
-        return lambda g: products(g, pre)
+        return self.prepare(group).products
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = upweighting the training example lowers the query's

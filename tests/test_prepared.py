@@ -1,0 +1,134 @@
+"""Prepared query weights (methods/prepared.py) against their slow twins: ``ExampleGrads.dot`` with the unrotated
+weights, torch.func per-example gradients, and ``Curvature.apply_inverse`` on materialized query gradients; every route
+forced in turn (zero-skipping by rows and by columns, materialize + GEMM, val-first, a deferred right rotation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datacredit import ClassificationTask
+from datacredit.capture import Capture, example_grads
+from datacredit.capture.pieces import Outer
+from datacredit.curvature import Damping
+from datacredit.data import ArrayDataset
+from datacredit.methods import base, prepared
+from datacredit.methods.influence import Influence
+from datacredit.methods.prepared import Prepared, PreparedQueries
+from datacredit.models import TinyGPT, mlp
+from datacredit.task import LanguageModelingTask
+
+from .helpers import flat, torch_func_grads
+
+ROUTES = ["rows", "cols", "gemm", "val-first"]
+
+
+def force(monkeypatch, way: str) -> None:
+    """Make every non-indexed Outer piece take ``way`` (and the base route of indexed ones match it)."""
+    monkeypatch.setattr(prepared, "route", lambda piece, q: way if way in ("rows", "cols") and not piece.indexed
+                        else "base")
+    monkeypatch.setattr(base, "VAL_FIRST_ADVANTAGE", 0 if way == "val-first" else 10**9)
+
+
+def relu_mlp_grads():
+    """A ReLU MLP's per-example gradients with many exact zeros in u (dead units) and in v (post-ReLU inputs)."""
+    torch.manual_seed(0)
+    model = mlp(6, [8, 7], 3).double()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    x[:, :2] = 0  # blank inputs: zero columns of v in the first layer
+    with Capture(model, None) as cap:
+        g = example_grads(cap, F.cross_entropy(model(x), y, reduction="none"), torch.arange(12))
+    return model, ClassificationTask(), (x, y), g
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("rotate", [False, True])
+def test_products_equal_dot_on_a_relu_mlp_and_a_tied_gpt(route, rotate, monkeypatch, float64):
+    model, task, batch, g = relu_mlp_grads()
+    torch.manual_seed(1)
+    gpt = TinyGPT(11, d=8, n_layers=1, n_heads=2, max_len=8, tied=True).double()
+    tokens = torch.randint(0, 11, (6, 8), generator=torch.Generator().manual_seed(1))
+    with Capture(gpt, None) as cap:
+        g_gpt = example_grads(cap, LanguageModelingTask().loss(gpt, tokens), torch.arange(6))
+    assert sum(int((p.u == 0).sum()) for ps in g.pieces.values() for p in ps if isinstance(p, Outer)) > 50
+    force(monkeypatch, route)
+    for grads, ref_model, ref_task, ref_batch in ((g, model, task, batch),
+                                                  (g_gpt, gpt, LanguageModelingTask(), tokens)):
+        views = prepared.views([grads])
+        weights = {name: torch.randn(5, *shape) for name, shape in grads.shapes.items()}
+        prep = PreparedQueries.from_weights(weights, views)
+        if rotate:  # W = (W r) rᵀ with r orthogonal: the same weights, the right rotation deferred to the training side
+            for name, p in prep.weights.items():
+                m, n, _ = p.w.shape
+                r = torch.linalg.qr(torch.randn(n, n))[0]
+                w = weights[name].reshape(5, m, n) @ r
+                prep.weights[name] = Prepared(w.permute(1, 2, 0).contiguous(), r)
+        fast = prep.products(grads)
+        torch.testing.assert_close(fast, grads.dot(weights), rtol=1e-10, atol=1e-12)
+        names = list(grads.pieces)
+        ref = flat(torch_func_grads(ref_model, ref_task, ref_batch), names) @ flat(weights, names).T
+        torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_the_zero_skipping_route_is_taken_for_sparse_u_and_many_queries(monkeypatch):
+    """Cost model: 75 % zeros in u, one position, 500 queries: rows; a dense u: the GEMM (no zeros to skip)."""
+    calls = []
+    monkeypatch.setattr(prepared, "row_sparse_scores", lambda *a: calls.append(1) or torch.zeros(256, 500))
+    u = torch.randn(256, 1, 64) * (torch.rand(256, 1, 64) < 0.25)
+    piece = Outer(u, torch.randn(256, 1, 784), 64, 784)
+    prep = Prepared(torch.zeros(64, 784, 500))
+    prepared.piece_scores(piece, prep)
+    assert calls == [1]
+    prepared.piece_scores(Outer(torch.randn(256, 1, 64), piece.v, 64, 784), prep)
+    assert calls == [1]
+
+
+@pytest.fixture(scope="module")
+def relu_problem():
+    """A trained ReLU MLP in float64 with dead units (zeros in u) and blank inputs (zeros in v)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
+    x[:, :2] = 0
+    model = mlp(6, [9], 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, ArrayDataset(x[:36], y[:36], ids=np.arange(36)), ArrayDataset(x[36:], y[36:])
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "kfac", "ekfac", "explicit"])
+@pytest.mark.parametrize("route", ["rows", "cols", "gemm"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_influence_scores_equal_apply_inverse_on_torch_func_gradients(relu_problem, curvature, route, defer,
+                                                                        monkeypatch):
+    """The whole scoring route (queries rotated from their factors, the right rotation deferred or not, training
+    batches by zero-skipping or GEMM) against ∇ℓ_iᵀ · apply_inverse(∇f_q) on torch.func gradients."""
+    model, train, test = relu_problem
+    task = ClassificationTask()
+    force(monkeypatch, route)
+    monkeypatch.setattr(prepared, "deferred", lambda train_positions, query_rows: defer)
+    inf = Influence(model, task, curvature=curvature, damping=Damping(absolute=0.5, relative=0.1), batch_size=7,
+                    query_batch=5, progress=False).fit(train)  # absolute damping: the explicit Hessian is indefinite
+    pre = inf.prepare([g for _, _, g in inf._grads(test, measurement=True)])
+    assert any(p.r is not None for p in pre.weights.values()) == (defer and curvature in ("kfac", "ekfac"))
+    names = list(inf.params)
+    g_train = flat(torch_func_grads(model, task, train.tensors), names)
+    q = torch_func_grads(model, task, test.tensors, measurement=True)
+    slow = inf.curvature.apply_inverse({k: q[k] for k in names}, inf.config.damping)
+    np.testing.assert_allclose(inf.score(test).values, (g_train @ flat(slow, names).T).numpy(), rtol=1e-9,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_rotate_pieces_equals_rotating_the_materialized_gradient(relu_problem, curvature, float64):
+    model, train, test = relu_problem
+    inf = Influence(model, ClassificationTask(), curvature=curvature, progress=False).fit(train)
+    g = next(iter(inf._grads(test, measurement=True)))[2]
+    for name, pieces in g.pieces.items():
+        block = inf.curvature.blocks[name]
+        mat = sum(p.materialize() for p in pieces).reshape(g.n, block.m, block.n)
+        torch.testing.assert_close(block.rotate_pieces(pieces, g.n, torch.float64), block.rotate(mat))
