@@ -11,6 +11,8 @@ Features (``(n_train, D)``), by ``projection``:
   ``d_out × d_in`` per example; ``D = Σ_layers k_u·k_v``.
 * :class:`DenseProjection` — one dense seeded Gaussian/Rademacher ``(k, numel)`` map (the existing
   :class:`~datacredit.capture.projection.Projector`); needs each parameter's gradient materialized in turn.
+* :class:`SquareKronProjection` — the methods' own per-parameter Kronecker projection (``projection_kind=
+  "kronecker"`` of Grad-Dot, TracIn, TRAK): their projected routes are stores of it or of :class:`DenseProjection`.
 * :class:`ExactFeatures` — the flat per-example gradient itself (tiny models and tests only: ``D = numel``).
 
 Score (Grad-Dot of the features): ``score[i, j] = ⟨φ(∇ℓ_i), M φ(∇f_j)⟩`` with ``M = I`` unless a ``preconditioner`` is
@@ -73,7 +75,7 @@ from .scores import Scores
 from .store import Store
 from .task import Task
 
-__all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "TopK"]
+__all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "SquareKronProjection", "TopK"]
 
 FORMAT = "datacredit.gradstore"
 KIND = "gradstore"
@@ -147,7 +149,43 @@ class DenseProjection:
         return self._projector.project(grads)
 
 
-Featurizer = KronProjection | DenseProjection | ExactFeatures
+class SquareKronProjection:
+    """The methods' per-parameter Kronecker projection (:class:`~datacredit.capture.projection.Projector` kind
+    ``"kronecker"``, what ``projection_kind="kronecker"`` of Grad-Dot and TracIn uses): a parameter with at most
+    ``dim`` entries is kept exactly, any other viewed as ``(m, n)`` becomes ``P_u G P_vᵀ`` of ``min(m, r) × min(n, r)``
+    with ``r = ⌈√dim⌉``. Other seeds and shapes than :class:`KronProjection`; the same numbers as the methods' own
+    projection, so a store of it reproduces their scores. Cost as :class:`KronProjection`."""
+
+    def __init__(self, dim: int = 1024, seed: int = 0):
+        if dim < 1:
+            raise ValueError(f"SquareKronProjection dim must be positive, got {dim}")
+        self.dim, self.seed = int(dim), int(seed)
+        self._projector: Projector | None = None
+
+    def describe(self) -> dict:
+        return {"kind": "square-kronecker", "dim": self.dim, "seed": self.seed}
+
+    def _for(self, shapes: dict[str, torch.Size]) -> Projector:
+        if self._projector is None or self._projector.shapes != dict(shapes):
+            self._projector = Projector(dict(shapes), self.dim, "kronecker", self.seed)
+        return self._projector
+
+    def layout(self, shapes: dict[str, torch.Size]) -> list[Block]:
+        blocks, offset = [], 0
+        for name, (rows, cols) in self._for(shapes).out_dims.items():
+            shape = tuple(int(s) for s in shapes[name])
+            numel = int(torch.Size(shape).numel())
+            m = shape[0] if shape else 1
+            exact = cols == 1 and rows == numel
+            blocks.append(Block(name, shape, m, numel // max(m, 1), rows, cols, offset, exact))
+            offset += rows * cols
+        return blocks
+
+    def project(self, grads: ExampleGrads, shapes: dict[str, torch.Size]) -> Tensor:
+        return self._for(shapes).project(grads)
+
+
+Featurizer = KronProjection | DenseProjection | SquareKronProjection | ExactFeatures
 
 
 def _layout(featurizer: Featurizer, shapes: dict[str, torch.Size]) -> list[Block]:

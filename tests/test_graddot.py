@@ -109,17 +109,20 @@ def test_cached_features_resume_after_a_crash(setup, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the fourth batch
         return original(self, grads)
 
+    from datacredit.methods import base
+
     monkeypatch.setattr(projection.Projector, "project", flaky)
+    monkeypatch.setattr(base, "CACHE_CHUNK_ROWS", 8)  # chunks of 2 batches
     store = Store(tmp_path / "gd")
     with pytest.raises(KeyboardInterrupt):
         GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
     assert calls["n"] == 4
     calls["n"] = 10  # no more failures; count the batches the resumed fit recomputes
     resumed = GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
-    assert calls["n"] - 10 == 8 - 3  # 8 batches of 4 (30 examples), 3 were done before the crash
+    assert calls["n"] - 10 == 8 - 2  # 8 batches of 4 (30 examples); the first chunk (2 batches) was done
     np.testing.assert_allclose(resumed.train_features, full, rtol=1e-6)
     again = GradDot(model, task, projection=16, batch_size=4, store=store, progress=False).fit(train)
-    assert calls["n"] - 10 == 5  # complete: nothing recomputed
+    assert calls["n"] - 10 == 6  # complete: nothing recomputed
     np.testing.assert_allclose(again.score(test).values, resumed.score(test).values)
 
 

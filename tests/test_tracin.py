@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from datacredit import ClassificationTask, GradDot, Store
 from datacredit.data import ArrayDataset, load_digits
 from datacredit.errors import DataError, StoreError
-from datacredit.methods import base as tracin_module
+from datacredit.methods import base
 from datacredit.methods.tracin import TracIn
 from datacredit.models import mlp
 from datacredit.trajectory import Trajectory, TrajectoryRecorder
 
-from .helpers import flat, refused_as_stale, torch_func_grads
+from .helpers import flat, torch_func_grads
 
 LRS = [0.5, 0.3, 0.1]
 
@@ -122,7 +122,7 @@ def test_store_resume_and_memmap_scores(setup, tmp_path, monkeypatch):
         return original(self, grads)
 
     monkeypatch.setattr(projection.Projector, "project", flaky)
-    monkeypatch.setattr(tracin_module, "CACHE_CHUNK_ROWS", 8)  # chunks of 2 batches
+    monkeypatch.setattr(base, "CACHE_CHUNK_ROWS", 8)  # chunks of 2 batches
     store = Store(tmp_path / "tracin")
     with pytest.raises(KeyboardInterrupt):
         TracIn(model, task, traj, projection=16, batch_size=4, store=store, progress=False).fit(train)
@@ -213,7 +213,8 @@ def test_bad_input(setup):
 
 
 def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
-    """TracIn's cached features belong to one trajectory, data set and projection: anything else is refused by name."""
+    """TracIn's cached features belong to one trajectory, data set and projection: another trajectory or other data
+    (same ids) is refused by name; another projection is another store beside the first (never the first's rows)."""
     model, traj, train, test = setup
 
     def run(trajectory, data, dim, store):
@@ -224,8 +225,13 @@ def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
     run(traj, train, 16, store)
     states = [{k: v * 1.1 for k, v in traj.state_dict(j).items()} for j in range(len(traj))]
     scaled = Trajectory.from_states(states, lrs=LRS, steps=[5, 10, 15])
-    refused_as_stale(lambda: run(scaled, train, 16, store))
+    stale = "built for another model, data or configuration"
+    with pytest.raises(StoreError, match=rf"checkpoint-0000: the gradient store was {stale} \(model.sha256"):
+        run(scaled, train, 16, store)
     x, y = train.tensors
     shifted = ArrayDataset(x + 0.5, y, ids=np.arange(100, 130))
-    refused_as_stale(lambda: run(traj, shifted, 16, store))
-    refused_as_stale(lambda: run(traj, train, 8, store))
+    with pytest.raises(StoreError, match=rf"{stale} \(data.data_sha256"):
+        run(traj, shifted, 16, store)
+    other = run(traj, train, 8, store)
+    np.testing.assert_allclose(other, run(traj, train, 8, None), rtol=1e-12, atol=1e-12)
+    assert len([p for p in (tmp_path / "tracin").iterdir() if p.name.startswith("features-")]) == 2 * 3

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from datacredit import ClassificationTask, Store, Task
 from datacredit.data import ArrayDataset, load_digits
 from datacredit.errors import StoreError
-from datacredit.methods import base as tracin_module
+from datacredit.methods import base
 from datacredit.methods.trak import TRAK, KernelSolver
 from datacredit.models import mlp
 
@@ -166,7 +166,7 @@ def test_store_resume_and_memmap_scores(setup, tmp_path, monkeypatch):
         return original(self, grads)
 
     monkeypatch.setattr(projection.Projector, "project", flaky)
-    monkeypatch.setattr(tracin_module, "CACHE_CHUNK_ROWS", 32)  # chunks of 2 batches
+    monkeypatch.setattr(base, "CACHE_CHUNK_ROWS", 32)  # chunks of 2 batches
     store = Store(tmp_path / "trak")
     with pytest.raises(KeyboardInterrupt):
         TRAK(models[0], task, models, projection=32, batch_size=16, store=store, progress=False).fit(train)
@@ -255,8 +255,13 @@ def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
     store = Store(tmp_path / "trak")
     run(models, train, 32, store)
     other_models = [train_model(*train.tensors, seed) for seed in (5, 6)]
-    refused_as_stale(lambda: run(other_models, train, 32, store))
+    stale = "built for another model, data or configuration"
+    with pytest.raises(StoreError, match=rf"member-000: the gradient store was {stale} \(model.sha256"):
+        run(other_models, train, 32, store)
     x, y = train.tensors
     shifted = ArrayDataset(x + 0.5, y, ids=np.arange(1000, 1120))  # same ids, other inputs
-    refused_as_stale(lambda: run(models, shifted, 32, store))
-    refused_as_stale(lambda: run(models, train, 16, store))
+    with pytest.raises(StoreError, match=rf"{stale} \(data.data_sha256"):
+        run(models, shifted, 32, store)
+    other = run(models, train, 16, store)  # another projection: another store beside the first, never its rows
+    np.testing.assert_allclose(other, run(models, train, 16, None), rtol=1e-10, atol=1e-12)
+    assert len([p for p in (tmp_path / "trak").iterdir() if p.name.startswith("features-")]) == 2 * 2

@@ -7,8 +7,9 @@ A method is ``fit(train)`` (cache what depends only on training data) then ``sco
 * :func:`products` — training gradients against prepared query weights, val-first or materialize + GEMM by cost;
 * :func:`fill_scores` / :func:`score_rows` — the ``(n_train, n_query)`` matrix in row blocks, in memory or as a
   resumable chunked memmap in a store; :class:`TopKAccumulator` — the same blocks merged into the k best per query;
-* :func:`cached_rows` — resumable per-example caches; what they depend on is digested by :mod:`datacredit.digests`
-  (``model_digest``, ``data_digest``, ``ids_digest``, re-exported here for the methods);
+* :func:`own_store` — the :class:`~datacredit.gradstore.GradientStore` behind a method's own projected route (the
+  one resumable chunked writer of per-example features; its header holds model, data and configuration digests);
+  what caches depend on is digested by :mod:`datacredit.digests` (re-exported here for the methods);
 * :func:`feature_stores` / :func:`store_products` — the projected route of every method on a
   :class:`~datacredit.gradstore.GradientStore` built once (the ``features=`` keyword of each method).
 """
@@ -19,8 +20,12 @@ import contextlib
 import copy
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,14 +34,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
-from ..capture import Capture, ExampleGrads, example_grads, resolve_modules
+from ..capture import Capture, ExampleGrads, example_grads
 from ..capture.pieces import CHUNK_ELEMENTS, Dense, Outer, Piece, val_first_dot
 from ..dataset import example_ids
-from ..digests import config_digest, ids_digest
+from ..digests import config_digest
 from ..digests import data_digest as data_digest  # re-exported: the methods (influence, source too) import it here
+from ..digests import ids_digest as ids_digest
 from ..digests import model_digest as model_digest
-from ..errors import DataError, StoreError
-from ..gradstore import MAX_BLOCK_ROWS, GradientStore
+from ..errors import DataError
+from ..gradstore import MAX_BLOCK_ROWS, DenseProjection, ExactFeatures, GradientStore, SquareKronProjection
 from ..store import Store
 from ..task import Task, batch_size
 from ..trajectory import Trajectory
@@ -50,7 +56,7 @@ C = TypeVar("C")  # a method's frozen config dataclass
 # multiply-adds than materializing the training gradients and multiplying.
 VAL_FIRST_ADVANTAGE = 2
 SCORE_CHUNK_BYTES = 64 * 2**20  # one chunk of an output matrix in a store (resumable unit of score)
-CACHE_CHUNK_ROWS = 2048  # rows of cached features per resumable chunk
+CACHE_CHUNK_ROWS = 2048  # rows of a method's own feature store per resumable chunk (rounded to whole batches)
 
 
 @dataclass(frozen=True)
@@ -351,13 +357,6 @@ def storage_dtype(model: nn.Module) -> np.dtype:
     return np.dtype(np.float64 if next(model.parameters()).dtype == torch.float64 else np.float32)
 
 
-def tracked_shapes(model: nn.Module, modules: list[str] | None) -> dict[str, torch.Size]:
-    """Shapes of the trainable parameters of the tracked modules, in ``named_parameters`` order."""
-    owned = {id(p) for module, _ in resolve_modules(model, modules).values()
-             for p in module.parameters(recurse=False) if p.requires_grad}
-    return {name: p.shape for name, p in model.named_parameters() if id(p) in owned}
-
-
 def working_copy(model: nn.Module) -> nn.Module:
     """A private copy of ``model`` that checkpoints are loaded into (costs one more copy of the weights)."""
     return copy.deepcopy(model)
@@ -365,70 +364,6 @@ def working_copy(model: nn.Module) -> nn.Module:
 
 def as_trajectory(trajectory: Trajectory | str | os.PathLike[str]) -> Trajectory:
     return trajectory if isinstance(trajectory, Trajectory) else Trajectory.load(trajectory)
-
-
-def open_cache(store: Store, name: str, shape: tuple[int, ...], dtype: np.dtype, n_chunks: int,
-               meta: dict[str, Any]):
-    """``store.chunked(...)`` that explains a stale cache instead of dumping both metadata dicts."""
-    if store.has(name):
-        have = store.info(name).get("meta")
-        if have != json.loads(json.dumps(meta)):
-            raise StoreError(f"{store.root}: cached {name!r} was computed for another model, data, batch size or "
-                             "configuration; use a new store directory (or remove that artefact)")
-    return store.chunked(name, shape, dtype, n_chunks, meta=meta)
-
-
-def check_train_ids(store: Store, ids: np.ndarray) -> None:
-    """Record the training ids in the store, or check they are the cached ones."""
-    if not store.has("train_ids"):
-        store.save_array("train_ids", ids)
-    elif not np.array_equal(store.load_array("train_ids"), ids):
-        raise DataError(f"{store.root}: the cached training features belong to other training ids; use a new store")
-
-
-def iter_grads(method: GradientMethod, data: Data, *, measurement: bool, desc: str,
-               skip: Callable[[int], bool] = lambda k: False
-               ) -> tuple[np.ndarray, int, Iterator[tuple[int, Batch, ExampleGrads, torch.Tensor]]]:
-    """Ids, number of batches and :meth:`GradientMethod.stream` over ``data``."""
-    loader, ids = as_loader(data, method.batch_size)
-    return ids, len(loader), method.stream(data, measurement=measurement, skip=skip, desc=desc)
-
-
-def cached_rows(method: GradientMethod, data: Data, *, measurement: bool, desc: str, store: Store | None,
-                arrays: dict[str, tuple[int, np.dtype]], compute: Callable, meta: dict[str, Any]
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-example rows computed batch by batch: ``arrays`` maps a name to (width, dtype) and ``compute(batch, grads,
-    values)`` returns ``{name: (B, width)}``. Returns the ids and the arrays ``(n, width)``.
-
-    With a store every array is a chunked memmap; a chunk is the batches covering about :data:`CACHE_CHUNK_ROWS`
-    rows (one flush and fsync per chunk, not per batch), and an interrupted run resumes at the first unfinished chunk.
-    """
-    loader, ids = as_loader(data, method.batch_size)
-    if store is None:
-        out = {name: np.zeros((len(ids), w), dtype=dt) for name, (w, dt) in arrays.items()}
-        _, _, it = iter_grads(method, data, measurement=measurement, desc=desc)
-        for _, batch, g, values in it:
-            for name, rows in compute(batch, g, values).items():
-                out[name][batch.rows] = rows
-        return ids, out
-    n_batches = len(loader)
-    per_chunk = max(1, CACHE_CHUNK_ROWS // (loader.batch_size or 1))
-    full_meta = {**meta, "n": len(ids), "batch_size": loader.batch_size, "chunk_batches": per_chunk,
-                 "train_ids": ids_digest(ids)}
-    chunked = {name: open_cache(store, name, (len(ids), w), dt, -(-n_batches // per_chunk), full_meta)
-               for name, (w, dt) in arrays.items()}
-    check_train_ids(store, ids)
-    last = chunked[list(chunked)[-1]]  # marked done last: done there means done everywhere
-    if not last.complete:
-        _, _, it = iter_grads(method, data, measurement=measurement, desc=desc,
-                              skip=lambda k: last.done(k // per_chunk))
-        for k, batch, g, values in it:
-            for name, rows in compute(batch, g, values).items():
-                chunked[name].array[batch.rows] = rows
-            if (k + 1) % per_chunk == 0 or k + 1 == n_batches:
-                for array in chunked.values():
-                    array.mark_done(k // per_chunk)
-    return ids, {name: c.array for name, c in chunked.items()}
 
 
 def row_subset(data: Data, rows: slice, n: int) -> Data:
@@ -528,3 +463,48 @@ def store_meta(stores: list[GradientStore]) -> list[dict[str, Any]]:
         out.append({"root": str(s.root), "model": header.get("model"), "data": header.get("data"),
                     "config": header.get("config")})
     return out
+
+
+# -- a method's own projected route: its features on a GradientStore ---------------------------------------------------
+Featurizer = DenseProjection | SquareKronProjection | ExactFeatures
+
+
+def projection_featurizer(dim: int | None, kind: str, seed: int) -> Featurizer:
+    """The store featurizer with the numbers of ``Projector(shapes, dim, kind, seed)`` (the methods' projection):
+    ``"gaussian"``/``"rademacher"`` → :class:`DenseProjection` (so such a store is shared with users' dense stores),
+    ``"kronecker"`` → :class:`SquareKronProjection`; ``dim=None`` → :class:`ExactFeatures` (the flat gradient)."""
+    if dim is None:
+        return ExactFeatures()
+    return SquareKronProjection(dim, seed) if kind == "kronecker" else DenseProjection(dim, kind, seed)
+
+
+def own_store(method: GradientMethod, featurizer: Featurizer, *, suffix: str = "", train_target: str = "loss",
+              on_mismatch: str = "raise") -> GradientStore:
+    """The :class:`~datacredit.gradstore.GradientStore` holding ``method``'s own projected training features, on
+    ``method.model`` (whatever state it holds when built or read: the store's header refuses another one).
+
+    Where: ``method.store.root / "features-<target>-<key><suffix>"``, the key a digest of the projection, storage
+    dtype and tracked modules, so every method (and query round, and process) asking for the same features of the
+    same store directory finds them; without a store, a private temporary directory removed with the method. A
+    store built for another model, data or task is refitted (``on_mismatch="refit"``) or refused by name
+    (``"raise"``). Storage: float64 for a float64 model, else float32; chunks of whole batches, about
+    :data:`CACHE_CHUNK_ROWS` rows (a killed build resumes at the first unfinished chunk)."""
+    dtype = "float64" if storage_dtype(method.model) == np.float64 else "float32"
+    key = config_digest({"projection": featurizer.describe(), "dtype": dtype, "modules": method.modules,
+                         "train_target": train_target})[:12]
+    store = getattr(method, "store", None)
+    root = store.root if store is not None else _scratch(method)
+    rows = max(1, CACHE_CHUNK_ROWS // method.batch_size) * method.batch_size
+    return GradientStore(root / f"features-{train_target}-{key}{suffix}", method.model, method.task,
+                         projection=featurizer, dtype=dtype, batch_size=method.batch_size, chunk_size=rows,
+                         on_mismatch=on_mismatch, train_target=train_target)
+
+
+def _scratch(method: GradientMethod) -> Path:
+    """A private temporary directory for ``method``'s feature stores, removed when the method is collected."""
+    path = getattr(method, "_scratch_dir", None)
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="datacredit-features-"))
+        weakref.finalize(method, shutil.rmtree, str(path), True)
+        method._scratch_dir = path
+    return path

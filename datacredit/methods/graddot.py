@@ -1,7 +1,7 @@
 """Grad-Dot and Grad-Cos: ``score(i, q) = ⟨∇ℓ_i(θ), ∇f_q(θ)⟩`` (or its cosine).
 
 Sign: a positive score means one gradient step on training example i lowers the query measurement ``f_q`` (by default
-its loss) to first order, i.e. i helps q. Two routes:
+its loss) to first order, i.e. i helps q. Routes:
 
 * exact (``projection=None``): nothing is cached at ``fit`` but the training ids (and norms for Grad-Cos); ``score``
   computes query gradients once, then streams training batches and takes ghost / materialized Gram products layer by
@@ -9,22 +9,24 @@ its loss) to first order, i.e. i helps q. Two routes:
   ``d_in × d_out`` tensors where ghost dots are cheaper. With a store the ``(n_train, n_query)`` scores are written
   to a chunked memmap there (rows in blocks of about ``SCORE_CHUNK_BYTES``), so they need not fit in RAM and an
   interrupted ``score`` resumes at the first unfinished block; without one they are float64 in memory.
-* projected (``projection=k``): ``fit`` stores the ``(n_train, k)`` projected training gradients (resumable, in the
-  store when one is given); ``score`` is then one projected backward over the queries and a matrix product.
+* projected (``projection=k``): the route below on the method's own gradient store (:func:`~.base.own_store`:
+  in ``store``'s directory when one is given, else a private temporary one), with the projection ``projection_kind``
+  of dimension k (:func:`~.base.projection_featurizer`; the numbers of :class:`~datacredit.capture.projection.
+  Projector`): ``fit`` featurizes the training set once (resumable, reused by any later fit of the same model, data
+  and projection in that directory), ``score`` is one projected backward over the queries and a product.
 * on a gradient store (``features=gs``, a :class:`~datacredit.gradstore.GradientStore` of ``model`` and ``task``):
   ``fit`` builds the store (a built one is reused, a killed build resumes, another model is refused), ``score`` is
   one backward over the queries and the store read once in row blocks: ``score[i, q] = ⟨φ_i, φ_q⟩`` with the store's
-  projection ``φ`` (Kronecker, dense or exact), in the store's compute dtype. The same store serves ``Influence``,
+  projection ``φ`` (Kronecker, dense or exact), products in float64. The same store serves ``Influence``,
   ``TracIn`` (one per checkpoint) and any number of query rounds without featurizing the training set again.
 
-Every cached artefact's metadata holds the digests of the model (tracked parameter values), of the data (ids and,
-for array datasets, contents) and of the configuration: a store written for another model, data or configuration is
-refitted (its stale artefact replaced), never silently reused.
+Every cached artefact's metadata holds the digests of the model (its whole ``state_dict``), of the data (ids and
+contents) and of the configuration (:mod:`datacredit.digests`): features or scores written for another model, data
+or configuration are refitted (the stale artefact replaced), never silently reused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,8 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture.projection import KINDS, Projector
-from ..errors import DataError
+from ..capture.projection import KINDS
 from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
@@ -47,8 +48,11 @@ from .base import (
     configure,
     data_digest,
     feature_stores,
+    ids_digest,
     model_digest,
     nbytes,
+    own_store,
+    projection_featurizer,
     row_subset,
     store_meta,
     store_products,
@@ -81,7 +85,8 @@ class GradDot(GradientMethod):
     config: a :class:`GradDotConfig`, or its fields as keywords (``normalize=True``, ``projection=...``; not both).
     features: a :class:`~datacredit.gradstore.GradientStore` built (or to be built by ``fit``) on this ``model``:
         the projected route on the shared store (module doc); ``projection`` must then be None (the store's
-        projection is used). ``GradDot.from_store(gs)`` is the same. store: where scores are cached (unchanged).
+        projection is used). ``GradDot.from_store(gs)`` is the same. store: where scores are cached, and, for
+        ``projection=k``, the directory of the method's own feature store (module doc).
     """
 
     def __init__(self, model: nn.Module, task: Task, *, config: GradDotConfig | None = None,
@@ -99,13 +104,10 @@ class GradDot(GradientMethod):
                 raise ValueError("features= must be a GradientStore of the same model object as the method's")
             if self.features.train_target != "loss":
                 raise ValueError("Grad-Dot needs a store of training-loss gradients (train_target='loss')")
-        self.projector = None
-        if config.projection is not None:
-            shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-            self.projector = Projector(shapes, config.projection, config.projection_kind, config.seed)
+        self._own = None  # the projected route's own GradientStore (created on first use)
         self._train = None
         self.train_ids: np.ndarray | None = None
-        self.train_features: np.ndarray | None = None  # (n_train, k), projected route
+        self.train_features: np.ndarray | None = None  # (n_train, k), projected route: the own store's memmap
         self.train_norms: np.ndarray | None = None  # (n_train,), Grad-Cos
 
     @classmethod
@@ -122,56 +124,40 @@ class GradDot(GradientMethod):
     def fit(self, train: Data) -> GradDot:
         """Cache what depends only on the training data; resumes from the store after an interruption."""
         self._train = train
-        if self.features is not None:
-            self.features.build(train)
-            self.train_ids = self.features.train_ids()
+        gs = self._features_store()
+        if gs is not None:
+            gs.build(train)
+            self.train_ids = gs.train_ids()
+            if self.features is None:
+                self.train_features = gs.features()
             if self.config.normalize:
-                self.train_norms = np.sqrt(self.features.self_scores().values[:, 0])
+                self.train_norms = np.sqrt(gs.self_scores().values[:, 0])
             return self
-        if self.projector is None:
-            if self.config.normalize:
-                norms = []
-                ids, it = self.grads(train, desc=f"{self.name} fit")
-                for _, g in it:
-                    norms.append(_np(g.sq_norms().sqrt()))
-                self.train_ids, self.train_norms = ids, np.concatenate(norms)
-            else:
-                ids, _ = self.grads(train)
-                self.train_ids = ids
-            return self
-        self.train_ids, self.train_features = self._features(train)
         if self.config.normalize:
-            self.train_norms = np.linalg.norm(self.train_features, axis=1)
+            norms = []
+            ids, it = self.grads(train, desc=f"{self.name} fit")
+            for _, g in it:
+                norms.append(_np(g.sq_norms().sqrt()))
+            self.train_ids, self.train_norms = ids, np.concatenate(norms)
+        else:
+            self.train_ids = as_loader(train, self.batch_size)[1]
         return self
 
-    def _features(self, train: Data) -> tuple[np.ndarray, np.ndarray]:
-        ids, it = self.grads(train, desc=f"{self.name} fit")
-        shape = (len(ids), self.projector.out_dim)
-        n_chunks = -(-len(ids) // self.batch_size)
-        if self.store is None:
-            out = np.zeros(shape, dtype=np.float32)
-            for batch, g in it:
-                out[batch.rows] = self.projector.project(g).detach().cpu().numpy()
-            return ids, out
-        meta = {**self._digests(train), "batch_size": self.batch_size, "n": len(ids)}
-        stale = self.store.has("train_features") and self.store.info("train_features").get("meta") != _json(meta)
-        chunked = self.store.chunked("train_features", shape, np.float32, n_chunks, meta=meta, overwrite=stale)
-        if not chunked.complete:
-            ids_match = self.store.has("train_ids") and np.array_equal(self.store.load_array("train_ids"), ids)
-            if not ids_match:
-                self.store.save_array("train_ids", ids)
-            for k, (batch, g) in enumerate(it):
-                if chunked.done(k):
-                    continue
-                chunked.write(k, batch.rows, self.projector.project(g).detach().cpu().numpy())
-        elif not np.array_equal(self.store.load_array("train_ids"), ids):
-            raise DataError("the store's cached training features belong to other training ids; use a new store")
-        return ids, np.asarray(chunked.array)
+    def _features_store(self) -> GradientStore | None:
+        """The store the projected routes read: ``features=``, or the method's own (``projection=k``); None exact."""
+        if self.features is not None:
+            return self.features
+        if self.config.projection is None:
+            return None
+        if self._own is None:
+            featurizer = projection_featurizer(self.config.projection, self.config.projection_kind, self.config.seed)
+            self._own = own_store(self, featurizer, on_mismatch="refit")
+        return self._own
 
-    def _digests(self, train: Data) -> dict[str, Any]:
-        """What a cache depends on: the model's tracked parameters, the data, the configuration."""
-        return {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(self.model),
-                "data_sha256": data_digest(train)}
+    def _features(self, data: Data) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and projected training-loss features ``(n, k)`` of ``data``, computed in memory (not stored)."""
+        ids, feats = self._features_store().featurize(data, measurement=False)
+        return ids, feats.cpu().numpy()
 
     # -- score -------------------------------------------------------------------------------------------------
     def _require_fit(self) -> None:
@@ -187,23 +173,13 @@ class GradDot(GradientMethod):
         """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
         prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
-        if self.features is not None:
+        if self._features_store() is not None:
             return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
         query_grads: list = []  # (columns, ExampleGrads): computed once, only if some block is still to compute
-        projected: list[np.ndarray] = []  # projected route: the queries' (n_query, k) features
 
         def block(rows: slice) -> np.ndarray:
-            if self.projector is not None:
-                if not projected:
-                    _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
-                    projected.append(np.concatenate([_np(self.projector.project(g)) for _, g in it]))
-                q = projected[0]
-                out = np.asarray(self.train_features[rows], dtype=np.float64) @ q.T
-                if self.config.normalize:
-                    out /= _safe(self.train_norms[rows])[:, None] * _safe(np.linalg.norm(q, axis=1))[None, :]
-                return out
             if not query_grads:
                 _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
                 query_grads.extend((b.rows, g) for b, g in it)
@@ -219,23 +195,26 @@ class GradDot(GradientMethod):
 
         meta = None
         if self.store is not None:
-            meta = {**self._digests(self._train), "queries_sha256": data_digest(queries),
+            meta = {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(self.model),
+                    "data_sha256": data_digest(self._train), "train_ids": ids_digest(self.train_ids),
+                    "queries_sha256": data_digest(queries), "query_ids": ids_digest(query_ids),
                     "batch_size": self.batch_size}
         return query_ids, block, meta
 
     def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
-        """The projected route on the gradient store: queries featurized once (lazily), rows read per block."""
-        gs = self.features
+        """The projected routes on a gradient store: queries featurized once (lazily), rows read per block, products
+        in float64 (the float32 features as the float64 numbers they are)."""
+        gs = self._features_store()
         gs.check()
         query_ids = as_loader(queries, self.batch_size)[1]
         prepared: list[torch.Tensor] = []  # (D, n_query) query features (Grad-Cos: unit length)
 
         def block(rows: slice) -> np.ndarray:
             if not prepared:
-                _, q = gs.query_features(queries)
+                q = gs.query_features(queries)[1].double()
                 if self.config.normalize:
-                    norms = q.double().norm(dim=1)
-                    q = q / torch.where(norms > 0, norms, torch.inf).to(q.dtype)[:, None]
+                    norms = q.norm(dim=1)
+                    q = q / torch.where(norms > 0, norms, torch.inf)[:, None]
                 prepared.append(q.T.contiguous())
             scale = 1.0 / _safe(self.train_norms) if self.config.normalize else 1.0
             return store_products([(gs, prepared[0], scale)], rows)
@@ -243,7 +222,8 @@ class GradDot(GradientMethod):
         meta = None
         if self.store is not None:
             meta = {"method": self.name, "config": asdict(self.config), "features": store_meta([gs]),
-                    "queries_sha256": data_digest(queries), "batch_size": self.batch_size}
+                    "queries_sha256": data_digest(queries), "query_ids": ids_digest(query_ids),
+                    "batch_size": self.batch_size}
         return query_ids, block, meta
 
     def self_scores(self) -> Scores:
@@ -251,10 +231,8 @@ class GradDot(GradientMethod):
         self._require_fit()
         if self.config.normalize:
             values = np.ones(len(self.train_ids))
-        elif self.features is not None:
-            values = self.features.self_scores().values[:, 0]
-        elif self.train_features is not None:
-            values = (self.train_features.astype(np.float64) ** 2).sum(1)
+        elif self._features_store() is not None:
+            values = self._features_store().self_scores().values[:, 0]
         else:
             _, it = self.grads(self._train, desc=f"{self.name} self")
             values = np.concatenate([_np(g.sq_norms()) for _, g in it])
@@ -262,19 +240,15 @@ class GradDot(GradientMethod):
 
     def _scores(self, values: np.ndarray, query_ids: np.ndarray) -> Scores:
         config = asdict(self.config)
-        if self.features is not None:
-            config["features"] = {"root": str(self.features.root), "projection": self.features.projection.describe(),
-                                  "dtype": self.features.dtype, "dim": self.features.dim}
+        gs = self.features  # the own route's store is an implementation detail (its root may be a temporary one)
+        if gs is not None:
+            config["features"] = {"root": str(gs.root), "projection": gs.projection.describe(), "dtype": gs.dtype,
+                                  "dim": gs.dim}
         return Scores(values, self.train_ids, query_ids, self.name, config)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
-
-
-def _json(obj: Any) -> Any:
-    """``obj`` as it reads back from a JSON manifest (tuples become lists)."""
-    return json.loads(json.dumps(obj))
 
 
 def _safe(norms: np.ndarray) -> np.ndarray:

@@ -15,15 +15,18 @@ Two routes, as Grad-Dot:
 * exact (``projection=None``): ghost / val-first dots (:meth:`ExampleGrads.gram`) per checkpoint; ``fit`` caches only
   the training ids; ``score`` computes the queries' gradients once per checkpoint, then streams the training set
   once per checkpoint.
-* projected (``projection=k``): ``fit`` stores each checkpoint's ``(n_train, k)`` projected training gradients
-  (resumable, in the store when one is given); ``score`` is one projected backward over the queries per checkpoint
-  and a matrix product.
+* projected (``projection=k``): the route below on the method's own gradient stores, one per checkpoint
+  (:func:`~.base.own_store`, in ``store``'s directory when one is given, else a private temporary one; all on the
+  method's private model, which holds checkpoint k whenever store k is built or read: each store's header refuses
+  another state). ``fit`` featurizes the training set once per checkpoint (resumable; a store of another
+  trajectory, data or task is refused by name); ``score`` is one projected backward over the queries per checkpoint
+  and a product.
 
 * on gradient stores (``features=[gs_0, …, gs_{C−1}]``, one :class:`~datacredit.gradstore.GradientStore` per
   checkpoint, each on a model holding that checkpoint's weights; :meth:`TracIn.feature_stores` makes them): ``fit``
   builds them (reused when built, resumed when killed; a store whose model is not its checkpoint is refused),
   ``score`` featurizes the queries once per checkpoint and reads the stores in row blocks:
-  ``score[i, q] = Σ_k η_k ⟨φ_k(∇ℓ_i), φ_k(∇f_q)⟩`` with the stores' projection.
+  ``score[i, q] = Σ_k η_k ⟨φ_k(∇ℓ_i), φ_k(∇f_q)⟩`` with the stores' projection, products in float64.
 
 Checkpoints are loaded into a private copy of the model: the user's model is never modified. With a store, the
 ``(n_train, n_query)`` scores are written chunk by chunk into a memmap in the store (resumable) and returned mapped.
@@ -42,8 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import ExampleGrads
-from ..capture.projection import KINDS, Projector
+from ..capture.projection import KINDS
 from ..digests import model_digest
 from ..errors import DataError
 from ..gradstore import GradientStore
@@ -56,19 +58,18 @@ from .base import (
     GradientMethod,
     as_loader,
     as_trajectory,
-    cached_rows,
     configure,
     data_digest,
     feature_stores,
     ids_digest,
     nbytes,
+    own_store,
+    projection_featurizer,
     row_subset,
-    storage_dtype,
     store_meta,
     store_products,
     store_self_products,
     to_np,
-    tracked_shapes,
     working_copy,
 )
 
@@ -146,15 +147,11 @@ class TracIn(GradientMethod):
                     raise ValueError(f"features[{k}] is a store of another model than checkpoint {k} "
                                      "(make them with TracIn.feature_stores)")
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
-        self.projector = None
-        self._train_sha: str | None = None  # data_digest of the fitted training set
-        if config.projection is not None:
-            shapes = tracked_shapes(self.model, self.modules)
-            self.projector = Projector(shapes, config.projection, config.projection_kind, config.seed)
+        self._own: list[GradientStore] | None = None  # the projected route's stores, one per checkpoint
         self._train: Data | None = None
         self._digests: list[str] | None = None
         self.train_ids: np.ndarray | None = None
-        self.train_features: list[np.ndarray] | None = None  # per checkpoint (n_train, k), projected route
+        self.train_features: list[np.ndarray] | None = None  # per checkpoint (n_train, k): the own stores' memmaps
 
     @staticmethod
     def feature_stores(root: str | Path, model: nn.Module, task: Task,
@@ -189,36 +186,42 @@ class TracIn(GradientMethod):
         return nbytes(self.train_ids, self.train_features)
 
     def fit(self, train: Data) -> TracIn:
-        """Cache what depends only on the training data (projected route: per-checkpoint features, resumable)."""
+        """Cache what depends only on the training data (projected routes: the per-checkpoint stores, resumable)."""
         self._train = train
-        self._train_sha = data_digest(train)  # caches are keyed by the data's content, not only its ids
-        if self.features is not None:
-            for gs in self.features:
-                gs.build(train)
-                ids = gs.train_ids()
-                if self.train_ids is not None and not np.array_equal(ids, self.train_ids):
-                    raise ValueError("the checkpoints' stores hold different training ids")
-                self.train_ids = ids
-            return self
-        if self.projector is None:
+        stores = self._stores()
+        if stores is None:
             self.train_ids = as_loader(train, self.batch_size)[1]
             return self
-        dtype, features = storage_dtype(self.model), []
-        for k in range(len(self.trajectory)):
-            self._load(k)
-            meta = {"method": self.name, "projection": self.config.projection, "seed": self.config.seed,
-                    "projection_kind": self.config.projection_kind, "checkpoint": self._digest(k),
-                    "data_sha256": self._train_sha}
-            ids, arrays = cached_rows(
-                self, train, measurement=False, desc=f"{self.name} fit {k + 1}/{len(self.trajectory)}",
-                store=self.store, arrays={f"tracin-features-{k:04d}": (self.projector.out_dim, dtype)},
-                compute=lambda batch, g, values, k=k: {f"tracin-features-{k:04d}": self._project(g)}, meta=meta)
-            features.append(arrays[f"tracin-features-{k:04d}"])
-        self.train_ids, self.train_features = ids, features
+        self.train_ids, features = None, []
+        for k, gs in enumerate(stores):
+            self._ready(k, gs)
+            gs.build(train)
+            ids = gs.train_ids()
+            if self.train_ids is not None and not np.array_equal(ids, self.train_ids):
+                raise ValueError("the checkpoints' stores hold different training ids")
+            self.train_ids = ids
+            if self.features is None:
+                features.append(gs.features())
+        self.train_features = features or None
         return self
 
-    def _project(self, g: ExampleGrads) -> np.ndarray:
-        return self.projector.project(g).detach().cpu().numpy()
+    def _stores(self) -> list[GradientStore] | None:
+        """The per-checkpoint stores the projected routes read (``features=``, or the method's own); None exact."""
+        if self.features is not None:
+            return self.features
+        if self.config.projection is None:
+            return None
+        if self._own is None:
+            self._own = [own_store(self, projection_featurizer(self.config.projection, self.config.projection_kind,
+                                                               self.config.seed), suffix=f"-checkpoint-{k:04d}")
+                         for k in range(len(self.trajectory))]
+        return self._own
+
+    def _ready(self, k: int, gs: GradientStore) -> None:
+        """Checkpoint k into the private model when store k is on it (the own stores; ``features=`` stores have
+        their own models)."""
+        if gs.model is self.model:
+            self._load(k)
 
     def _require_fit(self) -> None:
         if self.train_ids is None:
@@ -234,7 +237,7 @@ class TracIn(GradientMethod):
         """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
         prepared once, on the first call), and the metadata naming the stored scores."""
         self._require_fit()
-        if self.features is not None:
+        if self._stores() is not None:
             return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
@@ -244,19 +247,13 @@ class TracIn(GradientMethod):
             for k in range(len(self.trajectory)):
                 self._load(k)
                 _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries {k + 1}")
-                if self.projector is None:
-                    prepared[k] = [(b.rows, g) for b, g in it]
-                else:
-                    prepared[k] = np.concatenate([to_np(self.projector.project(g)) for _, g in it])
+                prepared[k] = [(b.rows, g) for b, g in it]
 
         def block(rows: slice) -> np.ndarray:
             if not prepared:
                 prepare()
             out = np.zeros((rows.stop - rows.start, len(query_ids)))
             for k, w in enumerate(self.weights):
-                if self.projector is not None:
-                    out += w * (np.asarray(self.train_features[k][rows], dtype=np.float64) @ prepared[k].T)
-                    continue
                 self._load(k)
                 _, it = self.grads(row_subset(self._train, rows, n), desc=f"{self.name} score {k + 1}")
                 for batch, g in it:
@@ -264,40 +261,44 @@ class TracIn(GradientMethod):
                         out[batch.rows, q_rows] += w * to_np(g.gram(qg))
             return out
 
-        meta = {**self._meta(), "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
-                "train_sha256": self._train_sha, "queries_sha256": data_digest(queries)}
+        meta = None if self.store is None else {
+            **self._meta(), "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
+            "train_sha256": data_digest(self._train), "queries_sha256": data_digest(queries)}
         return query_ids, block, meta
 
 
     def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
-        """The ``features=`` route: each checkpoint's query features once (lazily), the stores read in row blocks."""
-        for gs in self.features:
+        """The projected routes: each checkpoint's query features once (lazily), the stores read in row blocks,
+        products in float64."""
+        stores = self._stores()
+        for k, gs in enumerate(stores):
+            self._ready(k, gs)
             gs.check()
         query_ids = as_loader(queries, self.batch_size)[1]
-        prepared: list[torch.Tensor] = []  # per checkpoint (D_k, n_query)
+        prepared: list[torch.Tensor] = []  # per checkpoint (D_k, n_query) float64
 
         def block(rows: slice) -> np.ndarray:
             if not prepared:
-                prepared.extend(gs.query_features(queries)[1].T.contiguous() for gs in self.features)
-            terms = [(gs, q, float(w)) for gs, q, w in zip(self.features, prepared, self.weights, strict=True)]
+                for k, gs in enumerate(stores):
+                    self._ready(k, gs)
+                    prepared.append(gs.query_features(queries)[1].double().T.contiguous())
+            terms = [(gs, q, float(w)) for gs, q, w in zip(stores, prepared, self.weights, strict=True)]
             return store_products(terms, rows)
 
-        meta = {**self._meta(), "features": store_meta(self.features), "train_ids": ids_digest(self.train_ids),
-                "query_ids": ids_digest(query_ids), "queries_sha256": data_digest(queries)}
+        meta = None if self.store is None else {
+            **self._meta(), "features": store_meta(stores), "train_ids": ids_digest(self.train_ids),
+            "query_ids": ids_digest(query_ids), "queries_sha256": data_digest(queries)}
         return query_ids, block, meta
 
     def self_scores(self) -> Scores:
         """``Σ_k η_k ‖∇ℓ_i(θ_k)‖²`` (TracIn self-influence, used to find mislabelled examples), ``(n_train, 1)``."""
         self._require_fit()
-        if self.features is not None:
-            values = store_self_products([(gs, lambda f: f, float(w)) for gs, w in zip(self.features, self.weights,
+        if self._stores() is not None:
+            values = store_self_products([(gs, lambda f: f, float(w)) for gs, w in zip(self._stores(), self.weights,
                                                                                         strict=True)])
             return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
         values = np.zeros(len(self.train_ids))
         for k, w in enumerate(self.weights):
-            if self.train_features is not None:
-                values += w * (np.asarray(self.train_features[k], dtype=np.float64) ** 2).sum(1)
-                continue
             self._load(k)
             _, it = self.grads(self._train, desc=f"{self.name} self {k + 1}")
             for batch, g in it:
@@ -306,8 +307,9 @@ class TracIn(GradientMethod):
 
     def _config(self) -> dict[str, Any]:
         out = {**asdict(self.config), "steps": self.trajectory.steps.tolist(), "weights": self.weights.tolist()}
-        if self.features is not None:
-            gs = self.features[0]
-            out["features"] = {"roots": [str(s.root) for s in self.features], "dtype": gs.dtype, "dim": gs.dim,
+        stores = self.features  # the own route's stores are an implementation detail (maybe temporary ones)
+        if stores is not None:
+            gs = stores[0]
+            out["features"] = {"roots": [str(s.root) for s in stores], "dtype": gs.dtype, "dim": gs.dim,
                                "projection": gs.projection.describe()}
         return out

@@ -39,23 +39,25 @@ digits logistic regression, k = 2048: 0.278 at ρ = 1e-6, 0.412 at the GCV choic
 0.379 (ρ = 0.0018); Fashion-MNIST MLP, k = 512, 500 queries: 0.084 → 0.099. On digits LDS keeps rising to ρ ≈ 1–3
 (0.68–0.76 in a sweep): GCV is a data-driven improvement over the old default, not the LDS optimum.
 
-Caching. ``fit`` stores ``Φ_m`` and ``1 − p`` (in chunks of ~2048 rows: an interrupted fit resumes) and the
-Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) per model in the store; ``score`` then costs
-one projected backward over the queries per model, a ``(k × k)`` triangular solve per query and a chunked
-``(n_train × k)·(k × n_query)`` product written into a memmap in the store (resumable), so many query batches reuse
-the training side.
-
-On gradient stores (``features=gs`` or one store per member, :class:`~datacredit.gradstore.GradientStore` built with
-``train_target="measurement"`` on a margin task, each on its member's model): ``fit`` builds the stores (reused when
-built, resumed when killed, refused for another model), reads ``1 − p`` with one forward pass (no backward) and
-accumulates each kernel ``ΦᵀΦ`` (and ``Φᵀr`` for GCV) from the store in row blocks of ``KERNEL_ROWS``; ``score``
-featurizes the queries once per member, applies ``(ΦᵀΦ + λI)⁻¹`` to them and reads the stores in row blocks. Same
-estimator, ridge rule and averaging; the projection is the store's (dense ``DenseProjection(k, "gaussian", seed)``
-gives the numbers of ``projection=k`` exactly). The kernels are kept in memory (``M·k²`` floats), not in ``store``.
+Caching. Every member's training features live on a :class:`~datacredit.gradstore.GradientStore` of margin gradients
+(``train_target="measurement"``): the method's own (:func:`~.base.own_store`, one per member, in ``store``'s directory
+when one is given, else a private temporary one; all on the method's private model, which holds member m whenever
+store m is built or read, so each store's header refuses another state), or the user's (``features=gs`` or one
+store per member, each on its member's model, built on a margin task). ``fit`` builds the stores (reused when built,
+resumed when killed, a store of another model, data or task refused by name), reads ``1 − p`` with one forward pass
+(no backward) and accumulates each kernel ``ΦᵀΦ`` (and ``Φᵀr`` for GCV) from the store in row blocks of
+``KERNEL_ROWS``; with a ``store`` the Cholesky factor of ``Φ_mᵀΦ_m + λ_m I`` (``(k, k)`` float64, safetensors) is
+kept there, keyed by the store's model, data and configuration digests and the ridge rule, else in memory. ``score``
+featurizes the queries once per member, applies ``(ΦᵀΦ + λI)⁻¹`` to them and reads the stores in row blocks
+(products in float64); with a ``store`` the ``(n_train, n_query)`` scores go to a resumable memmap there. The
+projection is the store's: ``projection=k`` with ``projection_kind`` gives :class:`~datacredit.gradstore.
+DenseProjection` ``(k, kind, seed + m)`` (``"kronecker"``: ``SquareKronProjection``), ``projection=None``
+:class:`~datacredit.gradstore.ExactFeatures`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -65,8 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import ExampleGrads
-from ..capture.projection import KINDS, Projector
+from ..capture.projection import KINDS
 from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
@@ -77,19 +78,17 @@ from .base import (
     GradientMethod,
     as_loader,
     batches,
-    cached_rows,
     configure,
     data_digest,
     eval_mode,
     feature_stores,
     ids_digest,
     nbytes,
-    storage_dtype,
+    own_store,
+    projection_featurizer,
     store_meta,
     store_products,
     store_self_products,
-    to_np,
-    tracked_shapes,
     working_copy,
 )
 
@@ -257,15 +256,9 @@ class TRAK(GradientMethod):
         self.members = _members(model, models)
         super().__init__(working_copy(model), task, batch_size=batch_size, progress=progress)
         self.store = Store(store) if isinstance(store, (str, os.PathLike)) else store
-        shapes = tracked_shapes(self.model, self.modules)
-        self.numel = sum(s.numel() for s in shapes.values())
-        self.projectors = [None if config.projection is None
-                           else Projector(shapes, config.projection, config.projection_kind, config.seed + m)
-                           for m in range(len(self.members))]
-        self._digests: list[str] | None = None
-        self._train_sha: str | None = None  # data_digest of the fitted training set
+        self._own: list[GradientStore] | None = None  # the method's own stores, one per member
         self.train_ids: np.ndarray | None = None
-        self.train_features: list[np.ndarray] | None = None  # Φ_m (n_train, k) per member
+        self.train_features: list[np.ndarray] | None = None  # Φ_m (n_train, k) per member: the own stores' memmaps
         self.one_minus_p: list[np.ndarray] | None = None  # (n_train,) per member
         self._kernels: list[KernelSolver | None] = []  # per member (None: read from the store on demand)
         self.ridges: list[float] = []  # λ_m
@@ -275,22 +268,24 @@ class TRAK(GradientMethod):
     def n_models(self) -> int:
         return len(self.members)
 
-    def _dim(self, m: int) -> int:
-        return self.numel if self.projectors[m] is None else self.projectors[m].out_dim
-
     def _load(self, m: int) -> None:
         self.members.load_into(self.model, m)
 
-    def _phi(self, m: int, g: ExampleGrads) -> Tensor:
-        return g.flat() if self.projectors[m] is None else self.projectors[m].project(g)
+    def _stores(self) -> list[GradientStore]:
+        """Each member's store of training margin gradients: ``features=``, or the method's own."""
+        if self.features is not None:
+            return self.features
+        if self._own is None:
+            cfg = self.config
+            self._own = [own_store(self, projection_featurizer(cfg.projection, cfg.projection_kind, cfg.seed + m),
+                                   suffix=f"-member-{m:03d}", train_target="measurement")
+                         for m in range(self.n_models)]
+        return self._own
 
-    def _meta(self, m: int) -> dict[str, Any]:
-        """What member m's cached features depend on (not the ridge: only the kernel does)."""
-        if self._digests is None:
-            self._digests = [self.members.digest(j) for j in range(self.n_models)]
-        return {"method": self.name, "projection": self.config.projection, "seed": self.config.seed + m,
-                "projection_kind": self.config.projection_kind, "member": self._digests[m],
-                "data_sha256": self._train_sha}
+    def _ready(self, m: int, gs: GradientStore) -> None:
+        """Member m into the private model when store m is on it (the own stores)."""
+        if gs.model is self.model:
+            self._load(m)
 
     # -- fit -----------------------------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
@@ -300,71 +295,47 @@ class TRAK(GradientMethod):
         return nbytes(self.train_ids, self.train_features, self.one_minus_p, kernels)
 
     def fit(self, train: Data) -> TRAK:
-        """Φ_m, 1 − p and the inverse kernels of every member, resumed from the store when one is given."""
-        if self.features is not None:
-            return self._fit_stores(train)
-        self._train_sha = data_digest(train)  # caches are keyed by the data's content, not only its ids
-        dtype = storage_dtype(self.model)
-        features, weights, kernels, ridges = [], [], [], []
-        for m in range(self.n_models):
-            self._load(m)
-            meta = self._meta(m)
-            names = {"phi": f"trak-features-{m:03d}", "q": f"trak-one-minus-p-{m:03d}"}
-
-            def compute(batch, g, values, m=m, names=names):
-                # measurement = -margin, so 1 - p = sigmoid(-margin) = sigmoid(measurement)
-                return {names["q"]: torch.sigmoid(values.double()).cpu().numpy()[:, None],
-                        names["phi"]: self._phi(m, g).detach().cpu().numpy()}
-
-            widths = {names["q"]: (1, np.dtype(np.float64)), names["phi"]: (self._dim(m), dtype)}
-            ids, arrays = cached_rows(self, train, measurement=True, desc=f"{self.name} fit {m + 1}/{self.n_models}",
-                                      store=self.store, arrays=widths, compute=compute, meta=meta)
-            phi = arrays[names["phi"]]
-            features.append(phi)
-            weights.append(np.asarray(arrays[names["q"]][:, 0]))
-            kernel, lam, rho = self._kernel(m, phi, weights[-1], meta, ids)
-            kernels.append(kernel)
-            ridges.append((lam, rho))
-        self.train_ids, self.train_features, self.one_minus_p = ids, features, weights
-        self._kernels = kernels
-        self.ridges, self.relative_ridges = [lam for lam, _ in ridges], [rho for _, rho in ridges]
-        return self
-
-    def _fit_stores(self, train: Data) -> TRAK:
-        """The ``features=`` route: build each member's store, ``1 − p`` by a forward pass, kernels from the stores."""
-        ids, weights, kernels, lams, rhos = None, [], [], [], []
-        for gs in self.features:
+        """Per member: build (or reuse, or resume) the store of Φ_m, ``1 − p`` by a forward pass, the inverse kernel
+        from the store (or from ``store``, cached)."""
+        ids, features, weights, kernels, lams, rhos = None, [], [], [], [], []
+        for m, gs in enumerate(self._stores()):
+            self._ready(m, gs)
             gs.build(train)
-            gs.check()
+            if self.features is None:
+                features.append(gs.features())  # checked: complete, this model, this configuration
+            else:
+                gs.check()
             ids = gs.train_ids() if ids is None else ids
             if not np.array_equal(gs.train_ids(), ids):
                 raise ValueError("the members' stores hold different training ids")
             q = _one_minus_p(gs, train, self.batch_size)
-            solver = KernelSolver.fit(_StoreRows(gs), self.config.ridge, q)
+            solver, lam, rho = self._kernel(m, gs, q, ids)
             weights.append(q)
             kernels.append(solver)
-            lams.append(solver.ridge)
-            rhos.append(solver.relative)
+            lams.append(lam)
+            rhos.append(rho)
         self.train_ids, self.one_minus_p, self._kernels = ids, weights, kernels
-        self.train_features = None
+        self.train_features = features or None
         self.ridges, self.relative_ridges = lams, rhos
         return self
 
-    def _kernel(self, m: int, phi: np.ndarray, residuals: np.ndarray, meta: dict[str, Any], ids: np.ndarray
+    def _kernel(self, m: int, gs: GradientStore, residuals: np.ndarray, ids: np.ndarray
                 ) -> tuple[KernelSolver | None, float, float]:
-        """Member m's kernel solver (kept in memory without a store; with one, saved and read back on demand), its
-        absolute ridge λ_m and relative ridge ρ_m."""
+        """Member m's kernel solver (kept in memory without a store; with one, saved there and read back on demand,
+        reused while the features' model, data and configuration and the ridge rule are the same), its absolute
+        ridge λ_m and relative ridge ρ_m."""
         name = f"trak-kernel-{m:03d}"
-        meta = {**meta, "ridge": self.config.ridge, "train_ids": ids_digest(ids), "n": len(ids)}
+        meta = json.loads(json.dumps({"features": store_meta([gs]), "ridge": self.config.ridge,
+                                      "train_ids": ids_digest(ids), "n": len(ids)}))
         if self.store is not None and self.store.has(name):
             info = self.store.info(name)["meta"]
             if {k: v for k, v in info.items() if k not in ("lambda", "relative")} == meta and "relative" in info:
                 return None, info["lambda"], info["relative"]
-        solver = KernelSolver.fit(phi, self.config.ridge, residuals)
+        solver = KernelSolver.fit(_StoreRows(gs), self.config.ridge, residuals)
         if self.store is None:
             return solver, solver.ridge, solver.relative
-        info = {**meta, "lambda": solver.ridge, "relative": solver.relative}
-        self.store.save_tensors(name, solver.tensors, meta=info)  # replaces a stale one
+        self.store.save_tensors(name, solver.tensors, meta={**meta, "lambda": solver.ridge,
+                                                            "relative": solver.relative})  # replaces a stale one
         return None, solver.ridge, solver.relative
 
     def kernel(self, m: int) -> KernelSolver:
@@ -392,44 +363,14 @@ class TRAK(GradientMethod):
         values, query_ids = self._fill(queries)
         return Scores(values, self.train_ids, query_ids, self.name, self._config())
 
-    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
-        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
-        prepared once, on the first call), and the metadata naming the stored scores."""
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows, and the metadata
+        naming the stored scores. The query side is prepared once, on the first call: queries featurized and solved
+        once per member; the stores read in row blocks; products in float64."""
         self._require_fit()
-        if self.features is not None:
-            return self._store_blocks(queries)
-        query_ids = as_loader(queries, self.batch_size)[1]
-        prepared: list[np.ndarray] = []  # per member (k, n_query): (ΦᵀΦ + λI)⁻¹ φ_q
-
-        def prepare() -> None:
-            for m in range(self.n_models):
-                self._load(m)
-                _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries {m + 1}/{self.n_models}")
-                phi_q = torch.from_numpy(np.concatenate([to_np(self._phi(m, g)) for _, g in it]))
-                prepared.append(self.kernel(m).solve(phi_q.T.contiguous()).numpy())
-
-        weights = self._train_weights()
-
-        def block(rows: slice) -> np.ndarray:
-            if not prepared:
-                prepare()
-            out = np.zeros((rows.stop - rows.start, len(query_ids)))
-            for m in range(self.n_models):
-                phi = np.asarray(self.train_features[m][rows], dtype=np.float64)
-                out += (phi @ prepared[m]) * weights[m][rows, None]
-            return out
-
-        meta = {"method": self.name, "config": asdict(self.config), "batch_size": self.batch_size,
-                "members": [self._meta(m)["member"] for m in range(self.n_models)],
-                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
-                "train_sha256": self._train_sha, "queries_sha256": data_digest(queries)}
-        return query_ids, block, meta
-
-
-    def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any]]:
-        """The ``features=`` route of :meth:`_blocks`: queries featurized and solved once per member (lazily), the
-        stores read in row blocks; products in float64."""
-        for gs in self.features:
+        stores = self._stores()
+        for m, gs in enumerate(stores):
+            self._ready(m, gs)
             gs.check()
         query_ids = as_loader(queries, self.batch_size)[1]
         prepared: list[Tensor] = []  # per member (k, n_query) float64: (ΦᵀΦ + λI)⁻¹ φ_q
@@ -437,39 +378,33 @@ class TRAK(GradientMethod):
 
         def block(rows: slice) -> np.ndarray:
             if not prepared:
-                for m, gs in enumerate(self.features):
+                for m, gs in enumerate(stores):
+                    self._ready(m, gs)
                     phi_q = gs.query_features(queries)[1].double().cpu()
                     prepared.append(self.kernel(m).solve(phi_q.T.contiguous()))
-            terms = [(gs, prepared[m].to(gs.device), weights[m]) for m, gs in enumerate(self.features)]
+            terms = [(gs, prepared[m].to(gs.device), weights[m]) for m, gs in enumerate(stores)]
             return store_products(terms, rows)
 
-        meta = {"method": self.name, "config": asdict(self.config), "features": store_meta(self.features),
-                "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
-                "queries_sha256": data_digest(queries), "relative_ridges": list(self.relative_ridges)}
+        meta = None if self.store is None else {
+            "method": self.name, "config": asdict(self.config), "features": store_meta(stores),
+            "train_ids": ids_digest(self.train_ids), "query_ids": ids_digest(query_ids),
+            "queries_sha256": data_digest(queries), "relative_ridges": list(self.relative_ridges),
+            "batch_size": self.batch_size}
         return query_ids, block, meta
 
     def self_scores(self) -> Scores:
         """TRAK's τ of each training example for itself, ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i)`` averaged as in
         :meth:`score`, ``(n_train, 1)``."""
         self._require_fit()
-        if self.features is not None:
-            terms = [(gs, lambda f, m=m: self.kernel(m).solve(f.T.contiguous()).T, w)
-                     for m, (gs, w) in enumerate(zip(self.features, self._train_weights(), strict=True))]
-            values = store_self_products(terms)
-            return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
-        values = np.zeros(len(self.train_ids))
-        for m, weight in enumerate(self._train_weights()):
-            solver, phi_all = self.kernel(m), self.train_features[m]
-            for start in range(0, len(values), KERNEL_ROWS):
-                phi = torch.from_numpy(np.asarray(phi_all[start : start + KERNEL_ROWS], dtype=np.float64))
-                rows = slice(start, start + KERNEL_ROWS)
-                values[rows] += solver.quadratic(phi).numpy() * weight[rows]
+        terms = [(gs, lambda f, m=m: self.kernel(m).solve(f.T.contiguous()).T, w)
+                 for m, (gs, w) in enumerate(zip(self._stores(), self._train_weights(), strict=True))]
+        values = store_self_products(terms)
         return Scores(values[:, None], self.train_ids, np.array([-1]), f"{self.name}:self", self._config())
 
     def _config(self) -> dict[str, Any]:
         out = {**asdict(self.config), "n_models": self.n_models, "ridges": list(self.ridges),
                "relative_ridges": list(self.relative_ridges)}
-        if self.features is not None:
+        if self.features is not None:  # the own route's stores are an implementation detail (maybe temporary)
             out["features"] = [{"root": str(gs.root), "projection": gs.projection.describe(), "dtype": gs.dtype,
                                 "dim": gs.dim} for gs in self.features]
         return out
