@@ -170,14 +170,15 @@ def test_source_on_a_real_run_is_batch_invariant_and_self_scores_match_the_diago
     b = Source(model, task, traj, batch_size=30, progress=False).fit(train)
     sa, sb = a.score(train), b.score(train)
     np.testing.assert_allclose(sa.values, sb.values, rtol=1e-8, atol=1e-14)
-    # the checkpoint sums in blocks of 7 rows (SUM_ELEMENTS tiny) and one product per checkpoint (the slow twin)
+    # the checkpoint sums in blocks of 7 rows (SUM_ELEMENTS tiny), and every sum materialized instead of factored
     import datacredit.methods.source as source_module
+    from datacredit.methods.piece_sums import PieceSum
 
     small = pytest.MonkeyPatch()
     small.setattr(source_module, "SUM_ELEMENTS", 1)
     try:
         np.testing.assert_allclose(a.score(train).values, sa.values, rtol=1e-10, atol=1e-15)
-        small.setattr(Source, "_summable", lambda self, u: set())  # every parameter: one product per checkpoint
+        small.setattr(PieceSum, "_merge", lambda self, piece: False)  # every sum materialized (the old route)
         np.testing.assert_allclose(a.score(train).values, sa.values, rtol=1e-10, atol=1e-15)
     finally:
         small.undo()
@@ -225,3 +226,55 @@ def test_stochastic_non_converged_run_is_close_to_unrolled_differentiation(probl
     r = [np.corrcoef(got[:, q], want[:, q])[0, 1] for q in range(want.shape[1])]
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert min(r) >= 0.95 and rel <= 0.35, (r, rel)
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_factored_scoring_equals_materialized_weights_on_torch_func_gradients(curvature, defer, monkeypatch):
+    """The eigenbasis chain (queries rotated from their factors, changes of basis between segments, ``Q_v`` left to
+    the training side or not) and the factored checkpoint sums (a ReLU MLP's first-layer input is the same at every
+    checkpoint) against the slow twin: each segment's weights by ``apply_functions`` on materialized query gradients
+    (:meth:`Source._segment_weights`), dotted with torch.func per-example gradients at every checkpoint."""
+    import datacredit.methods.source as source_module
+    from datacredit.methods.piece_sums import PieceSum
+
+    from .helpers import flat, torch_func_grads
+
+    torch.manual_seed(0)
+    x, y = torch.randn(36, 6, dtype=torch.float64), torch.randint(0, 3, (36,))
+    x[:, :2] = 0
+    model = mlp(6, [9], 3).double()
+    task = ClassificationTask()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    states = []
+    for _ in range(6):
+        for _ in range(4):
+            opt.zero_grad()
+            task.loss(model, (x[:30], y[:30])).mean().backward()
+            opt.step()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    traj = Trajectory.from_states(states, lrs=[0.3] * 6, steps=[4] * 6)
+    train, test = ArrayDataset(x[:30], y[:30]), ArrayDataset(x[30:], y[30:], ids=np.arange(6))
+    monkeypatch.setattr(source_module, "deferred", lambda train_positions, query_rows: defer)
+    merges = {"v": 0}
+    original = PieceSum._merge
+
+    def counted(self, piece):
+        merged = original(self, piece)
+        merges["v"] += merged and self.fixed == "v"
+        return merged
+
+    monkeypatch.setattr(PieceSum, "_merge", counted)
+    src = Source(model, task, traj, segments=3, curvature=curvature, batch_size=8, progress=False).fit(train)
+    got = src.score(test).values
+    assert merges["v"] > 0  # the first layer's input summed factored
+
+    names = [n for n, _ in model.named_parameters()]
+    _, v = src._query_vectors(test)
+    expected = np.zeros_like(got)
+    for seg, w in zip(src.segments, src._segment_weights(v)):
+        for k in range(len(seg.trajectory)):
+            seg.trajectory.load_into(src.model, k)
+            g = flat(torch_func_grads(src.model, task, train.tensors), names)
+            expected += (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * len(train))
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-14)

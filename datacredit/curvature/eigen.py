@@ -109,6 +109,20 @@ class EigenBlock:
             out = part if out is None else out + part
         return out
 
+    def change_basis(self, x: Tensor, other: EigenBlock) -> Tensor:
+        """``x`` ``(Q, m, n)`` given in this block's eigenbasis, re-expressed in ``other``'s (same ``(m, n)`` view):
+        ``(Q'_uᵀ Q_u) x (Q_vᵀ Q'_v)``, the same as unrotating then rotating at half the multiply-adds."""
+        def product(a: Tensor | None, b: Tensor | None) -> Tensor | None:  # aᵀ b with None = identity
+            if a is None:
+                return b
+            return a.T if b is None else a.T @ b
+
+        left = product(*(None if q is None else q.to(x.device, x.dtype) for q in (other.q_u, self.q_u)))
+        right = product(*(None if q is None else q.to(x.device, x.dtype) for q in (self.q_v, other.q_v)))
+        if left is not None:
+            x = left @ x
+        return x if right is None else x @ right
+
     def unrotate_left(self, w: Tensor) -> Tensor:
         """``Q_u W`` for ``w`` ``(Q, m, n)`` or ``(m, k)`` (in ``w``'s dtype)."""
         return w if self.q_u is None else self.q_u.to(w.device, w.dtype) @ w

@@ -166,32 +166,53 @@ def prepare(blocks: dict[str, EigenBlock], grads: list[ExampleGrads], damping: D
     deferring ``Q_v`` to the training side is cheaper (``n_train·T < Q·m``, module doc). Computed in the promoted dtype
     of the gradients and the block, as :meth:`EigenBlock.apply_inverse`; a query without a parameter's gradient
     contributes zeros."""
-    names = [name for name in blocks if any(name in g.pieces for g in grads)]
-    n_query = sum(g.n for g in grads)
     out = {}
-    for name in names:
+    for name in query_names(blocks, grads):
         block = blocks[name]
         dtype = torch.promote_types(dtype_of(grads[0]), block.eigenvalues.dtype)
-        parts = []
-        for g in grads:
-            if name in g.pieces:
-                parts.append(block.rotate_pieces(g.pieces[name], g.n, dtype))
-            else:
-                parts.append(torch.zeros(g.n, block.m, block.n, dtype=dtype, device=block.eigenvalues.device))
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
+        x = rotated_queries(block, grads, name, dtype)
         x = x / block.denominator(damping, dtype, x.device)
-        length = max((p.length for g in grads for p in g.pieces.get(name, []) if isinstance(p, Outer)), default=0)
-        defer = block.q_v is not None and length > 0 and deferred(n_train * length, n_query * block.m)
-        if not defer:
-            x = block.unrotate_right(x)
-        m, n = block.m, block.n
-        x = x.reshape(n_query, m * n).T.contiguous()  # (m·n, Q): a 2-D transpose copies twice as fast as a permute
-        x = block.unrotate_left(x.reshape(m, n * n_query))  # Q_u W as one (m × m)·(m × n·Q) GEMM
-        out_dtype = dtype_of(grads[0])
-        out[name] = Prepared(x.reshape(m, n, n_query).to(out_dtype),
-                             block.q_v.to(x.device, out_dtype) if defer else None)
+        out[name] = from_eigenbasis(block, x, defer_right(block, grads, name, n_train), dtype_of(grads[0]))
     return PreparedQueries(out)
+
+
+def query_names(blocks: dict[str, EigenBlock], grads: list[ExampleGrads]) -> list[str]:
+    """The parameters with a block that some query has a gradient for."""
+    return [name for name in blocks if any(name in g.pieces for g in grads)]
+
+
+def rotated_queries(block: EigenBlock, grads: list[ExampleGrads], name: str, dtype: torch.dtype) -> Tensor:
+    """``Q_uᵀ G_q Q_v`` ``(Q, m, n)`` of parameter ``name`` for the queries of ``grads`` in order (zeros for a batch
+    without that parameter), from the factored pieces (:meth:`EigenBlock.rotate_pieces`)."""
+    parts = []
+    for g in grads:
+        if name in g.pieces:
+            parts.append(block.rotate_pieces(g.pieces[name], g.n, dtype))
+        else:
+            parts.append(torch.zeros(g.n, block.m, block.n, dtype=dtype, device=block.eigenvalues.device))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def query_positions(grads: list[ExampleGrads], name: str) -> int:
+    """The most positions ``T`` of any Outer query piece of ``name`` (0 if none is Outer)."""
+    return max((p.length for g in grads for p in g.pieces.get(name, []) if isinstance(p, Outer)), default=0)
+
+
+def defer_right(block: EigenBlock, grads: list[ExampleGrads], name: str, n_train: int) -> bool:
+    """Whether ``name``'s queries leave ``Q_v`` to the ``n_train`` training examples (:func:`deferred`)."""
+    length = query_positions(grads, name)
+    return block.q_v is not None and length > 0 and deferred(n_train * length, sum(g.n for g in grads) * block.m)
+
+
+def from_eigenbasis(block: EigenBlock, x: Tensor, defer: bool, dtype: torch.dtype) -> Prepared:
+    """Query weights ``W_q = Q_u x_q Q_vᵀ`` from ``x`` ``(Q, m, n)`` in ``block``'s eigenbasis, as :class:`Prepared` in
+    ``dtype``: ``Q_vᵀ`` applied here (``Q·m·n²``), or left to the training side (``defer``). Consumes ``x``."""
+    n_query, m, n = x.shape
+    if not defer:
+        x = block.unrotate_right(x)
+    x = x.reshape(n_query, m * n).T.contiguous()  # (m·n, Q): a 2-D transpose copies twice as fast as a permute
+    x = block.unrotate_left(x.reshape(m, n * n_query))  # Q_u W as one (m × m)·(m × n·Q) GEMM
+    return Prepared(x.reshape(m, n, n_query).to(dtype), block.q_v.to(x.device, dtype) if defer else None)
 
 
 def views(grads: list[ExampleGrads]) -> dict[str, tuple[int, int]]:

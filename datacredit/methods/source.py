@@ -11,11 +11,13 @@ averaged training gradients ``ḡ_ℓ(z)``. With the training loss a mean over t
 Sign: τ = −d f_q(θ_T)/dε_z for the objective (1/N) Σ_i (1 + ε_i) ℓ_i, so a positive score means up-weighting z lowers
 the query measurement (z helps q), as everywhere in datacredit.
 
-Computed query side first: ``∇f_q`` is propagated backwards through the segments in each segment's eigenbasis
-(``exp(−ηKλ)`` per eigenvalue), picking up ``(1 − e^{−ηKλ})/λ`` at each segment, then dotted (val-first) with the
-segment's training gradients at each of its checkpoints (:func:`~datacredit.methods.base.products`: the training
-gradients materialized once per batch and multiplied with all queries' segment weights in one GEMM, or val-first where
-that is cheaper). Cost ≈ (number of checkpoints) × EK-FAC influence.
+Computed query side first: ``∇f_q`` (factored, as captured) is rotated into the last segment's eigenbasis and
+propagated backwards through the segments there (``exp(−ηKλ)`` per eigenvalue, one change of basis between
+segments), picking up ``(1 − e^{−ηKλ})/λ`` at each segment (:meth:`Source._prepared`); each segment's weights are then
+multiplied with its training gradients summed over its checkpoints (:class:`~datacredit.methods.piece_sums.PieceSum`:
+factored where one factor is the same at every checkpoint, as a first layer's input, else materialized) by
+:class:`~datacredit.methods.prepared.PreparedQueries` (zero-skipping, GEMM or val-first by cost). Cost ≈ (number of
+checkpoints) × the training passes of EK-FAC influence plus one product with the queries per segment.
 
 ``time="discrete"`` replaces the gradient-flow factors by the exact ones of the recorded gradient-descent steps,
 ``Π_c (1 − η_c λ)^{n_c}`` and ``Σ_c [(1 − (1 − η_c λ)^{n_c})/λ] Π_{c'>c} (1 − η_{c'} λ)^{n_{c'}}``; with stationary
@@ -37,8 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..capture import Capture, ExampleGrads, Outer, example_grads
+from ..capture import Capture, ExampleGrads, example_grads
 from ..curvature import Curvature, curvature_names, make_curvature
+from ..curvature.factored import _BlockCurvature
 from ..errors import DataError
 from ..scores import Scores
 from ..task import Task
@@ -53,9 +56,10 @@ from .base import (
     configure,
     eval_mode,
     nbytes,
-    products,
     row_subset,
 )
+from .piece_sums import PieceSum
+from .prepared import PreparedQueries, deferred, from_eigenbasis, query_names, query_positions, rotated_queries, views
 
 
 @dataclass
@@ -236,10 +240,50 @@ class Source(GradientMethod):
     # -- score ---------------------------------------------------------------------------------------------------
     def _query_vectors(self, queries: Data) -> tuple[np.ndarray, dict[str, Tensor]]:
         """``∇f_q(θ_T)`` per tracked parameter, ``(Q, *shape)``, at the final model."""
+        ids, grads = self._query_grads(queries)
+        return ids, _materialized(grads)
+
+    def _query_grads(self, queries: Data) -> tuple[np.ndarray, list[ExampleGrads]]:
+        """The queries' factored measurement gradients at the final model, one :class:`ExampleGrads` per batch."""
         self.model.load_state_dict(self.final.state_dict())
         ids, it = self.grads(queries, measurement=True, desc="source queries")
-        parts = [g.materialize() for _, g in it]
-        return ids, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return ids, [g for _, g in it]
+
+    def _prepared(self, queries: Data) -> tuple[np.ndarray, list[PreparedQueries]]:
+        """Query ids and every segment's query weights ``u_ℓ`` (:meth:`_segment_weights`) prepared for scoring.
+
+        With eigenbasis curvatures (diagonal, KFAC, EK-FAC) the chain runs in the eigenbases: the factored query
+        gradients rotated into the last segment's basis (:meth:`EigenBlock.rotate_pieces`), each segment's factors
+        applied there, the propagated part carried into the previous segment's basis by one change of basis
+        (:meth:`EigenBlock.change_basis`, instead of unrotating and rotating again), and each ``u_ℓ`` rotated back
+        once, its ``Q_v`` left to the training side where cheaper. Other curvatures: :meth:`_segment_weights` on the
+        materialized query gradients. Same numbers either way to rounding (the tests' twin)."""
+        ids, grads = self._query_grads(queries)
+        if not all(isinstance(seg.curvature, _BlockCurvature) for seg in self.segments):
+            weights = self._segment_weights(_materialized(grads))
+            return ids, [PreparedQueries.from_weights(w, views(grads)) for w in weights]
+        out: list[dict] = [{} for _ in self.segments]
+        last = self.segments[-1].curvature.blocks
+        n_query = sum(g.n for g in grads)
+        for name in query_names(last, grads):
+            x = None  # (Q, m, n) in the eigenbasis of the segment at hand
+            for ell in range(len(self.segments) - 1, -1, -1):
+                seg = self.segments[ell]
+                block = seg.curvature.blocks[name]
+                dtype = torch.promote_types(grads[0].flat_dtype, block.eigenvalues.dtype)
+                if x is None:
+                    x = rotated_queries(block, grads, name, dtype)
+                lam = block.eigenvalues.to(x.device, dtype)
+                n_train = len(self._stage_ids[seg.stage])
+                defer = (block.q_v is not None and query_positions(grads, name) > 0
+                         and deferred(n_train * query_positions(grads, name), n_query * block.m))
+                out[ell][name] = from_eigenbasis(block, _accumulator(seg, self.time)(lam) * x, defer,
+                                                 grads[0].flat_dtype)
+                if ell > 0:
+                    x = block.change_basis(_propagator(seg, self.time)(lam) * x,
+                                           self.segments[ell - 1].curvature.blocks[name])
+            del x
+        return ids, [PreparedQueries(w) for w in out]
 
     def _segment_weights(self, v: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         """``u_ℓ = A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] v`` for every segment, latest first then reversed to segment order."""
@@ -288,82 +332,55 @@ class Source(GradientMethod):
 
         def gen() -> Iterator[tuple[slice, np.ndarray]]:
             with eval_mode(self.model):
-                _, v = self._query_vectors(queries)
-                weights = self._segment_weights(v)
-                del v
+                _, prepared = self._prepared(queries)
                 offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
-                buffers: dict[str, Tensor] = {}  # per parameter: a block's training gradients summed over checkpoints
                 for stage, data in enumerate(self._train):
                     n_stage = len(self._stage_ids[stage])
-                    segs = [(seg, u) for seg, u in zip(self.segments, weights) if seg.stage == stage]
+                    segs = [(seg, p) for seg, p in zip(self.segments, prepared) if seg.stage == stage]
                     if not segs:
                         continue
-                    blocks = self._row_blocks(n_stage, segs[0][1])
-                    rows_max = max(r.stop - r.start for r in blocks)
-                    for name in self._summable(segs[0][1]):  # allocated once, zeroed per block
-                        if name not in buffers or buffers[name].shape[0] < rows_max:
-                            buffers[name] = segs[0][1][name].new_empty(rows_max, segs[0][1][name][0].numel())
-                    for rows in blocks:
+                    for rows in self._row_blocks(n_stage, segs[0][1]):
                         subset = row_subset(data, rows, n_stage)
                         total = np.zeros((rows.stop - rows.start, len(query_ids)))
-                        for seg, u in segs:
+                        for seg, prep in segs:
                             scale = 1.0 / (len(seg.trajectory) * n_stage)  # checkpoint average, 1/N of the mean loss
-                            total += scale * self._segment_block(seg, u, subset, buffers)
+                            total += scale * self._segment_block(seg, prep, subset)
                         yield slice(offsets[stage] + rows.start, offsets[stage] + rows.stop), total
 
         return query_ids, gen()
 
-    def _summable(self, u: dict[str, Tensor]) -> set[str]:
-        """Parameters whose training gradients are summed over a segment's checkpoints before one product with the
-        queries (every parameter but Embedding-like ones, whose materialized gradient is a vocabulary-sized row
-        table: those keep one val-first product per checkpoint)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        skip = {names[id(p)] for m in self.model.modules() if isinstance(m, nn.Embedding)
-                for p in m.parameters(recurse=False) if id(p) in names}
-        return {name for name in u if name not in skip}
-
-    def _row_blocks(self, n: int, u: dict[str, Tensor]) -> list[slice]:
-        """Training rows per block: the summed gradients of a block, ``rows × D``, stay under SUM_ELEMENTS."""
-        width = sum(w[0].numel() for name, w in u.items() if name in self._summable(u))
+    def _row_blocks(self, n: int, prep: PreparedQueries) -> list[slice]:
+        """Training rows per block: were every sum over checkpoints materialized, a block's ``rows × D`` entries stay
+        under SUM_ELEMENTS."""
+        width = sum(p.w.shape[0] * p.w.shape[1] for p in prep.weights.values())
         step = max(self.batch_size, SUM_ELEMENTS // max(width, 1) // self.batch_size * self.batch_size)
         return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
-    def _segment_block(self, seg: _Segment, u: dict[str, Tensor], data: Data,
-                       buffers: dict[str, Tensor]) -> np.ndarray:
+    def _segment_block(self, seg: _Segment, prep: PreparedQueries, data: Data) -> np.ndarray:
         """``Σ_k ⟨g_i(θ_k), u_q⟩`` over the segment's checkpoints k for the examples of ``data``, ``(n, Q)``.
 
-        The segment's query weights ``u`` are the same at all its checkpoints, so the per-example gradients are
-        summed over the checkpoints first (in place, ``G += Σ_t u_t v_tᵀ`` by one batched multiply-add per piece, into
-        ``buffers[name]`` ``(rows, numel)``, reused across blocks) and multiplied with the queries once: one GEMM per
-        segment instead of one per checkpoint, ``C·N·T·m·n + N·Q·m·n`` instead of ``C·(N·T·m·n + N·Q·m·n)``.
+        The segment's query weights are the same at all its checkpoints, so each example's gradient is summed over
+        the checkpoints first (:class:`~datacredit.methods.piece_sums.PieceSum`: factored while one factor is the same
+        at every checkpoint, as a first layer's input; else materialized, ``G += Σ_t u_t v_tᵀ``) and multiplied with
+        the queries once per segment, not once per checkpoint.
         """
         n = len(as_loader(data, self.batch_size)[1])
-        keep = self._summable(u)
-        for name in keep:
-            buffers[name][:n].zero_()
-        out: np.ndarray | None = None
+        sums: dict[tuple[int, str, int], tuple[slice, PieceSum]] = {}
         for k in range(len(seg.trajectory)):
             self._load(seg.trajectory, k)
             _, it = self.grads(data, desc="source score")
             for batch, g in it:
-                for name in keep & set(g.pieces):
-                    total = buffers[name][batch.rows]
-                    for piece in g.pieces[name]:
-                        if isinstance(piece, Outer) and not piece.indexed:
-                            view = total.view(piece.n_examples, piece.m, piece.n)
-                            view.baddbmm_(piece.u.transpose(1, 2).to(total.dtype), piece.v.to(total.dtype))
-                        else:
-                            total += piece.materialize().to(total.dtype)
-                rest = {n: ps for n, ps in g.pieces.items() if n not in keep}
-                if rest:  # Embedding-like parameters: one product per checkpoint
-                    part = products(ExampleGrads(rest, g.shapes, g.n), u).detach().cpu().double().numpy()
-                    if out is None:
-                        out = np.zeros((n, part.shape[1]))
-                    out[batch.rows] += part
-        for name in keep:
-            w = u[name].reshape(u[name].shape[0], -1).to(buffers[name].dtype)
-            part = (buffers[name][:n] @ w.T).detach().cpu().double().numpy()
-            out = part if out is None else out + part
+                for name, pieces in g.pieces.items():
+                    if name not in prep.weights:
+                        continue
+                    for j, piece in enumerate(pieces):
+                        key = (batch.rows.start, name, j)
+                        if key not in sums:
+                            sums[key] = (batch.rows, PieceSum(prep.weights[name].r))
+                        sums[key][1].add(piece)
+        out = np.zeros((n, prep.weights[next(iter(prep.weights))].n_query))
+        for (_, name, _), (rows, total) in sums.items():
+            out[rows] += total.scores(prep.weights[name]).detach().cpu().double().numpy()
         return out
 
     def self_scores(self) -> Scores:
@@ -389,6 +406,12 @@ class Source(GradientMethod):
                     out.append(total.numpy())
         return Scores(np.concatenate(out)[:, None], self.train_ids, np.array([-1]), "source:self",
                       {"curvature": self.curvature_name, "time": self.time})
+
+
+def _materialized(grads: list[ExampleGrads]) -> dict[str, Tensor]:
+    """Per-parameter gradients ``(Q, *shape)`` of the batches of ``grads`` in order."""
+    parts = [g.materialize() for g in grads]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def effective_horizon(trajectory: Trajectory) -> float:
