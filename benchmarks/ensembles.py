@@ -33,7 +33,7 @@ import torch
 from datacredit import ClassificationTask, GradDot
 from datacredit.data import load_digits, load_fashion_mnist
 from datacredit.ensembles import DropoutEnsemble, IndependentEnsemble, LoRAEnsemble
-from datacredit.evaluate import ClassifierRecipe, build_groundtruth, lds
+from datacredit.evaluate import ClassifierRecipe, Execution, SubsetConfig, build_groundtruth, lds
 from datacredit.methods.trak import TRAK
 
 ROOT = Path("runs/bench/ensembles")
@@ -46,7 +46,7 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 class Case:
     name: str
     recipe: ClassifierRecipe
-    gt: dict
+    gt: SubsetConfig
     trak_projection: int
 
     def data(self):
@@ -60,16 +60,16 @@ class Case:
 
 
 CASES = {
-    "digits-mlp": Case("digits-mlp", ClassifierRecipe(64, 10, (64,), dropout=0.1), {"m": 100, "seeds": 2}, 1024),
+    "digits-mlp": Case("digits-mlp", ClassifierRecipe(64, 10, (64,), dropout=0.1), SubsetConfig(m=100, seeds=2), 1024),
     "fmnist-mlp": Case("fmnist-mlp", ClassifierRecipe(784, 10, (64,), epochs=20, dropout=0.1),
-                       {"m": 100, "seeds": 2}, 1024),
+                       SubsetConfig(m=100, seeds=2), 1024),
 }
 
 
 def groundtruth(case: Case, workers: int = 2):
     train, queries = case.data()
-    return build_groundtruth(case.recipe, train, queries, ROOT / case.name / "gt", alpha=0.5, seed=0,
-                             workers=workers, progress=False, **case.gt)
+    return build_groundtruth(case.recipe, train, queries, ROOT / case.name / "gt", case.gt,
+                             execution=Execution(workers=workers, progress=False))
 
 
 def methods(case: Case) -> dict:
@@ -142,7 +142,7 @@ def run(case: Case, args) -> dict:
            "noise_ceiling": gt.seed_agreement(), "accuracy_model0": accuracy(models[0], queries),
            "training_seconds": seconds, "settings": vars(args), "torch_threads": torch.get_num_threads(),
            "machine": platform.platform(), "methods": {}}
-    lora = LoRAEnsemble(models[0], lambda m: None, args.kmax, rank=args.rank, epochs=args.lora_epochs,
+    lora = LoRAEnsemble(models[0], lambda m, _: None, args.kmax, rank=args.rank, epochs=args.lora_epochs,
                         base_training_seconds=seconds[0])
     for name, (factory, measure) in methods(case).items():
         if name not in args.methods:
@@ -150,7 +150,7 @@ def run(case: Case, args) -> dict:
         factory(models[0], 0).fit(train.subset(np.arange(128))).score(queries)  # warm-up, untimed
         ind = IndependentEnsemble(factory, models=models, training_seconds=seconds)
         ind.clock = clock
-        ind.fit_score(train, queries)  # one fitted member in memory at a time
+        ind.fit(train, keep=False).score(queries)  # one fitted member in memory at a time
         rows = rows_of("independent", ind, gt, measure)
         variants = []
         if "dropout" in args.variants:
@@ -165,7 +165,7 @@ def run(case: Case, args) -> dict:
             variants.append((f"lora r={args.rank}", lora))
         for label, ens in variants:
             ens.clock = clock
-            ens.fit_score(train, queries)
+            ens.fit(train, keep=False).score(queries)
             rows += rows_of(label, ens, gt, measure, baseline=ind)
         if lora.peft_models:
             out["lora_accuracy"] = [accuracy(m, queries) for m in lora.peft_models]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import datacredit as dc
-from datacredit.evaluate import ClassifierRecipe, build_groundtruth, lds
+from datacredit.evaluate import ClassifierRecipe, Execution, SubsetConfig, build_groundtruth, lds
 from datacredit.training import TrajectoryCallback
 
 
@@ -34,7 +34,8 @@ def run(epochs: int, m: int, out: Path) -> list[dict]:
     queries = test.subset(np.arange(50))
     recipe = ClassifierRecipe(64, 10, hidden=(64,), epochs=epochs)
     start = time.perf_counter()
-    gt = build_groundtruth(recipe, train, queries, out / f"gt-{epochs}ep", m=m, seeds=2, workers=2, progress=False)
+    gt = build_groundtruth(recipe, train, queries, out / f"gt-{epochs}ep", SubsetConfig(m=m, seeds=2),
+                           execution=Execution(workers=2, progress=False))
     gt_seconds = time.perf_counter() - start
     model, traj = train_recorded(recipe, train, 0, out / f"traj-{epochs}ep")
     task = dc.ClassificationTask()

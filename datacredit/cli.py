@@ -13,6 +13,7 @@ traceback. Ctrl-C exits with 130, SIGTERM with 143; finished retrainings are kep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import DataCreditError
 
@@ -202,16 +204,16 @@ def _groundtruth(args: argparse.Namespace) -> int:
     _check_backend(args.backend)
     _logging()
     torch.set_num_threads(args.threads)
-    settings = {"m": args.m, "alpha": args.alpha, "seeds": args.seeds, "workers": args.workers,
-                "backend": args.backend, "seed": args.seed, "wait": args.wait, "overwrite": args.overwrite}
     for name in args.case:
         case = load_case(name, args.root)
         out = Path(args.out) if args.out else case.gt_dir()
+        config, execution = _groundtruth_configs(args, case)
         start = time.perf_counter()
-        gt = case.build_groundtruth(out, progress=not args.no_progress, **settings)
+        gt = case.build_groundtruth(out, config, execution=execution)
         wall = time.perf_counter() - start
         record = {"case": name, "dir": str(out), "wall_seconds": wall, "m": gt.m, "seeds": gt.seeds,
-                  "alpha": gt.config["alpha"], "workers": settings["workers"] or case.spec.gt_defaults["workers"],
+                  "alpha": gt.config["alpha"], "workers": execution.workers,
+                  "config": dataclasses.asdict(config), "execution": dataclasses.asdict(execution),
                   "retrain_seconds_median": float(_nanmedian(gt.seconds)),
                   "noise_ceiling_loss": gt.seed_agreement("loss")}
         (out.parent / f"{out.name}-build.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -220,6 +222,18 @@ def _groundtruth(args: argparse.Namespace) -> int:
               f"(median retraining {record['retrain_seconds_median']:.2f} s); noise ceiling (loss) "
               f"{'n/a' if ceiling is None else f'{ceiling:.3f}'}")
     return 0
+
+
+def _groundtruth_configs(args: argparse.Namespace, case: Any) -> tuple[Any, Any]:
+    """The case's SubsetConfig and Execution with the flags given on the command line put over them."""
+    from .evaluate import Execution
+
+    given = {k: getattr(args, k) for k in ("m", "alpha", "seeds", "seed") if getattr(args, k) is not None}
+    config = dataclasses.replace(case.spec.groundtruth, **given)
+    execution = Execution(workers=args.workers or _benchmarks("cases").GT_EXECUTION.workers,
+                          backend=args.backend or "process", progress=not args.no_progress, wait=args.wait,
+                          overwrite=args.overwrite)
+    return config, execution
 
 
 def _nanmedian(seconds) -> float:

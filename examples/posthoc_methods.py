@@ -9,10 +9,7 @@ import numpy as np
 import torch
 
 import datacredit as dc
-from datacredit.evaluate import ClassifierRecipe, build_groundtruth
-from datacredit.methods.source import Source
-from datacredit.methods.trak import TRAK
-from datacredit.trajectory import TrajectoryRecorder
+from datacredit.evaluate import ClassifierRecipe, Execution, SubsetConfig, build_groundtruth
 
 
 def load(n_train: int):
@@ -34,7 +31,7 @@ def main(n_train: int = 1000, m: int = 20, out: str = "runs/posthoc-example") ->
     torch.manual_seed(0)
     model = recipe.build()
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9)
-    recorder = TrajectoryRecorder(model, f"{out}/trajectory", optimizer=opt, every=30, overwrite=True)
+    recorder = dc.TrajectoryRecorder(model, f"{out}/trajectory", optimizer=opt, every=30, overwrite=True)
     x, y = train.tensors
     task = dc.ClassificationTask()
     gen = torch.Generator().manual_seed(0)
@@ -49,11 +46,13 @@ def main(n_train: int = 1000, m: int = 20, out: str = "runs/posthoc-example") ->
     methods = {
         "grad-dot": dc.GradDot(model, task, progress=False),
         "influence-ekfac": dc.Influence(model, task, curvature="ekfac", progress=False),
-        "trak": TRAK(model, dc.ClassificationTask(measurement="margin"), progress=False),
-        "source": Source(model, task, trajectory.select(np.linspace(0, len(trajectory) - 1, 6).astype(int)),
+        "trak": dc.TRAK(model, dc.ClassificationTask(measurement="margin"), progress=False),
+        "source": dc.Source(model, task, trajectory.select(np.linspace(0, len(trajectory) - 1, 6).astype(int)),
                          segments=3, progress=False),
     }
-    gt = build_groundtruth(recipe, train, queries, f"{out}/gt", m=m, seeds=1, workers=2, progress=False)
+    # what the ground truth is (m random halves, one training seed each) and how it runs (2 worker processes)
+    gt = build_groundtruth(recipe, train, queries, f"{out}/gt", SubsetConfig(m=m, alpha=0.5, seeds=1),
+                           execution=Execution(workers=2, progress=False))
     results = {}
     for method_name, method in methods.items():
         scores = method.fit(train).score(queries)

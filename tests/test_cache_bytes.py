@@ -100,7 +100,7 @@ def test_ensemble_cache_is_the_members_sum(setup):
     assert len(set(members)) == 3  # other projection widths: other sizes
     assert cost["member_cache_bytes"] == members and cost["cache_bytes"] == sum(members)
     assert ens.stored_bytes == cost["weight_bytes"] + sum(members)
-    shared = DropoutEnsemble(model, lambda m: GradDot(m, TASK, projection=16, progress=False), k=2,
+    shared = DropoutEnsemble(model, lambda m, _: GradDot(m, TASK, projection=16, progress=False), k=2,
                              share_train_cache=True).fit(train)
     assert shared.cost.shared_cache_bytes == shared.methods[0].cache_bytes()
     assert shared.cost.member_cache_bytes == [0, 0]
@@ -123,4 +123,4 @@ def test_a_member_without_cache_bytes_is_refused(setup):
             raise AssertionError
 
     with pytest.raises(TypeError, match="cache_bytes"):
-        DropoutEnsemble(model, NoCache, k=1, method_kwargs={}).fit(train)
+        DropoutEnsemble(model, lambda m, _: NoCache(m), k=1).fit(train)

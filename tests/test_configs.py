@@ -20,8 +20,10 @@ from datacredit import (
     InfluenceConfig,
     InRunConfig,
     InRunShapley,
+    Scores,
     Source,
     SourceConfig,
+    StoreError,
     TracIn,
     TracInConfig,
     TRAKConfig,
@@ -142,7 +144,7 @@ def test_ensembles_take_one_config(setup):
     )
 
     model, train, test = setup
-    factory = lambda m: GradDot(m, TASK, progress=False)  # noqa: E731
+    factory = lambda m, _: GradDot(m, TASK, progress=False)  # noqa: E731
     config = DropoutConfig(k=2, p=0.2, seed=5, modules=["1"])
     assert config.modules == ("1",)  # sequences are kept as tuples: the config cannot change
     by_config = DropoutEnsemble(model, factory, config=config).fit(train).score(test)
@@ -174,3 +176,92 @@ def test_ensembles_take_one_config(setup):
     for field, value in (("rank", 0), ("lora_dropout", 1.0), ("batch_size", 0)):
         with pytest.raises(ValueError, match=field):
             LoRAConfig(k=1, **{field: value})
+
+
+# -- evaluations ---------------------------------------------------------------------------------------------------
+def _regression(n=24, n_query=5):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n + n_query, 3, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + torch.randn(n + n_query, generator=gen,
+                                                                                dtype=torch.float64)
+    return ArrayDataset(x[:n], y[:n], ids=np.arange(100, 100 + n)), ArrayDataset(x[n:], y[n:])
+
+
+def test_evaluations_take_one_config_and_one_execution(tmp_path):
+    from datacredit.evaluate import (
+        Execution,
+        LeastSquaresRecipe,
+        RemovalConfig,
+        SelectionConfig,
+        SubsetConfig,
+        build_groundtruth,
+        removal,
+        selection,
+    )
+
+    train, queries = _regression()
+    recipe, serial = LeastSquaresRecipe(ridge=0.1), Execution(backend="serial", progress=False)
+    config = SubsetConfig(m=4, alpha=0.5, seed=3)
+    by_config = build_groundtruth(recipe, train, queries, tmp_path / "a", config, execution=serial)
+    by_keyword = build_groundtruth(recipe, train, queries, tmp_path / "b", m=4, alpha=0.5, seed=3, backend="serial",
+                                   progress=False)
+    np.testing.assert_array_equal(by_config.outputs["loss"], by_keyword.outputs["loss"])
+    assert by_config.config == by_keyword.config and by_config.config["m"] == 4 and by_config.config["seed"] == 3
+    with pytest.raises(TypeError, match="'m'"):
+        build_groundtruth(recipe, train, queries, tmp_path / "c", config, execution=serial, m=5)
+    with pytest.raises(TypeError, match="workers"):
+        build_groundtruth(recipe, train, queries, tmp_path / "c", config, execution=serial, workers=2)
+    with pytest.raises(TypeError, match="nope"):
+        build_groundtruth(recipe, train, queries, tmp_path / "c", nope=1)
+    with pytest.raises(TypeError, match="SubsetConfig"):
+        build_groundtruth(recipe, train, queries, tmp_path / "c", SelectionConfig())
+
+    scores = Scores(np.random.default_rng(0).normal(size=(24, 5)), train.ids, queries.ids, "noise")
+    removed = removal(scores, recipe, train, queries, RemovalConfig(k=3, n_queries=2, seed=1), execution=serial)
+    again = removal(scores, recipe, train, queries, k=3, n_queries=2, seed=1, backend="serial", progress=False)
+    np.testing.assert_array_equal(removed.top_effect, again.top_effect)
+    assert removed.config == again.config == RemovalConfig(k=3, n_queries=2, seed=1) and removed.k == 3
+    picked = selection(np.arange(24.0), recipe, train, queries, SelectionConfig(fraction=0.25), execution=serial)
+    assert picked.config == SelectionConfig(fraction=0.25) and picked.n_selected == 6
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), [
+    ("Execution", "workers", 0), ("Execution", "backend", "slurm"), ("SubsetConfig", "m", 2),
+    ("SubsetConfig", "alpha", 1.0), ("SubsetConfig", "seeds", 0), ("LOOConfig", "indices", [1, 1]),
+    ("RemovalConfig", "k", 0), ("RemovalConfig", "n_queries", 0), ("RemovalConfig", "measure", "banana"),
+    ("SelectionConfig", "fraction", 0.0),
+])
+def test_evaluation_values_are_checked_in_the_config(cls, field, value):
+    import datacredit.evaluate as evaluate
+
+    with pytest.raises(ValueError, match=field):
+        getattr(evaluate, cls)(**{field: value})
+
+
+def test_the_manifest_keeps_the_config_and_every_execution(tmp_path):
+    from datacredit.evaluate import Execution, LeastSquaresRecipe, LOOConfig, SubsetConfig, build_groundtruth, build_loo
+    from datacredit.store import Store
+
+    train, queries = _regression()
+    recipe, out = LeastSquaresRecipe(), tmp_path / "gt"
+    build_groundtruth(recipe, train, queries, out, SubsetConfig(m=3, seeds=2), execution=Execution(
+        backend="serial", progress=False))
+    meta = Store(out).info("outputs")["meta"]
+    assert {k: meta[k] for k in ("m", "alpha", "seeds", "seed")} == asdict(SubsetConfig(m=3, seeds=2))
+    # a resume under another Execution is the same build (nothing left to run); the call is recorded
+    again = build_groundtruth(recipe, train, queries, out, SubsetConfig(m=3, seeds=2),
+                              execution=Execution(workers=2, progress=False))
+    calls = Store(out).load_json("execution")
+    assert [c["backend"] for c in calls] == ["serial", "process"] and [c["jobs_to_run"] for c in calls] == [6, 0]
+    assert calls[1]["workers"] == 2 and again.m == 3
+    # another config is refused, naming the field
+    with pytest.raises(StoreError, match=r"alpha: stored 0\.5, requested 0\.25"):
+        build_groundtruth(recipe, train, queries, out, SubsetConfig(m=3, seeds=2, alpha=0.25), progress=False)
+    with pytest.raises(StoreError, match=r"seeds: stored 2, requested 1"):
+        build_groundtruth(recipe, train, queries, out, m=3, progress=False)
+    loo = build_loo(recipe, train, queries, tmp_path / "loo", LOOConfig(indices=(0, 5)), backend="serial",
+                    progress=False)
+    assert loo.config["n_removed"] == 2 and "indices" not in loo.config
+    np.testing.assert_array_equal(loo.removed_ids, train.ids[[0, 5]])
+    with pytest.raises(StoreError, match=r"seed: stored 0, requested 1"):
+        build_loo(recipe, train, queries, tmp_path / "loo", LOOConfig(indices=(0, 5), seed=1), progress=False)

@@ -5,6 +5,8 @@ and the user's model is never changed."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -36,7 +38,8 @@ class FixedMask(nn.Module):
         return x * self.mask
 
 
-def graddot(model, progress=False, **kw):
+def graddot(model, member=0, *, progress=False, **kw):
+    """A factory of the one shape ``(model, member) -> method`` (the member index unused)."""
     return GradDot(model, TASK, progress=progress, **kw)
 
 
@@ -130,11 +133,11 @@ def test_injected_masks_on_a_model_without_dropout(setup):
 
 # -- K identical members equal one member ----------------------------------------------------------------------------
 FACTORIES = {
-    "grad-dot": lambda m: GradDot(m, TASK),
-    "grad-dot-projected": lambda m: GradDot(m, TASK, projection=16),
-    "influence-kfac": lambda m: Influence(m, TASK, curvature="kfac"),
-    "trak": lambda m: TRAK(m, ClassificationTask(measurement="margin"), projection=24),
-    "tracin": lambda m: TracIn(m, TASK, Trajectory.from_states([m]), weighting="uniform"),
+    "grad-dot": lambda m, _: GradDot(m, TASK),
+    "grad-dot-projected": lambda m, _: GradDot(m, TASK, projection=16),
+    "influence-kfac": lambda m, _: Influence(m, TASK, curvature="kfac"),
+    "trak": lambda m, _: TRAK(m, ClassificationTask(measurement="margin"), projection=24),
+    "tracin": lambda m, _: TracIn(m, TASK, Trajectory.from_states([m]), weighting="uniform"),
 }
 
 
@@ -143,12 +146,12 @@ FACTORIES = {
 def test_dropout_with_p0_equals_one_member(setup, name, share):
     model, train, test = setup
     snap = snapshot(model)
-    single = FACTORIES[name](model).fit(train).score(test)
+    single = FACTORIES[name](model, 0).fit(train).score(test)
     ens = DropoutEnsemble(model, FACTORIES[name], k=3, p=0.0, share_train_cache=share)
     scores = ens.fit(train).score(test)
     np.testing.assert_allclose(scores.values, single.values, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(scores.train_ids, single.train_ids)
-    self_single = FACTORIES[name](model).fit(train).self_scores().values
+    self_single = FACTORIES[name](model, 0).fit(train).self_scores().values
     np.testing.assert_allclose(ens.self_scores().values, self_single, rtol=1e-9, atol=1e-12)
     assert_unchanged(model, snap)
 
@@ -161,9 +164,9 @@ def test_masks_reach_methods_that_work_on_a_private_copy(setup, name):
     scores = ens.fit(train).score(test)
     twin = copy.deepcopy(model)
     twin[2] = FixedMask(ens.masks(0)["2"])
-    expected = FACTORIES[name](twin).fit(train).score(test)
+    expected = FACTORIES[name](twin, 0).fit(train).score(test)
     np.testing.assert_allclose(scores.values, expected.values, rtol=1e-9, atol=1e-12)
-    assert not np.allclose(scores.values, FACTORIES[name](model).fit(train).score(test).values)
+    assert not np.allclose(scores.values, FACTORIES[name](model, 0).fit(train).score(test).values)
 
 
 def test_independent_ensemble_of_identical_models_equals_one_member(setup):
@@ -201,19 +204,32 @@ def test_average_is_the_plain_mean_of_member_scores(setup):
     assert ens.serving_seconds == pytest.approx(sum(cost["member_fit"]) + sum(cost["member_score"]))
 
 
-def test_fit_score_holds_one_member_at_a_time_and_equals_fit_then_score(setup):
+def test_fit_without_keep_holds_one_member_at_a_time_and_scores_the_same(setup):
     model, train, test = setup
     kept = DropoutEnsemble(model, FACTORIES["trak"], k=3, seed=1)
     streamed = DropoutEnsemble(model, FACTORIES["trak"], k=3, seed=1)
     expected = kept.fit(train).score(test)
-    scores = streamed.fit_score(train, test)
+    built, alive = [], []  # weak references to the members built so far; how many were alive at each build
+
+    def counted(m, j):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in built))
+        method = FACTORIES["trak"](m, j)
+        built.append(weakref.ref(method))
+        return method
+
+    streamed = DropoutEnsemble(model, counted, k=3, seed=1)
+    scores = streamed.fit(train, keep=False).score(test)
     np.testing.assert_allclose(scores.values, expected.values, rtol=1e-12, atol=0)
     assert streamed.methods == [] and len(streamed.member_scores) == 3
+    assert alive == [0, 0, 0]  # each earlier member was dropped before the next was built
     for key in ("member_weight_bytes", "member_cache_bytes", "shared_weight_bytes"):
         assert scores.config["cost"][key] == expected.config["cost"][key]
     assert min(scores.config["cost"]["member_cache_bytes"]) > 30 * 24 * 4  # TRAK's features and kernel
+    assert all(t > 0 for t in scores.config["cost"]["member_fit"])  # fitted inside score
+    np.testing.assert_allclose(streamed.self_scores().values, kept.self_scores().values, rtol=1e-12, atol=0)
     with pytest.raises(RuntimeError, match="fit"):
-        streamed.self_scores()
+        DropoutEnsemble(model, counted, k=1).self_scores()
 
 
 def test_average_of_trak_members_is_traks_per_model_estimator(setup):
@@ -232,7 +248,7 @@ def test_average_of_trak_members_is_traks_per_model_estimator(setup):
 # -- sharing the train-side cache ----------------------------------------------------------------------------------
 def test_shared_cache_masks_only_the_query_side_of_projected_grad_dot(setup):
     model, train, test = setup
-    ens = DropoutEnsemble(model, lambda m: graddot(m, projection=16), k=3, seed=2, share_train_cache=True)
+    ens = DropoutEnsemble(model, lambda m, _: graddot(m, projection=16), k=3, seed=2, share_train_cache=True)
     scores = ens.fit(train).score(test)
     phi_train = graddot(model, projection=16).fit(train).train_features.astype(np.float64)
     refs = []
@@ -290,7 +306,7 @@ def test_lora_gradients_are_torch_func_gradients_of_the_adapters(setup):
     for name, value in again.adapter_state_dict(0).items():
         torch.testing.assert_close(value, ens.adapter_state_dict(1)[name], rtol=0, atol=0)
     # another method on the same members: nothing is retrained
-    cos = ens.with_method(lambda m: graddot(m, normalize=True))
+    cos = ens.with_method(lambda m, _: graddot(m, normalize=True))
     values = cos.fit(train).score(test).values
     assert cos.peft_models is ens.peft_models and cos.cost.member_training == cost["member_training"]
     assert np.abs(values).max() <= 1 + 1e-9
@@ -301,16 +317,23 @@ def test_bad_use_raises_clear_errors(setup, tmp_path):
     model, train, test = setup
     with pytest.raises(RuntimeError, match="fit"):
         DropoutEnsemble(model, graddot, k=2).score(test)
-    with pytest.raises(TypeError, match="method_kwargs"):
+    # one factory shape, (model, member) -> method: a class or a one-argument callable is refused, saying so
+    with pytest.raises(TypeError, match=r"\(model, member\) -> method.*not the class GradDot"):
         DropoutEnsemble(model, GradDot, k=2)
-    by_class = DropoutEnsemble(model, GradDot, k=2, p=0.0, method_kwargs={"task": TASK, "progress": False})
-    np.testing.assert_allclose(by_class.fit(train).score(test).values, graddot(model).fit(train).score(test).values,
-                               rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match=r"\(model, member\) -> method.*cannot be called with \(model, member\)"):
+        DropoutEnsemble(model, lambda m: graddot(m), k=2)
+    with pytest.raises(TypeError, match=r"\(model, member\) -> method"):
+        IndependentEnsemble(graddot, models=[model]).with_method(lambda m: m)
+    with pytest.raises(TypeError, match=r"\(model, member\) -> method.*, got int"):
+        IndependentEnsemble(3, models=[model])
+    members = []
+    DropoutEnsemble(model, lambda m, j: members.append(j) or graddot(m), k=3, p=0.0).fit(train)
+    assert members == [0, 1, 2]
     store = str(tmp_path / "s")
     with pytest.raises(DataError, match="same store"):
-        DropoutEnsemble(model, lambda m: graddot(m, projection=8, store=store), k=2).fit(train)
+        DropoutEnsemble(model, lambda m, _: graddot(m, projection=8, store=store), k=2).fit(train)
     with pytest.raises(DataError, match="store"):
-        DropoutEnsemble(model, lambda m: graddot(m, store=store), k=2, share_train_cache=True).fit(train)
+        DropoutEnsemble(model, lambda m, _: graddot(m, store=store), k=2, share_train_cache=True).fit(train)
     with pytest.raises(ValueError, match="either models"):
         IndependentEnsemble(graddot)
     with pytest.raises(ValueError, match="k >= 1"):

@@ -26,10 +26,11 @@ tracks only Linear modules, and a tied embedding would be half-seen by it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,22 @@ from torch.utils.data import Dataset
 
 from datacredit.data import CharDataset, flip_labels, load_digits, load_fashion_mnist, load_text_sample
 from datacredit.errors import DataError, StoreError
-from datacredit.evaluate import ClassifierRecipe, GroundTruth, LMRecipe, build_groundtruth, load_groundtruth
+from datacredit.evaluate import (
+    ClassifierRecipe,
+    Execution,
+    GroundTruth,
+    LMRecipe,
+    SubsetConfig,
+    build_groundtruth,
+    load_groundtruth,
+)
 from datacredit.evaluate.jobstore import fingerprint
 from datacredit.evaluate.recipes import recipe_config
 from datacredit.store import Store
 from datacredit.task import ClassificationTask, LanguageModelingTask, Task
 from datacredit.training import TrajectoryCallback
 
-__all__ = ["CASES", "Case", "CaseSpec", "GT_DEFAULTS", "MODEL_SEED", "QUICK_GT", "load_case"]
+__all__ = ["CASES", "GT_CONFIG", "GT_EXECUTION", "QUICK_GT", "Case", "CaseSpec", "MODEL_SEED", "load_case"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +63,9 @@ MODEL_SEED = 0
 N_QUERIES = 50
 N_CHECKPOINTS = 10
 FLIP_FRACTION = 0.1
-GT_DEFAULTS = {"m": 100, "alpha": 0.5, "seeds": 2, "workers": 2}
-QUICK_GT = {"m": 8, "alpha": 0.5, "seeds": 1, "workers": 1}
+GT_CONFIG = SubsetConfig(m=100, alpha=0.5, seeds=2)  # a case's ground truth unless told otherwise
+QUICK_GT = SubsetConfig(m=8, alpha=0.5, seeds=1)  # bench --quick
+GT_EXECUTION = Execution(workers=2)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class CaseSpec:
     task: Callable[[], Task]
     num_classes: int | None
     trak_dim: int = 1024
-    gt_defaults: dict[str, Any] = field(default_factory=lambda: dict(GT_DEFAULTS))
+    groundtruth: SubsetConfig = GT_CONFIG
 
     @property
     def classification(self) -> bool:
@@ -177,13 +187,13 @@ class Case:
     def gt_dir(self, quick: bool = False) -> Path:
         return self.dir / ("gt-quick" if quick else "gt")
 
-    def build_groundtruth(self, out: str | Path | None = None, *, progress: bool = True,
-                          **settings: Any) -> GroundTruth:
-        """``build_groundtruth`` with the case's defaults (m=100, α=0.5, seeds=2, workers=2) overridden by
-        ``settings`` (m, alpha, seeds, workers, backend, seed); resumes an interrupted build in ``out``."""
-        kwargs = {**self.spec.gt_defaults, **{k: v for k, v in settings.items() if v is not None}}
+    def build_groundtruth(self, out: str | Path | None = None, config: SubsetConfig | None = None, *,
+                          execution: Execution | None = None) -> GroundTruth:
+        """``build_groundtruth`` of the case's recipe and data with ``config`` (default: the case's, m=100, α=0.5,
+        seeds=2) and ``execution`` (default: 2 worker processes); resumes an interrupted build in ``out``."""
         out = self.gt_dir() if out is None else Path(out)
-        return build_groundtruth(self.recipe, self.train, self.queries, out, progress=progress, **kwargs)
+        return build_groundtruth(self.recipe, self.train, self.queries, out, config or self.spec.groundtruth,
+                                 execution=execution or GT_EXECUTION)
 
     def groundtruth(self, *, quick: bool = False, build: bool = True, progress: bool = True) -> GroundTruth:
         """The cached ground truth (``--quick``: the tiny one, m=8, one seed); built first if missing and ``build``."""
@@ -194,7 +204,8 @@ class Case:
             if not build:
                 raise
         logger.info("%s: building the %sground truth in %s", self.name, "quick " if quick else "", out)
-        return self.build_groundtruth(out, progress=progress, **(QUICK_GT if quick else {}))
+        execution = dataclasses.replace(GT_EXECUTION, workers=1 if quick else GT_EXECUTION.workers, progress=progress)
+        return self.build_groundtruth(out, QUICK_GT if quick else None, execution=execution)
 
 
 def load_case(name: str, root: str | Path = "runs/bench") -> Case:

@@ -38,24 +38,31 @@ from ..store import Store
 # A member's method: fit(train) -> self, score(queries) -> Scores, self_scores() -> Scores and cache_bytes() -> int
 # (bytes of what fit keeps; every post-hoc method in datacredit.methods has them).
 Method = Any
-MethodFactory = Callable[..., Method]
+# The one factory shape: ``factory(model, member) -> method``, called once per member with the member's model and its
+# index 0..K-1 (for per-member stores or projection seeds; ignore it otherwise): ``lambda model, member:
+# GradDot(model, task)``.
+MethodFactory = Callable[[nn.Module, int], Method]
+FACTORY_SHAPE = "a factory (model, member) -> method, e.g. lambda model, member: GradDot(model, task)"
 
 
-def member_factory(method: MethodFactory, method_kwargs: dict[str, Any] | None) -> Callable[[nn.Module, int], Method]:
-    """``(model, member) -> method`` from a factory ``method(model)`` / ``method(model, member)``, or from a class and
-    keyword arguments (``method(model, **method_kwargs)``), e.g. ``GradDot`` with ``{"task": task}``."""
-    if not callable(method):
-        raise TypeError(f"method must be a class or a factory model -> method, got {type(method).__name__}")
-    if method_kwargs is not None:
-        return lambda model, member: method(model, **method_kwargs)
+def check_factory(factory: Any) -> MethodFactory:
+    """``factory`` if it has the one documented shape, ``(model, member) -> method``; TypeError saying what to pass
+    otherwise (a method class, which would take the member index for its task, or a callable taking one model).
+    A callable whose signature Python cannot read (some builtins) is taken as it is."""
+    if inspect.isclass(factory):
+        raise TypeError(f"method must be {FACTORY_SHAPE}, not the class {factory.__name__} itself")
+    if not callable(factory):
+        raise TypeError(f"method must be {FACTORY_SHAPE}, got {type(factory).__name__}")
     try:
-        takes_member = len([p for p in inspect.signature(method).parameters.values()
-                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]) >= 2
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):
-        takes_member = False
-    if inspect.isclass(method):  # a class without kwargs: its second positional argument is the task, not a member
-        raise TypeError(f"pass method_kwargs (e.g. {{'task': task}}) with the class {method.__name__}")
-    return (lambda model, member: method(model, member)) if takes_member else (lambda model, member: method(model))
+        return factory
+    try:
+        signature.bind(None, 0)
+    except TypeError:
+        raise TypeError(f"method must be {FACTORY_SHAPE}; {getattr(factory, '__name__', factory)!s}"
+                        f"{signature} cannot be called with (model, member)") from None
+    return factory
 
 
 def check_k(k: int | None) -> None:
@@ -157,11 +164,11 @@ class Ensemble:
     kind = "ensemble"
     clock: Callable[[], float] = staticmethod(time.perf_counter)
 
-    def __init__(self, method: MethodFactory, k: int, method_kwargs: dict[str, Any] | None = None):
+    def __init__(self, method: MethodFactory, k: int):
         if int(k) < 1:
             raise ValueError(f"an ensemble needs k >= 1 members, got {k}")
         self.k = int(k)
-        self._factory = member_factory(method, method_kwargs)
+        self._factory = check_factory(method)
         self.methods: list[Method] = []
         self.member_scores: list[Scores] = []
         self.cost = EnsembleCost()
@@ -193,11 +200,12 @@ class Ensemble:
         """True when one fitted method serves every member (its cache is counted once)."""
         return False
 
-    def with_method(self, method: MethodFactory, method_kwargs: dict[str, Any] | None = None) -> Ensemble:
+    def with_method(self, method: MethodFactory) -> Ensemble:
         """The same members (models, masks or trained adapters, and their training cost) attributed with another
-        method; nothing is retrained. Call ``fit`` on the result."""
+        method (a factory ``(model, member) -> method``); nothing is retrained. Call ``fit`` on the result."""
         new = copy.copy(self)
-        new._factory = member_factory(method, method_kwargs)
+        new.__dict__.pop("_keep", None)  # not fitted: fit(train) first
+        new._factory = check_factory(method)
         new.methods, new.member_scores = [], []
         new.cost = EnsembleCost(self.cost.shared_training, list(self.cost.member_training))
         return new
@@ -210,63 +218,58 @@ class Ensemble:
                 raise TypeError(f"the method factory returned a {type(method).__name__} without {verb}()")
         return method
 
-    def fit(self, train: Dataset | DataLoader) -> Ensemble:
-        """Train the members' weights if needed, then ``fit`` every member's method on ``train``."""
+    def fit(self, train: Dataset | DataLoader, *, keep: bool = True) -> Ensemble:
+        """Train the members' weights if needed, then ``fit`` every member's method on ``train``.
+
+        ``keep=False`` holds one fitted member at a time (peak memory of one member instead of K: K TRAK members
+        with dense projections are K projection matrices): ``fit`` only trains the members' weights, and each
+        ``score`` / ``self_scores`` call fits each member's method, uses it and drops it, paying the K fits again
+        (their times go into ``cost.member_fit``). The scores are the same either way. A train-side cache shared
+        by all members is one method and is always kept."""
         self._prepare(train)
-        self.methods = [self._build(j) for j in range(self.k)]
-        _check_stores([getattr(m, "store", None) for m in self.methods])
-        fits = []
-        for j, method in enumerate(self.methods):
-            with self._member(j, method):
-                fits.append(timed(lambda m=method: m.fit(train), self.clock)[1])
-        self.cost.member_fit, self.cost.shared_fit = fits, 0.0
-        self.cost.member_score = [0.0] * self.k
+        self._train, self._keep = train, keep or self._shares_method
+        self.methods, self.member_scores = [], []
+        self.cost.shared_fit, self.cost.member_fit, self.cost.member_score = 0.0, [0.0] * self.k, [0.0] * self.k
+        self.cost.member_cache_bytes = [0] * self.k
+        if self._keep:
+            self.methods = [self._build(j) for j in range(self.k)]
+            _check_stores([getattr(m, "store", None) for m in self.methods])
+            for j, method in enumerate(self.methods):
+                with self._member(j, method):
+                    self.cost.member_fit[j] = timed(lambda m=method: m.fit(train), self.clock)[1]
         self._count_bytes()
         return self
 
-    def _require_fit(self) -> None:
-        if not self.methods:
+    def _each_member(self, use: Callable[[Method], Any]) -> list[Any]:
+        """``[use(method) for each member]``, each call inside its member's context, on the kept fitted methods or
+        (``keep=False``) on each member's method built and fitted now and dropped before the next one is built (its
+        fit time and cache bytes recorded)."""
+        if not hasattr(self, "_keep"):
             raise RuntimeError(f"call {type(self).__name__}.fit(train) before scoring")
-
-    def score(self, queries: Dataset | DataLoader) -> Scores:
-        """The mean of the K members' scores ``(n_train, n_query)`` (positive = the training example helps)."""
-        self._require_fit()
-        self.member_scores, seconds = [], []
-        for j in range(self.k):
-            method = self._method_of(j)
-            with self._member(j, method):
-                scores, sec = timed(lambda m=method: m.score(queries), self.clock)
-            self.member_scores.append(scores)
-            seconds.append(sec)
-        self.cost.member_score = seconds
-        self._count_bytes()
-        return self.first(self.k)
-
-    def fit_score(self, train: Dataset | DataLoader, queries: Dataset | DataLoader) -> Scores:
-        """``fit(train).score(queries)`` member by member, holding one fitted method at a time (peak memory of one
-        member instead of K: K TRAK members with dense projections are K projection matrices). The fitted methods are
-        not kept, so ``self_scores`` or another ``score`` needs ``fit`` again; ``member_scores`` and ``cost`` are
-        set as by ``score``. A shared train-side cache is one method anyway: same as ``fit`` then ``score``."""
-        if self._shares_method:
-            return self.fit(train).score(queries)
-        self._prepare(train)
-        self.methods, self.member_scores = [], []
-        fits, seconds, caches, stores = [], [], [], []
+        results = []
+        if self._keep:
+            for j in range(self.k):
+                method = self._method_of(j)
+                with self._member(j, method):
+                    results.append(use(method))
+            return results
+        stores: list[Store | None] = []
         for j in range(self.k):
             method = self._build(j)
             stores.append(getattr(method, "store", None))
             _check_stores(stores)
             with self._member(j, method):
-                fits.append(timed(lambda m=method: m.fit(train), self.clock)[1])
-                scores, sec = timed(lambda m=method: m.score(queries), self.clock)
-            self.member_scores.append(scores)
-            seconds.append(sec)
-            caches.append(method.cache_bytes())
-            del method
-        cost = self.cost
-        cost.shared_fit, cost.member_fit, cost.member_score = 0.0, fits, seconds
-        cost.shared_weight_bytes, cost.member_weight_bytes = self._weight_bytes()
-        cost.shared_cache_bytes, cost.member_cache_bytes = 0, caches
+                self.cost.member_fit[j] = timed(lambda m=method: m.fit(self._train), self.clock)[1]
+                results.append(use(method))
+            self.cost.member_cache_bytes[j] = method.cache_bytes()
+            del method  # before the next member is built: one fitted member in memory at a time
+        return results
+
+    def score(self, queries: Dataset | DataLoader) -> Scores:
+        """The mean of the K members' scores ``(n_train, n_query)`` (positive = the training example helps)."""
+        timings = self._each_member(lambda method: timed(lambda: method.score(queries), self.clock))
+        self.member_scores, self.cost.member_score = [s for s, _ in timings], [t for _, t in timings]
+        self._count_bytes()
         return self.first(self.k)
 
     def first(self, k: int) -> Scores:
@@ -277,20 +280,20 @@ class Ensemble:
 
     def self_scores(self) -> Scores:
         """The mean of the members' self-scores ``(n_train, 1)`` (each computed inside its member's context)."""
-        self._require_fit()
-        parts = []
-        for j in range(self.k):
-            method = self._method_of(j)
-            with self._member(j, method):
-                parts.append(method.self_scores())
+        parts = self._each_member(lambda method: method.self_scores())
         out = self._wrap(Scores.average(parts), self.k, self.cost)
         out.method += ":self"
         return out
 
     def _count_bytes(self) -> None:
+        """Weights, and the kept methods' caches (without ``keep`` each member's is recorded as it is used)."""
         cost = self.cost
         cost.shared_weight_bytes, cost.member_weight_bytes = self._weight_bytes()
-        if self._shares_method:
+        if not self._keep:
+            cost.shared_cache_bytes = 0
+            if len(cost.member_cache_bytes) != self.k:
+                cost.member_cache_bytes = [0] * self.k
+        elif self._shares_method:
             cost.shared_cache_bytes, cost.member_cache_bytes = self.methods[0].cache_bytes(), [0] * self.k
         else:
             cost.shared_cache_bytes, cost.member_cache_bytes = 0, [m.cache_bytes() for m in self.methods]
@@ -325,5 +328,5 @@ def _check_stores(stores: Sequence[Store | None]) -> None:
         root = str(getattr(store, "root", store))
         if root in roots:
             raise DataError(f"ensemble members {roots[root]} and {j} use the same store {root}; give each member its "
-                            "own store (a factory taking (model, member)) or none")
+                            "own store (the factory gets the member index) or none")
         roots[root] = j

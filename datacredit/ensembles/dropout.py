@@ -140,21 +140,21 @@ class DropoutConfig:
 class DropoutEnsemble(Ensemble):
     """K members = K fixed dropout masks on one trained model (see the module docstring).
 
-    model: the trained model (never modified). method: factory ``model -> method`` (or ``(model, member) -> method``),
-    or a class with ``method_kwargs``. config: a :class:`DropoutConfig` (k, p, seed, modules, share_train_cache), or
-    its fields as keywords (``k`` also positionally; not both). A module in ``modules`` owning trainable parameters is
-    refused. training_seconds: how long the model took to train (for the cost report; None = unknown).
+    model: the trained model (never modified). method: a factory ``(model, member) -> method`` (see
+    :data:`~datacredit.ensembles.base.MethodFactory`). config: a :class:`DropoutConfig` (k, p, seed, modules,
+    share_train_cache), or its fields as keywords (``k`` also positionally; not both). A module in ``modules`` owning
+    trainable parameters is refused. training_seconds: how long the model took to train (for the cost report;
+    None = unknown).
     """
 
     kind = "dropout"
 
     def __init__(self, model: nn.Module, method: MethodFactory, k: int | None = None, *,
-                 config: DropoutConfig | None = None, method_kwargs: dict[str, Any] | None = None,
-                 training_seconds: float | None = None, **settings: Any):
+                 config: DropoutConfig | None = None, training_seconds: float | None = None, **settings: Any):
         if k is not None:
             settings["k"] = k
         self.config = config = configure(DropoutConfig, config, settings)
-        super().__init__(method, config.k, method_kwargs)
+        super().__init__(method, config.k)
         self.model, self.seed, self.share_train_cache = model, int(config.seed), bool(config.share_train_cache)
         modules: Sequence[str] | None = None if config.modules is None else list(config.modules)
         self.sites = MaskSites(model, config.p, modules)
@@ -181,17 +181,18 @@ class DropoutEnsemble(Ensemble):
     def _method_of(self, member: int) -> Method:
         return self.methods[0 if self.share_train_cache else member]
 
-    def fit(self, train: Dataset | DataLoader) -> DropoutEnsemble:
-        """Fit every member under its masks, or (``share_train_cache``) one method on the unmasked model."""
+    def fit(self, train: Dataset | DataLoader, *, keep: bool = True) -> DropoutEnsemble:
+        """Fit every member under its masks (``keep`` as in :meth:`Ensemble.fit`), or (``share_train_cache``) one
+        method on the unmasked model."""
         if not self.share_train_cache:
-            super().fit(train)
+            super().fit(train, keep=keep)
             return self
         method = self._build(0)
         if getattr(method, "store", None) is not None:
             raise DataError("share_train_cache scores one fitted method under K masks; its store would return the "
                             "first member's cached scores for every member: build the method without store=")
         _, self.cost.shared_fit = timed(lambda: method.fit(train), self.clock)
-        self.methods = [method]
+        self.methods, self._train, self._keep = [method], train, True
         self.cost.member_fit, self.cost.member_score = [0.0] * self.k, [0.0] * self.k
         self._count_bytes()
         return self

@@ -38,17 +38,16 @@ class IndependentEnsemble(Ensemble):
     ``train_fn(seed) -> model`` with ``k`` and ``seeds`` (default ``seed, seed + 1, …``): the models are trained (and
     timed) at the first ``fit``.
 
-    method: factory ``model -> method`` (or ``(model, member) -> method``, e.g. to give each member its own projection
-    seed), or a class with ``method_kwargs``. config: an :class:`IndependentConfig` (k, seeds, seed), or its fields as
-    keywords (not both). The models are never modified.
+    method: a factory ``(model, member) -> method`` (the member index e.g. gives each member its own projection
+    seed; see :data:`~datacredit.ensembles.base.MethodFactory`). config: an :class:`IndependentConfig` (k, seeds,
+    seed), or its fields as keywords (not both). The models are never modified.
     """
 
     kind = "independent"
 
     def __init__(self, method: MethodFactory, models: Sequence[nn.Module] | None = None, *,
                  train_fn: Callable[[int], nn.Module] | None = None, config: IndependentConfig | None = None,
-                 training_seconds: Sequence[float] | None = None, method_kwargs: dict[str, Any] | None = None,
-                 **settings: Any):
+                 training_seconds: Sequence[float] | None = None, **settings: Any):
         self.config = config = configure(IndependentConfig, config, settings)
         k, seeds, seed = config.k, config.seeds, config.seed
         if (models is None) == (train_fn is None):
@@ -69,7 +68,7 @@ class IndependentEnsemble(Ensemble):
                 raise ValueError("pass k (or seeds) with train_fn")
             else:
                 seeds = [int(seed) + j for j in range(int(k))]
-        super().__init__(method, int(k), method_kwargs)
+        super().__init__(method, int(k))
         self.models: list[nn.Module] | None = models
         self.train_fn, self.seeds = train_fn, seeds
         self.cost.shared_training = 0.0

@@ -81,7 +81,7 @@ class LoRAConfig:
 class LoRAEnsemble(Ensemble):
     """K LoRA fine-tunes of ``base_model`` (see the module docstring); the adapters are trained at the first ``fit``.
 
-    method: factory ``model -> method`` (or ``(model, member) -> method``), or a class with ``method_kwargs``; it is
+    method: a factory ``(model, member) -> method`` (see :data:`~datacredit.ensembles.base.MethodFactory`); it is
     called with the member's inner model. config: a :class:`LoRAConfig` (k, rank, alpha, target_modules,
     lora_dropout, seed and the default fine-tune's epochs, lr, batch_size, momentum), or its fields as keywords (``k``
     also positionally; not both). train_fn: ``(peft_model, seed) -> None`` fine-tunes in place; None = the default
@@ -93,12 +93,11 @@ class LoRAEnsemble(Ensemble):
 
     def __init__(self, base_model: nn.Module, method: MethodFactory, k: int | None = None, *,
                  config: LoRAConfig | None = None, train_fn: Callable[[nn.Module, int], Any] | None = None,
-                 method_kwargs: dict[str, Any] | None = None, base_training_seconds: float | None = None,
-                 **settings: Any):
+                 base_training_seconds: float | None = None, **settings: Any):
         if k is not None:
             settings["k"] = k
         self.config = c = configure(LoRAConfig, config, settings)
-        super().__init__(method, c.k, method_kwargs)
+        super().__init__(method, c.k)
         self.base_model, self.train_fn = base_model, train_fn
         self.rank, self.alpha = int(c.rank), float(c.rank if c.alpha is None else c.alpha)
         self.target_modules = linear_paths(base_model) if c.target_modules is None else list(c.target_modules)

@@ -7,13 +7,16 @@ evaluated on every query. Store layout in ``out_dir``::
 
     train_ids (n_train,)  query_ids (n_query,)  masks (m, n_train) bool  train_seeds (m·seeds,)
     outputs  (m·seeds, n_measures, n_query), chunked, one job per row (job = subset · seeds + replicate);
-             its manifest meta is the config
+             its manifest meta is the build's config: the SubsetConfig's fields (m, alpha, seeds, seed), the
+             recipe's settings, the measures, sizes and sha256 digests of both datasets
     seconds  (m·seeds,) wall time of each job
+    execution  JSON: the Execution of each call (workers, backend, ...) and how many jobs it found to run
 
-Rerunning the same call resumes (only unfinished jobs run); other settings or data raise StoreError. A build holds
-the store's build lock throughout: a second build of the same directory raises LockedError naming the holder, or
-with ``wait=True`` waits and then runs only the jobs left. A directory holding something else (a saved Scores,
-another kind of build) is refused unless ``overwrite=True``.
+Rerunning with the same config, recipe and data resumes (only unfinished jobs run), under any Execution; another
+config, recipe or data raises StoreError naming each differing field. A build holds the store's build lock
+throughout: a second build of the same directory raises LockedError naming the holder, or with
+``Execution(wait=True)`` waits and then runs only the jobs left. A directory holding something else (a saved
+Scores, another kind of build) is refused unless ``Execution(overwrite=True)``.
 
 Leave-one-out: job rows ``0`` (the full training set) and ``1 + r`` (without the ``r``-th removed example), each
 with ``seeds`` replicates; replicate ``s`` uses the same training seed ``train_seed(seed, s)`` in every row
@@ -34,7 +37,9 @@ from ..dataset import example_ids
 from ..errors import DataError, StoreError
 from ..store import Store
 from .align import positions
+from .config import Execution, LOOConfig, SubsetConfig, configure_run, manifest_fields
 from .jobstore import (
+    EXECUTION,
     OUTPUTS,
     SECONDS,
     build_store,
@@ -45,7 +50,7 @@ from .jobstore import (
     train_seed,
 )
 from .recipes import check_recipe, measure_sign, recipe_config
-from .runner import JobList, check_backend
+from .runner import JobList, Retraining, check_backend
 from .stats import spearman_columns
 
 __all__ = ["GroundTruth", "LOOResult", "build_groundtruth", "build_loo", "load_groundtruth", "load_loo"]
@@ -53,8 +58,8 @@ __all__ = ["GroundTruth", "LOOResult", "build_groundtruth", "build_loo", "load_g
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SUBSET_ARTEFACTS = ("train_ids", "query_ids", "masks", "train_seeds", OUTPUTS, SECONDS)
-LOO_ARTEFACTS = ("train_ids", "query_ids", "removed_ids", "train_seeds", OUTPUTS, SECONDS)
+SUBSET_ARTEFACTS = ("train_ids", "query_ids", "masks", "train_seeds", OUTPUTS, SECONDS, EXECUTION)
+LOO_ARTEFACTS = ("train_ids", "query_ids", "removed_ids", "train_seeds", OUTPUTS, SECONDS, EXECUTION)
 
 
 @dataclass(eq=False)
@@ -131,13 +136,10 @@ class GroundTruth:
         return float(values.mean()) if values.size else None
 
 
-def _check_data(recipe: Any, train: Dataset, queries: Dataset, workers: int, seeds: int,
-                backend: str) -> tuple[str, ...]:
+def _check_data(recipe: Any, train: Dataset, queries: Dataset, execution: Execution) -> tuple[str, ...]:
     """Every check that needs no training, so that a mistake fails before any work (and before the store)."""
     measures = check_recipe(recipe)
-    if int(seeds) < 1 or int(workers) < 1:
-        raise ValueError(f"seeds and workers must be >= 1, got seeds={seeds}, workers={workers}")
-    check_backend(backend)
+    check_backend(execution.backend)
     _ = example_ids(train), example_ids(queries)  # raises DataError on empty data or bad ids
     return measures
 
@@ -154,47 +156,42 @@ def subset_masks(n_train: int, m: int, alpha: float, seed: int) -> np.ndarray:
     return masks
 
 
-def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str], *,
-                      m: int = 100, alpha: float = 0.5, seeds: int = 1, seed: int = 0, workers: int = 1,
-                      backend: str = "process", progress: bool = True, wait: bool = False,
-                      overwrite: bool = False) -> GroundTruth:
-    """Retrain ``recipe`` on ``m`` random ``alpha``-subsets × ``seeds`` training seeds; see the module docstring.
+def build_groundtruth(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str],
+                      config: SubsetConfig | None = None, *, execution: Execution | None = None,
+                      **settings: Any) -> GroundTruth:
+    """Retrain ``recipe`` on ``config.m`` random ``config.alpha``-subsets × ``config.seeds`` training seeds; see the
+    module docstring.
 
     Args:
         recipe: a Recipe (``train``, ``evaluate``, ``measures``); picklable for ``backend="process"``/``"ray"``.
         train, queries: map-style datasets with stable ids (``ArrayDataset`` for the built-in recipes).
-        out_dir: store directory; rerunning with the same arguments resumes there.
-        m, alpha, seeds, seed: ``m`` subsets of ``round(alpha · n_train)`` examples, each trained ``seeds`` times.
-        workers, backend: ``"process"`` (``workers`` spawned local processes, one torch thread each; ``workers=1``
-            runs in this process), ``"serial"`` (this process) or ``"ray"`` (one Ray task per job). Backends give
-            the same outputs up to float rounding from torch's thread count.
-        wait: if another process is building in ``out_dir``, wait for it and then run what is left (default:
-            raise LockedError naming that process at once).
-        overwrite: replace whatever ``out_dir`` holds (a saved Scores, a build with other settings); without it
-            such a directory is refused with a StoreError naming what is there.
+        out_dir: store directory; rerunning with the same config, recipe and data resumes there.
+        config: a :class:`SubsetConfig` (m, alpha, seeds, seed), written into the manifest.
+        execution: an :class:`Execution` (workers, backend, progress, wait, overwrite); see there.
+        settings: the fields of either, as keywords instead (``m=8, workers=2``); not with the object itself.
     Returns the complete GroundTruth (as ``load_groundtruth(out_dir)`` would). Cost: ``m · seeds`` retrainings.
     """
-    measures = _check_data(recipe, train, queries, workers, seeds, backend)
-    m, seeds, seed = int(m), int(seeds), int(seed)
-    if m < 3:
-        raise ValueError(f"m must be >= 3 subsets for rank correlations, got {m}")
+    config, execution = configure_run(SubsetConfig, config, execution, settings)
+    measures = _check_data(recipe, train, queries, execution)
+    m, seeds, seed = config.m, config.seeds, config.seed
     n_train = len(train)
-    masks = subset_masks(n_train, int(m), float(alpha), int(seed))
-    config = {"format_version": FORMAT_VERSION, "kind": "subsets", "m": int(m), "alpha": float(alpha),
-              "subset_size": int(masks[0].sum()), "seeds": int(seeds), "seed": int(seed),
-              "measures": list(measures), "recipe": recipe_config(recipe), "n_train": n_train,
-              "n_query": len(queries), "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
+    masks = subset_masks(n_train, m, config.alpha, seed)
+    manifest = {"format_version": FORMAT_VERSION, "kind": "subsets", **manifest_fields(config),
+                "subset_size": int(masks[0].sum()), "measures": list(measures), "recipe": recipe_config(recipe),
+                "n_train": n_train, "n_query": len(queries), "train_sha256": fingerprint(train),
+                "query_sha256": fingerprint(queries)}
     seeds_ = np.array([train_seed(seed, k, r) for k in range(m) for r in range(seeds)], dtype=np.int64)
     jobs = JobList(m * seeds, lambda j: (np.flatnonzero(masks[j // seeds]), int(seeds_[j])))
     arrays = {"train_ids": example_ids(train), "query_ids": example_ids(queries), "masks": masks,
               "train_seeds": seeds_}
-    with build_store(out_dir, "subsets", SUBSET_ARTEFACTS, wait=wait, overwrite=overwrite) as store:
-        resuming = _prepare(store, config, arrays)
-        outputs, seconds = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming,
-                                      workers=workers, backend=backend, progress=progress, desc="ground truth")
+    with build_store(out_dir, "subsets", SUBSET_ARTEFACTS, wait=execution.wait,
+                     overwrite=execution.overwrite) as store:
+        resuming = _prepare(store, manifest, arrays)
+        outputs, seconds = run_stored(store, manifest, Retraining(recipe, train, queries), jobs, resuming=resuming,
+                                      execution=execution, desc="ground truth")
         logger.info("%s: ground truth complete, %d retrainings, median %.3g s each", store.root, len(jobs),
                     float(np.median(seconds)))
-        return _groundtruth(store, config, outputs, seconds)
+        return _groundtruth(store, manifest, outputs, seconds)
 
 
 def _prepare(store: Store, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
@@ -282,25 +279,25 @@ class LOOResult:
         return self.effect("loss")
 
 
-def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str], *,
-              indices: np.ndarray | list[int] | None = None, seeds: int = 1, seed: int = 0, workers: int = 1,
-              backend: str = "process", progress: bool = True, wait: bool = False,
-              overwrite: bool = False) -> LOOResult:
-    """Leave-one-out ground truth: retrain without each training example at positions ``indices`` (default:
-    all), plus once on the full data, ``seeds`` times each; resumable in ``out_dir`` (and locked, ``wait`` and
-    ``overwrite`` as there) like ``build_groundtruth``.
+def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.PathLike[str],
+              config: LOOConfig | None = None, *, execution: Execution | None = None, **settings: Any) -> LOOResult:
+    """Leave-one-out ground truth: retrain without each training example at positions ``config.indices``
+    (default: all), plus once on the full data, ``config.seeds`` times each; resumable in ``out_dir`` (and locked)
+    like ``build_groundtruth``. ``config``: a :class:`LOOConfig`; ``execution`` and keyword ``settings`` as there.
 
     ``LOOResult.values`` is ``(n_removed, n_query)`` = ``loss_without_i − loss_full`` (positive = i helped).
     """
-    measures = _check_data(recipe, train, queries, workers, seeds, backend)
-    seeds, seed, n_train = int(seeds), int(seed), len(train)
-    idx = np.arange(n_train) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size == 0 or idx.min() < 0 or idx.max() >= n_train or len(np.unique(idx)) != len(idx):
-        raise DataError(f"indices must be unique positions in [0, {n_train}), got {idx[:10].tolist()}...")
+    config, execution = configure_run(LOOConfig, config, execution, settings)
+    measures = _check_data(recipe, train, queries, execution)
+    seeds, seed, n_train = config.seeds, config.seed, len(train)
+    idx = np.arange(n_train) if config.indices is None else np.asarray(config.indices, dtype=np.int64)
+    if idx.max() >= n_train:
+        raise DataError(f"indices must be positions in [0, {n_train}), got {idx[idx >= n_train][:10].tolist()}")
     train_ids = example_ids(train)
-    config = {"format_version": FORMAT_VERSION, "kind": "loo", "n_removed": len(idx), "seeds": int(seeds),
-              "seed": int(seed), "measures": list(measures), "recipe": recipe_config(recipe), "n_train": n_train,
-              "n_query": len(queries), "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
+    manifest = {"format_version": FORMAT_VERSION, "kind": "loo", "n_removed": len(idx),
+                **manifest_fields(config, leave_out=("indices",)), "measures": list(measures),
+                "recipe": recipe_config(recipe), "n_train": n_train, "n_query": len(queries),
+                "train_sha256": fingerprint(train), "query_sha256": fingerprint(queries)}
     everything = np.arange(n_train)
     seeds_ = np.array([train_seed(seed, r) for r in range(seeds)], dtype=np.int64)
 
@@ -311,11 +308,11 @@ def build_loo(recipe: Any, train: Dataset, queries: Dataset, out_dir: str | os.P
     jobs = JobList((len(idx) + 1) * seeds, job)
     arrays = {"train_ids": train_ids, "query_ids": example_ids(queries), "removed_ids": train_ids[idx],
               "train_seeds": seeds_}
-    with build_store(out_dir, "loo", LOO_ARTEFACTS, wait=wait, overwrite=overwrite) as store:
-        resuming = _prepare(store, config, arrays)
-        outputs, _ = run_stored(store, config, recipe, train, queries, jobs, resuming=resuming, workers=workers,
-                                backend=backend, progress=progress, desc="leave-one-out")
-        return _loo(store, config, outputs)
+    with build_store(out_dir, "loo", LOO_ARTEFACTS, wait=execution.wait, overwrite=execution.overwrite) as store:
+        resuming = _prepare(store, manifest, arrays)
+        outputs, _ = run_stored(store, manifest, Retraining(recipe, train, queries), jobs, resuming=resuming,
+                                execution=execution, desc="leave-one-out")
+        return _loo(store, manifest, outputs)
 
 
 def _loo(store: Store, config: dict[str, Any], outputs: np.ndarray) -> LOOResult:

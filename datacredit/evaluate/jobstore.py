@@ -5,10 +5,12 @@ Artefacts written by ``run_stored`` (next to whatever the caller saves, e.g. mas
 * ``outputs``: chunked float64 ``(n_jobs, n_measures, n_query)``, one chunk (and done flag) per job; its manifest
   meta is the build's config — the commit point: a store without ``outputs`` holds no results.
 * ``seconds``: chunked float64 ``(n_jobs,)``, each job's training + evaluation wall time.
+* ``execution``: JSON, one entry per call of the build — its :class:`~datacredit.evaluate.config.Execution` and
+  how many jobs it found to run. How a build ran never changes its results, so a resume may use another one.
 
 Order per finished job: its ``seconds`` then its ``outputs`` row are written and flagged done, so a job counts as
 finished only when its outputs flag is set. Only the calling process writes. ``check_config`` refuses to resume a
-store built with other settings (StoreError naming the differences).
+store built with another config, recipe or data (StoreError naming each differing field).
 
 One build per store: ``build_store`` holds the store's :class:`~datacredit.lock.BuildLock` for the whole build
 (checking the config, writing ids and masks, every job), so two processes never train the same job or write the
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,15 @@ from ..dataset import example_ids
 from ..errors import StoreError
 from ..lock import BuildLock, LockedError
 from ..store import Store
-from .runner import Job, run_jobs
+from .config import Execution
+from .runner import Job, Retraining, run_jobs
 
-__all__ = ["OUTPUTS", "SECONDS", "build_store", "check_config", "fingerprint", "run_in_memory", "run_stored",
-           "train_seed"]
+__all__ = ["EXECUTION", "OUTPUTS", "SECONDS", "build_store", "check_config", "fingerprint", "run_in_memory",
+           "run_stored", "train_seed"]
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS, SECONDS = "outputs", "seconds"
+OUTPUTS, SECONDS, EXECUTION = "outputs", "seconds", "execution"
 # what each kind of build (the "kind" of its config) is called in messages
 KINDS = {"subsets": "subset ground truth (build_groundtruth)", "loo": "leave-one-out ground truth (build_loo)",
          "removal": "removal check (removal)", "selection": "selection check (selection)"}
@@ -160,37 +164,37 @@ def expect_equal(store: Store, name: str, expected: np.ndarray) -> None:
         raise StoreError(f"{store.root}: stored {name!r} differs from this build's; use another directory")
 
 
-def run_stored(store: Store, config: dict[str, Any], recipe: Any, train: Dataset, queries: Dataset,
-               jobs: Sequence[Job], *, resuming: bool, workers: int, backend: str, progress: bool,
-               desc: str) -> tuple[np.ndarray, np.ndarray]:
+def run_stored(store: Store, config: dict[str, Any], work: Retraining, jobs: Sequence[Job], *, resuming: bool,
+               execution: Execution, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Run the jobs whose outputs are not yet flagged done and return ``(outputs, seconds)`` of all jobs:
-    ``(n_jobs, n_measures, n_query)`` and ``(n_jobs,)``. Call it inside ``build_store`` (which holds the build
-    lock) after ``check_config`` (which gives ``resuming``)."""
-    n_jobs, shape = len(jobs), (len(jobs), len(recipe.measures), len(queries))
+    ``(n_jobs, n_measures, n_query)`` and ``(n_jobs,)``; ``config`` (the manifest's) is the outputs' meta, and
+    ``execution`` is appended to the store's ``execution`` record. Call it inside ``build_store`` (which holds the
+    build lock) after ``check_config`` (which gives ``resuming``)."""
+    n_jobs, shape = len(jobs), (len(jobs), len(work.recipe.measures), len(work.queries))
     seconds = store.chunked(SECONDS, (n_jobs,), np.float64, n_jobs, overwrite=not resuming)
     outputs = store.chunked(OUTPUTS, shape, np.float64, n_jobs, meta=normalize(config))
     todo = outputs.pending()
     if resuming and len(todo) < n_jobs:
         logger.info("%s: resuming, %d of %d jobs already done", store.root, n_jobs - len(todo), n_jobs)
+    calls = store.load_json(EXECUTION) if resuming and store.has(EXECUTION) else []
+    store.save_json(EXECUTION, [*calls, {**asdict(execution), "jobs_to_run": len(todo)}])
 
     def on_result(j: int, out: np.ndarray, sec: float) -> None:
         seconds.write(j, j, sec)
         outputs.write(j, None, out[None])
 
-    run_jobs(recipe, train, queries, jobs, on_result, todo=todo, workers=workers, backend=backend,
-             progress=progress, desc=desc)
+    run_jobs(work, jobs, on_result, todo=todo, execution=execution, desc=desc)
     return store.load_array(OUTPUTS), store.load_array(SECONDS)
 
 
-def run_in_memory(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], *, workers: int,
-                  backend: str, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def run_in_memory(work: Retraining, jobs: Sequence[Job], *, execution: Execution, desc: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """As ``run_stored`` without a store (nothing resumes): ``(outputs, seconds)`` of all jobs."""
-    outputs = np.empty((len(jobs), len(recipe.measures), len(queries)), dtype=np.float64)
+    outputs = np.empty((len(jobs), len(work.recipe.measures), len(work.queries)), dtype=np.float64)
     seconds = np.empty(len(jobs), dtype=np.float64)
 
     def on_result(j: int, out: np.ndarray, sec: float) -> None:
         outputs[j], seconds[j] = out, sec
 
-    run_jobs(recipe, train, queries, jobs, on_result, workers=workers, backend=backend, progress=progress,
-             desc=desc)
+    run_jobs(work, jobs, on_result, execution=execution, desc=desc)
     return outputs, seconds

@@ -1,16 +1,18 @@
 """Run retraining jobs — serially, in local processes, or as Ray tasks — and hand each result to the caller.
 
-A job is ``(positions, seed)``: train ``recipe`` on the training examples at ``positions`` with training seed
-``seed``, then evaluate every query. Its result is a float64 array ``(n_measures, n_query)`` in the order of
-``recipe.measures``. Every backend calls the same job function (``run_job``); results come back to the calling
-process, which alone writes them anywhere (``on_result``), in completion order.
+A job is ``(positions, seed)``: train the :class:`Retraining`'s recipe on its training examples at ``positions``
+with training seed ``seed``, then evaluate every query. Its result is a float64 array ``(n_measures, n_query)`` in
+the order of ``recipe.measures``. Every backend calls the same job function (``run_job``); results come back to the
+calling process, which alone writes them anywhere (``on_result``), in completion order. How jobs run (workers,
+backend, progress bars) is an :class:`~datacredit.evaluate.config.Execution`.
 
 Backends:
 
 * ``"serial"``: in this process, one job after another.
 * ``"process"``: ``concurrent.futures.ProcessPoolExecutor`` with ``workers`` spawned processes, each limited to one
-  torch thread. The recipe and both datasets are sent once per worker (pickled in memory for the hand-over only —
-  nothing is pickled to disk), so the recipe must be a top-level, importable class. ``workers=1`` runs serially.
+  torch thread. The Retraining (recipe and both datasets) is sent once per worker (pickled in memory for the
+  hand-over only — nothing is pickled to disk), so the recipe must be a top-level, importable class.
+  ``workers=1`` runs serially.
 * ``"ray"``: one Ray task per job (``num_cpus=1``); connects to the cluster named by ``RAY_ADDRESS`` or starts a
   local one. Needs ``pip install ray``.
 
@@ -39,6 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,17 +51,17 @@ from tqdm.auto import tqdm
 
 from ..dataset import example_ids
 from ..errors import DataError, NonFiniteError
+from .config import BACKENDS, Execution
 
-__all__ = ["BACKENDS", "Job", "JobList", "check_backend", "run_job", "run_jobs", "take"]
+__all__ = ["BACKENDS", "Job", "JobList", "Retraining", "check_backend", "run_job", "run_jobs", "take"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("serial", "process", "ray")
 Job = tuple[np.ndarray, int]  # (positions of the training examples to train on, training seed)
 OnResult = Callable[[int, np.ndarray, float], None]  # (job index, outputs (n_measures, n_query), seconds)
 
 _IN_FLIGHT_PER_WORKER = 2
-_WORKER: dict[str, Any] = {}  # per worker process: the recipe and datasets, set once by _init_worker
+_WORKER: dict[str, Retraining] = {}  # per worker process: the Retraining, set once by _init_worker
 _WATCH_PARENT_S = 0.25  # how often a worker checks that its parent is alive (where PR_SET_PDEATHSIG is missing)
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _STOP_WORKERS_S = 5.0  # grace period for workers to exit on SIGTERM before they are killed
@@ -73,6 +76,16 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ImportError(RAY_MISSING)
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """What every job of one build shares: the recipe (``train(dataset, seed)``, ``evaluate(model, queries)``,
+    ``measures``), the training set that a job's positions index, and the queries every model is evaluated on."""
+
+    recipe: Any
+    train: Dataset
+    queries: Dataset
 
 
 class JobList(Sequence[Job]):
@@ -98,16 +111,16 @@ def take(dataset: Dataset, positions: np.ndarray) -> Dataset:
     return Subset(dataset, positions.tolist())
 
 
-def run_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int
-            ) -> tuple[np.ndarray, float]:
-    """Train on ``train[positions]`` with ``seed``, evaluate ``queries``.
+def run_job(work: Retraining, positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Train ``work.recipe`` on ``work.train[positions]`` with ``seed``, evaluate ``work.queries``.
 
     Returns ``(outputs, seconds)``: outputs ``(n_measures, n_query)`` float64 in ``recipe.measures`` order, and
     the wall time of training plus evaluation. Raises DataError for missing or misshapen measures and
     NonFiniteError for NaN/inf outputs (naming the query ids).
     """
+    recipe, queries = work.recipe, work.queries
     start = time.perf_counter()
-    model = recipe.train(take(train, positions), int(seed))
+    model = recipe.train(take(work.train, positions), int(seed))
     got = recipe.evaluate(model, queries)
     seconds = time.perf_counter() - start
     n_query = len(queries)
@@ -171,32 +184,36 @@ def _init_worker(payload: bytes, parent: int) -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(1)
-    _WORKER["recipe"], _WORKER["train"], _WORKER["queries"] = pickle.loads(payload)
+    _WORKER["work"] = pickle.loads(payload)
 
 
 def _worker_job(positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
-    return run_job(_WORKER["recipe"], _WORKER["train"], _WORKER["queries"], positions, seed)
+    return run_job(_WORKER["work"], positions, seed)
 
 
-def _ray_job(recipe: Any, train: Dataset, queries: Dataset, positions: np.ndarray, seed: int
-             ) -> tuple[np.ndarray, float]:
+def _ray_job(work: Retraining, positions: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     torch.set_num_threads(1)
-    return run_job(recipe, train, queries, positions, seed)
+    return run_job(work, positions, seed)
 
 
-def run_jobs(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], on_result: OnResult, *,
-             todo: Sequence[int] | None = None, workers: int = 1, backend: str = "process",
-             progress: bool = True, desc: str = "retrain") -> None:
+def run_jobs(work: Retraining, jobs: Sequence[Job], on_result: OnResult, *, todo: Sequence[int] | None = None,
+             execution: Execution | None = None, desc: str = "retrain") -> None:
     """Run ``jobs[j]`` for each ``j`` in ``todo`` (default: all) and call ``on_result(j, outputs, seconds)``
-    in this process as each finishes. The progress bar counts jobs not in ``todo`` as already done."""
+    in this process as each finishes, as ``execution`` says (default ``Execution()``: workers, backend, progress;
+    its wait and overwrite concern stores and are not used here). The progress bar counts jobs not in ``todo`` as
+    already done."""
+    if not isinstance(work, Retraining):
+        raise TypeError(f"run_jobs takes a Retraining(recipe, train, queries) first, got {type(work).__name__}: "
+                        "run_jobs(Retraining(recipe, train, queries), jobs, on_result, todo=..., "
+                        "execution=Execution(workers=..., progress=...))")
+    execution = Execution() if execution is None else execution
+    backend, workers = execution.backend, execution.workers
     check_backend(backend)
-    if int(workers) < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     todo = list(range(len(jobs))) if todo is None else [int(j) for j in todo]
     if not todo:
         return
     logger.info("%d of %d retraining jobs to run (backend=%s, workers=%d)", len(todo), len(jobs), backend, workers)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not progress,
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not execution.progress,
                dynamic_ncols=True)
     signals = _Signals()
 
@@ -209,11 +226,11 @@ def run_jobs(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
         with signals.installed():
             if backend == "serial" or (backend == "process" and workers == 1):
                 for j in todo:
-                    done(j, _guard(j, jobs, lambda j=j: run_job(recipe, train, queries, *jobs[j])))
+                    done(j, _guard(j, jobs, lambda j=j: run_job(work, *jobs[j])))
             elif backend == "process":
-                _run_processes(recipe, train, queries, jobs, todo, done, int(workers))
+                _run_processes(work, jobs, todo, done, workers)
             else:
-                _run_ray(recipe, train, queries, jobs, todo, done)
+                _run_ray(work, jobs, todo, done)
     finally:
         bar.close()
 
@@ -276,10 +293,10 @@ def _guard(j: int, jobs: Sequence[Job], call: Callable[[], Any]) -> Any:
         raise
 
 
-def _run_processes(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], todo: list[int],
+def _run_processes(work: Retraining, jobs: Sequence[Job], todo: list[int],
                    done: Callable[[int, tuple[np.ndarray, float]], None], workers: int) -> None:
     try:
-        payload = pickle.dumps((recipe, train, queries), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise DataError(f"backend='process' sends the recipe and datasets to worker processes, but they cannot "
                         f"be pickled ({exc}); define the recipe class at the top level of an importable module, "
@@ -328,7 +345,7 @@ def _stop_workers(procs: list[multiprocessing.process.BaseProcess]) -> None:
     logger.info("stopped %d worker processes", len(procs))
 
 
-def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job], todo: list[int],
+def _run_ray(work: Retraining, jobs: Sequence[Job], todo: list[int],
              done: Callable[[int, tuple[np.ndarray, float]], None]) -> None:
     try:
         import ray
@@ -337,13 +354,13 @@ def _run_ray(recipe: Any, train: Dataset, queries: Dataset, jobs: Sequence[Job],
     if not ray.is_initialized():
         ray.init()  # joins the cluster in RAY_ADDRESS if set, else starts a local one
     task = ray.remote(num_cpus=1)(_ray_job)
-    shared = (ray.put(recipe), ray.put(train), ray.put(queries))
+    shared = ray.put(work)
     window = _IN_FLIGHT_PER_WORKER * max(1, int(ray.cluster_resources().get("CPU", 1)))
     queue, running = iter(todo), {}
     try:
         while True:
             for j in itertools.islice(queue, window - len(running)):
-                running[task.remote(*shared, *jobs[j])] = j
+                running[task.remote(shared, *jobs[j])] = j
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1)
