@@ -36,9 +36,13 @@ test-browser: $(STAMP)
 
 # Peers for side-by-side benchmarks, kept on our CPU torch: kronfluence's metadata asks for torchvision (which would
 # pull another torch), so dattri and kronfluence go in with --no-deps plus their runtime deps, under the torch pin.
+# dattri-llm needs only torch and tqdm (and transformers, here already). bergson pulls torchvision and torchaudio,
+# whose builds break its import on our torch; it never imports them, so they are removed again.
 $(PEERS): $(STAMP)
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-deps dattri kronfluence
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) traker accelerate einops einconv opt-einsum safetensors pyyaml
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-deps dattri kronfluence dattri-llm
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) traker accelerate einops einconv opt-einsum safetensors pyyaml tqdm
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) bergson
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio
 	touch $(PEERS)
 
 peers: $(PEERS)

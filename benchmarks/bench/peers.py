@@ -18,6 +18,10 @@ in every run, so a flipped sign would show as r ≈ −1):
 * kronfluence returns ``∇f_qᵀ (H + λI)⁻¹ ∇ℓ_i`` with no minus sign (upweighting i moves θ by ``−H⁻¹∇ℓ_i``, so a
   positive score lowers the query loss = helps), shaped ``(n_query, n_train)``: transposed, sign kept;
   r = +0.99 with our EK-FAC / KFAC at the same damping heuristic.
+* dattri-llm (TracIn = Grad-Dot at one checkpoint, K-FAC, EK-FAC) and EleutherAI bergson (EK-FAC pipeline; projected
+  Grad-Dot) are language-model peers, in :mod:`benchmarks.bench.peers_lm` with their signs: used as is (positive =
+  helps). On text-gpt (quick): r = 1.000 dattri-llm TracIn vs grad-dot, 0.98 K-FAC and EK-FAC; bergson needs a
+  Hugging Face model and is skipped there (``benchmarks/peers_lm.py`` runs it on a GPT-2).
 
 Peers write their caches under the method's scratch directory, emptied before each run, so no peer is timed on a
 warm cache. dattri's IF attributors sum ``(H_b + λI)⁻¹ v`` over the batches of the loader given to ``cache``, so it
@@ -297,3 +301,5 @@ def _register_peers() -> None:
 
 
 _register_peers()
+
+from . import peers_lm  # noqa: E402,F401  (registers the language-model peers: dattri-llm, bergson)
