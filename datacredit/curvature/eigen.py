@@ -110,26 +110,30 @@ class EigenBlock:
         return out
 
     def change_basis(self, x: Tensor, other: EigenBlock) -> Tensor:
-        """``x`` ``(Q, m, n)`` given in this block's eigenbasis, re-expressed in ``other``'s (same ``(m, n)`` view):
-        ``(Q'_uᵀ Q_u) x (Q_vᵀ Q'_v)``, the same as unrotating then rotating at half the multiply-adds."""
+        """Matrices ``x`` ``(m, n, Q)`` (queries last) given in this block's eigenbasis, re-expressed in ``other``'s
+        (same ``(m, n)`` view): ``(Q'_uᵀ Q_u) x_q (Q_vᵀ Q'_v)``, the same as unrotating then rotating at half the
+        multiply-adds (``Q·(m²n + mn²)``). Each side one GEMM over all queries."""
         def product(a: Tensor | None, b: Tensor | None) -> Tensor | None:  # aᵀ b with None = identity
             if a is None:
                 return b
             return a.T if b is None else a.T @ b
 
-        left = product(*(None if q is None else q.to(x.device, x.dtype) for q in (other.q_u, self.q_u)))
-        right = product(*(None if q is None else q.to(x.device, x.dtype) for q in (self.q_v, other.q_v)))
+        m, n, q = x.shape
+        left = product(*(None if t is None else t.to(x.device, x.dtype) for t in (other.q_u, self.q_u)))
+        right = product(*(None if t is None else t.to(x.device, x.dtype) for t in (self.q_v, other.q_v)))
         if left is not None:
-            x = left @ x
-        return x if right is None else x @ right
+            x = (left @ x.reshape(m, n * q)).reshape(m, n, q)
+        return x if right is None else torch.matmul(right.T, x)
 
-    def unrotate_left(self, w: Tensor) -> Tensor:
-        """``Q_u W`` for ``w`` ``(Q, m, n)`` or ``(m, k)`` (in ``w``'s dtype)."""
-        return w if self.q_u is None else self.q_u.to(w.device, w.dtype) @ w
-
-    def unrotate_right(self, w: Tensor) -> Tensor:
-        """``W Q_vᵀ`` for ``w`` ``(Q, m, n)`` (in ``w``'s dtype)."""
-        return w if self.q_v is None else w @ self.q_v.T.to(w.device, w.dtype)
+    def unrotate_columns(self, x: Tensor, right: bool = True) -> Tensor:
+        """``Q_u x_q Q_vᵀ`` for matrices ``x`` ``(m, n, Q)`` (queries last), or ``Q_u x_q`` without ``right``: one
+        ``(m × m)·(m × n·Q)`` GEMM and one batched ``(n × n)·(n × Q)`` product, no transposed copy."""
+        m, n, q = x.shape
+        if right and self.q_v is not None:
+            x = torch.matmul(self.q_v.to(x.device, x.dtype), x)
+        if self.q_u is not None:
+            x = (self.q_u.to(x.device, x.dtype) @ x.reshape(m, n * q)).reshape(m, n, q)
+        return x
 
     def apply_function(self, w: Tensor, fn) -> Tensor:
         """``f(H_p) W = Q_u [ f(Λ) ⊙ (Q_uᵀ W Q_v) ] Q_vᵀ`` for ``w`` ``(Q, m, n)`` and an elementwise ``fn`` of the

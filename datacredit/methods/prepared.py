@@ -170,8 +170,8 @@ def prepare(blocks: dict[str, EigenBlock], grads: list[ExampleGrads], damping: D
     for name in query_names(blocks, grads):
         block = blocks[name]
         dtype = torch.promote_types(dtype_of(grads[0]), block.eigenvalues.dtype)
-        x = rotated_queries(block, grads, name, dtype)
-        x = x / block.denominator(damping, dtype, x.device)
+        x = to_columns(rotated_queries(block, grads, name, dtype))
+        x = x / block.denominator(damping, dtype, x.device)[..., None]
         out[name] = from_eigenbasis(block, x, defer_right(block, grads, name, n_train), dtype_of(grads[0]))
     return PreparedQueries(out)
 
@@ -205,14 +205,18 @@ def defer_right(block: EigenBlock, grads: list[ExampleGrads], name: str, n_train
 
 
 def from_eigenbasis(block: EigenBlock, x: Tensor, defer: bool, dtype: torch.dtype) -> Prepared:
-    """Query weights ``W_q = Q_u x_q Q_vᵀ`` from ``x`` ``(Q, m, n)`` in ``block``'s eigenbasis, as :class:`Prepared` in
-    ``dtype``: ``Q_vᵀ`` applied here (``Q·m·n²``), or left to the training side (``defer``). Consumes ``x``."""
-    n_query, m, n = x.shape
-    if not defer:
-        x = block.unrotate_right(x)
-    x = x.reshape(n_query, m * n).T.contiguous()  # (m·n, Q): a 2-D transpose copies twice as fast as a permute
-    x = block.unrotate_left(x.reshape(m, n * n_query))  # Q_u W as one (m × m)·(m × n·Q) GEMM
-    return Prepared(x.reshape(m, n, n_query).to(dtype), block.q_v.to(x.device, dtype) if defer else None)
+    """Query weights ``W_q = Q_u x_q Q_vᵀ`` from ``x`` ``(m, n, Q)`` (queries last) in ``block``'s eigenbasis, as
+    :class:`Prepared` in ``dtype``: ``Q_vᵀ`` applied here (``Q·m·n²``), or left to the training side (``defer``).
+    The result may share memory with ``x``."""
+    w = block.unrotate_columns(x, right=not defer)
+    return Prepared(w.to(dtype), block.q_v.to(x.device, dtype) if defer else None)
+
+
+def to_columns(x: Tensor) -> Tensor:
+    """``(Q, m, n)`` → ``(m, n, Q)`` contiguous, queries last (the layout of :class:`Prepared` weights): a 2-D
+    transpose, which copies twice as fast as a 3-D permute."""
+    q, m, n = x.shape
+    return x.reshape(q, m * n).T.contiguous().reshape(m, n, q)
 
 
 def views(grads: list[ExampleGrads]) -> dict[str, tuple[int, int]]:

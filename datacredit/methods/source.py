@@ -13,11 +13,12 @@ the query measurement (z helps q), as everywhere in datacredit.
 
 Computed query side first: ``∇f_q`` (factored, as captured) is rotated into the last segment's eigenbasis and
 propagated backwards through the segments there (``exp(−ηKλ)`` per eigenvalue, one change of basis between
-segments), picking up ``(1 − e^{−ηKλ})/λ`` at each segment (:meth:`Source._prepared`); each segment's weights are then
-multiplied with its training gradients summed over its checkpoints (:class:`~datacredit.methods.piece_sums.PieceSum`:
-factored where one factor is the same at every checkpoint, as a first layer's input, else materialized) by
-:class:`~datacredit.methods.prepared.PreparedQueries` (zero-skipping, GEMM or val-first by cost). Cost ≈ (number of
-checkpoints) × the training passes of EK-FAC influence plus one product with the queries per segment.
+segments), picking up ``(1 − e^{−ηKλ})/λ`` at each segment (:meth:`Source._weights_backwards`); each segment's
+weights are multiplied with its training gradients summed over its checkpoints
+(:class:`~datacredit.methods.piece_sums.PieceSum`: factored where one factor is the same at every checkpoint, as a
+first layer's input, else materialized) by :class:`~datacredit.methods.prepared.PreparedQueries` (zero-skipping, GEMM
+or val-first by cost). ``score`` holds one segment's weights at a time. Cost ≈ (number of checkpoints) × the training
+passes of EK-FAC influence plus one product with the queries per segment.
 
 ``time="discrete"`` replaces the gradient-flow factors by the exact ones of the recorded gradient-descent steps,
 ``Π_c (1 − η_c λ)^{n_c}`` and ``Σ_c [(1 − (1 − η_c λ)^{n_c})/λ] Π_{c'>c} (1 − η_{c'} λ)^{n_{c'}}``; with stationary
@@ -59,7 +60,16 @@ from .base import (
     row_subset,
 )
 from .piece_sums import PieceSum
-from .prepared import PreparedQueries, deferred, from_eigenbasis, query_names, query_positions, rotated_queries, views
+from .prepared import (
+    PreparedQueries,
+    deferred,
+    from_eigenbasis,
+    query_names,
+    query_positions,
+    rotated_queries,
+    to_columns,
+    views,
+)
 
 
 @dataclass
@@ -249,41 +259,50 @@ class Source(GradientMethod):
         ids, it = self.grads(queries, measurement=True, desc="source queries")
         return ids, [g for _, g in it]
 
-    def _prepared(self, queries: Data) -> tuple[np.ndarray, list[PreparedQueries]]:
-        """Query ids and every segment's query weights ``u_ℓ`` (:meth:`_segment_weights`) prepared for scoring.
+    def _weights_backwards(self, grads: list[ExampleGrads]) -> Iterator[tuple[int, PreparedQueries]]:
+        """``(ℓ, u_ℓ)`` for every segment from the last to the first: the segment's query weights ``u_ℓ =
+        A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] ∇f_q`` (:meth:`_segment_weights`) prepared for scoring, for the queries of ``grads``.
 
-        With eigenbasis curvatures (diagonal, KFAC, EK-FAC) the chain runs in the eigenbases: the factored query
-        gradients rotated into the last segment's basis (:meth:`EigenBlock.rotate_pieces`), each segment's factors
-        applied there, the propagated part carried into the previous segment's basis by one change of basis
-        (:meth:`EigenBlock.change_basis`, instead of unrotating and rotating again), and each ``u_ℓ`` rotated back
-        once, its ``Q_v`` left to the training side where cheaper. Other curvatures: :meth:`_segment_weights` on the
-        materialized query gradients. Same numbers either way to rounding (the tests' twin)."""
-        ids, grads = self._query_grads(queries)
+        With eigenbasis curvatures (diagonal, KFAC, EK-FAC) the chain runs in the eigenbases, queries last
+        (``(m, n, Q)``, every rotation one GEMM): the factored query gradients rotated into the last segment's basis
+        (:meth:`EigenBlock.rotate_pieces`), each segment's factors applied there, ``u_ℓ`` rotated back once (its
+        ``Q_v`` left to the training side where cheaper), and the propagated part carried into the previous segment's
+        basis by one change of basis (:meth:`EigenBlock.change_basis`, half the work of unrotating and rotating
+        again) after the consumer is done with ``u_ℓ``: memory one ``u_ℓ`` and the carried queries. Other curvatures:
+        :meth:`_segment_weights` on the materialized query gradients. Same numbers to rounding (the tests' twin)."""
         if not all(isinstance(seg.curvature, _BlockCurvature) for seg in self.segments):
             weights = self._segment_weights(_materialized(grads))
-            return ids, [PreparedQueries.from_weights(w, views(grads)) for w in weights]
-        out: list[dict] = [{} for _ in self.segments]
-        last = self.segments[-1].curvature.blocks
-        n_query = sum(g.n for g in grads)
-        for name in query_names(last, grads):
-            x = None  # (Q, m, n) in the eigenbasis of the segment at hand
             for ell in range(len(self.segments) - 1, -1, -1):
-                seg = self.segments[ell]
+                yield ell, PreparedQueries.from_weights(weights[ell], views(grads))
+            return
+        dtype = grads[0].flat_dtype
+        n_query = sum(g.n for g in grads)
+        names = query_names(self.segments[-1].curvature.blocks, grads)
+        carried: dict[str, Tensor] = {}  # (m, n, Q) in the eigenbasis of the segment at hand
+        for ell in range(len(self.segments) - 1, -1, -1):
+            seg = self.segments[ell]
+            n_train = len(self._stage_ids[seg.stage])
+            weights = {}
+            for name in names:
                 block = seg.curvature.blocks[name]
-                dtype = torch.promote_types(grads[0].flat_dtype, block.eigenvalues.dtype)
-                if x is None:
-                    x = rotated_queries(block, grads, name, dtype)
-                lam = block.eigenvalues.to(x.device, dtype)
-                n_train = len(self._stage_ids[seg.stage])
-                defer = (block.q_v is not None and query_positions(grads, name) > 0
-                         and deferred(n_train * query_positions(grads, name), n_query * block.m))
-                out[ell][name] = from_eigenbasis(block, _accumulator(seg, self.time)(lam) * x, defer,
-                                                 grads[0].flat_dtype)
-                if ell > 0:
-                    x = block.change_basis(_propagator(seg, self.time)(lam) * x,
-                                           self.segments[ell - 1].curvature.blocks[name])
-            del x
-        return ids, [PreparedQueries(w) for w in out]
+                work = torch.promote_types(dtype, block.eigenvalues.dtype)
+                if name not in carried:
+                    carried[name] = to_columns(rotated_queries(block, grads, name, work))
+                lam = block.eigenvalues.to(carried[name].device, work)[..., None]
+                length = query_positions(grads, name)
+                defer = block.q_v is not None and length > 0 and deferred(n_train * length, n_query * block.m)
+                weights[name] = from_eigenbasis(block, _accumulator(seg, self.time)(lam) * carried[name], defer, dtype)
+            yield ell, PreparedQueries(weights)
+            del weights
+            for name in names:
+                if ell == 0:
+                    del carried[name]
+                    continue
+                block = seg.curvature.blocks[name]
+                lam = block.eigenvalues.to(carried[name].device, carried[name].dtype)[..., None]
+                x = carried.pop(name).mul_(_propagator(seg, self.time)(lam))
+                carried[name] = block.change_basis(x, self.segments[ell - 1].curvature.blocks[name])
+                del x
 
     def _segment_weights(self, v: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         """``u_ℓ = A(ℓ) [Π_{ℓ'>ℓ} P(ℓ')] v`` for every segment, latest first then reversed to segment order."""
@@ -302,11 +321,24 @@ class Source(GradientMethod):
             raise RuntimeError("call Source.fit(train) before scoring")
 
     def score(self, queries: Data) -> Scores:
-        """``(n_train, n_query)`` scores τ(z, q); rows are the stages' examples in order. Positive = helps."""
-        query_ids, blocks = self._score_blocks(queries)
+        """``(n_train, n_query)`` scores τ(z, q); rows are the stages' examples in order. Positive = helps.
+
+        Segments outermost, from the last: one segment's query weights in memory at a time, each added into the
+        matrix block by block (the same row blocks and summation order as :meth:`topk`, so the same numbers)."""
+        self._require_fit()
+        query_ids = as_loader(queries, self.batch_size)[1]
         values = np.zeros((len(self.train_ids), len(query_ids)))
-        for rows, part in blocks:
-            values[rows] = part
+        offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
+        with eval_mode(self.model):
+            _, grads = self._query_grads(queries)
+            for ell, prep in self._weights_backwards(grads):
+                seg = self.segments[ell]
+                n_stage = len(self._stage_ids[seg.stage])
+                for rows in self._row_blocks(n_stage, prep):
+                    part = self._segment_block(seg, prep, row_subset(self._train[seg.stage], rows, n_stage))
+                    values[offsets[seg.stage] + rows.start : offsets[seg.stage] + rows.stop] += (
+                        part / (len(seg.trajectory) * n_stage))
+                del prep
         return Scores(values, self.train_ids, query_ids, self.name, self._config())
 
     def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
@@ -332,19 +364,23 @@ class Source(GradientMethod):
 
         def gen() -> Iterator[tuple[slice, np.ndarray]]:
             with eval_mode(self.model):
-                _, prepared = self._prepared(queries)
+                _, grads = self._query_grads(queries)
+                prepared: list[PreparedQueries | None] = [None] * len(self.segments)
+                for ell, prep in self._weights_backwards(grads):
+                    prepared[ell] = prep
+                del prep
                 offsets = np.cumsum([0] + [len(i) for i in self._stage_ids])
                 for stage, data in enumerate(self._train):
                     n_stage = len(self._stage_ids[stage])
-                    segs = [(seg, p) for seg, p in zip(self.segments, prepared) if seg.stage == stage]
+                    segs = [(seg, p) for seg, p in zip(self.segments, prepared) if seg.stage == stage][::-1]
                     if not segs:
                         continue
                     for rows in self._row_blocks(n_stage, segs[0][1]):
                         subset = row_subset(data, rows, n_stage)
                         total = np.zeros((rows.stop - rows.start, len(query_ids)))
-                        for seg, prep in segs:
-                            scale = 1.0 / (len(seg.trajectory) * n_stage)  # checkpoint average, 1/N of the mean loss
-                            total += scale * self._segment_block(seg, prep, subset)
+                        for seg, prep in segs:  # the last segment first, as score adds them
+                            # checkpoint average, 1/N of the mean loss
+                            total += self._segment_block(seg, prep, subset) / (len(seg.trajectory) * n_stage)
                         yield slice(offsets[stage] + rows.start, offsets[stage] + rows.stop), total
 
         return query_ids, gen()
