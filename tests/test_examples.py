@@ -20,13 +20,18 @@ def load(name: str):
 
 def test_inrun_plain_loop_finds_flipped_labels():
     auroc = load("inrun_plain_loop").main(epochs=2)
-    assert auroc > 0.6  # measured 0.74 with 5 epochs; chance is 0.5
+    assert auroc > 0.6  # measured 0.617 with these 2 epochs (0.74 with 5); chance is 0.5
 
 
 def test_gpt2_trainer_callback(tmp_path):
     pytest.importorskip("transformers")
     values = load("gpt2_trainer_callback").main(max_steps=3, out_dir=str(tmp_path))
-    assert values.n_train > 0 and values.n_query == 1
+    # 3 steps of 8 chunks: 24 distinct chunks valued once each. From a random start every step lowers the validation
+    # loss, so the values (positive = lowered it) sum to > 0 and most are positive: measured sum 2.33, 92 % positive
+    # (torch 2.13 CPU); a flipped sign gives a negative sum and mostly negative values.
+    assert values.n_train == 24 and values.n_query == 1 and len(np.unique(values.train_ids)) == 24
+    assert np.isfinite(values.values).all()
+    assert values.values.sum() > 0.5 and (values.values > 0).mean() > 0.6
 
 
 def test_posthoc_methods(tmp_path):

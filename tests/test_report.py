@@ -14,7 +14,7 @@ import torch
 
 from datacredit.data import ArrayDataset, CharDataset
 from datacredit.errors import DataError, StoreError
-from datacredit.report import Examples, Report, as_examples, history_arrays, render_report, save_run
+from datacredit.report import Display, Examples, Report, as_examples, history_arrays, render_report, save_run
 from datacredit.report.png import encode_png, image_png
 from datacredit.scores import Scores
 
@@ -54,7 +54,7 @@ def full_report(title: str = "digits report") -> Report:
     report.add_history(d["history"], top=3)
     report.add_mislabel_candidates(d["inrun"], items=d["train"], flipped_ids=d["flipped"], k=8,
                                    higher_is_suspicious=False)
-    report.add_gallery(d["scores"], d["train"], d["queries"], k=3, kind="image", image_shape=(8, 8),
+    report.add_gallery(d["scores"], d["train"], d["queries"], k=3, display=Display("image", (8, 8)),
                        flipped_ids=d["flipped"])
     return report
 
@@ -89,8 +89,9 @@ def test_user_text_is_escaped_everywhere():
     report.add_table([{EVIL: EVIL, "method": EVIL}], title=EVIL)
     report.add_lds_vs_time([{"method": EVIL, "lds": 0.2, "time_s": 1.0}, {"method": EVIL}])
     report.add_values(scores, name=EVIL)
-    report.add_gallery(scores, texts, queries, k=2, kind="text")
-    report.add_mislabel_candidates(d["inrun"], items=texts, kind="text", higher_is_suspicious=False, title=EVIL)
+    report.add_gallery(scores, texts, queries, k=2, display=Display("text"))
+    report.add_mislabel_candidates(d["inrun"], items=texts, display=Display("text"), higher_is_suspicious=False,
+                                   title=EVIL)
     report.add_notes([EVIL])
     html = report.html()
     assert "<script" not in html.lower()
@@ -102,7 +103,7 @@ def test_text_examples_from_a_char_dataset_are_decoded_and_escaped():
     data = CharDataset("<blink>tag</blink> & more text to chunk into pieces " * 4, seq_len=16)
     ids = data.ids
     scores = Scores(np.linspace(-1, 1, len(ids) * 2).reshape(len(ids), 2), ids, ids[:2], "lm")
-    html = Report("text").add_gallery(scores, data, data.subset([0, 1]), k=2, kind="text").html()
+    html = Report("text").add_gallery(scores, data, data.subset([0, 1]), k=2, display=Display("text")).html()
     assert "<blink>" not in html and "&lt;blink&gt;" in html
     assert html.count('<div class="query text">') == 2
     first = data.decode(data[0][0])
@@ -118,13 +119,13 @@ def test_mislabel_candidates_rank_by_the_suspicious_end_and_mark_flips():
     assert html.count('<tr class="flag">') == 4
     # the other end: with self-influence semantics the HIGHEST values are suspicious
     vec, ids = d["inrun"].column(0), d["inrun"].train_ids
-    html = Report("m").add_mislabel_candidates(-vec, ids, higher_is_suspicious=True, flipped_ids=d["flipped"],
+    html = Report("m").add_mislabel_candidates((ids, -vec), higher_is_suspicious=True, flipped_ids=d["flipped"],
                                                k=4).html()
     assert "4 of these 4 candidates" in html
     rows = re.findall(r"<tr(?: class=\"flag\")?><td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td>", html)
     assert [int(i) for _, i in rows] == [int(i) for i in ids[np.argsort(vec, kind="stable")[:4]]]
     with pytest.raises(DataError, match="which end is suspicious"):
-        Report("m").add_mislabel_candidates(vec, ids, higher_is_suspicious=None)
+        Report("m").add_mislabel_candidates((ids, vec), higher_is_suspicious=None)
 
 
 def test_history_arrays_flatten_and_the_curves_end_at_the_summed_values():
@@ -238,7 +239,7 @@ def test_values_headings_follow_what_the_values_mean(tmp_path):
     assert "Highest (helped most)" in inrun and "Lowest (hurt most)" in inrun and "positive (helped)" in inrun
     assert "Highest (most suspicious)" in self_influence and "Lowest (least suspicious)" in self_influence
     assert "helped" not in self_influence and "hurt" not in self_influence
-    direct = Report("r").add_values(np.array([0.5, -1.0, 2.0]), np.arange(3), higher_is_suspicious=True).html()
+    direct = Report("r").add_values((np.arange(3), np.array([0.5, -1.0, 2.0])), higher_is_suspicious=True).html()
     assert "Highest (most suspicious)" in direct and "helped most" not in direct
 
 
@@ -370,3 +371,35 @@ def test_render_report_survives_lone_surrogates_in_text_items(tmp_path):
          query_data=np.array(["q \udfff"] * 2))
     html = render_report(tmp_path).read_text(encoding="utf-8")
     assert "<pre>bad ? text</pre>" in html  # the surrogate that UTF-8 cannot hold is replaced, the rest is kept
+
+
+def test_per_example_values_are_a_scores_an_ids_vector_pair_or_a_bare_vector():
+    from datacredit.report.sections import per_example
+
+    ids, vec = np.array([7, 3, 5]), np.array([0.5, -1.0, 2.0])
+    got, got_ids, _, notes = per_example((ids, vec))
+    np.testing.assert_array_equal(got, vec)
+    np.testing.assert_array_equal(got_ids, ids)
+    assert notes == []
+    _, positions, _, notes = per_example(vec)
+    np.testing.assert_array_equal(positions, np.arange(3))
+    assert "positions" in notes[0]
+    _, pair_ids, _, _ = per_example((ids, vec[:, None]))  # (n, 1) as save_run keeps values
+    np.testing.assert_array_equal(pair_ids, ids)
+    two, two_ids, _, _ = per_example((0.5, 0.25))  # two numbers are a vector of two values, not a pair
+    np.testing.assert_array_equal(two, [0.5, 0.25])
+    np.testing.assert_array_equal(two_ids, [0, 1])
+    with pytest.raises(DataError, match="3 values but ids"):
+        per_example((np.arange(2), vec))
+    html = Report("r").add_values((ids, vec)).html()
+    assert re.search(r"<td class=\"num\">1</td><td class=\"num\">5</td>", html)  # rank 1 is id 5 (value 2.0)
+
+
+def test_display_groups_how_examples_are_drawn():
+    assert Display(image_shape=[4, 4]).image_shape == (4, 4)
+    with pytest.raises(DataError, match="kind"):
+        Display("video")
+    d = synthetic()
+    small = Report("g").add_gallery(d["scores"], d["train"], d["queries"], k=1, display=Display(image_shape=(4, 16)))
+    default = Report("g").add_gallery(d["scores"], d["train"], d["queries"], k=1)
+    assert small.html() != default.html()  # another shape draws other thumbnails

@@ -5,7 +5,7 @@
     report = Report("digits: who helped whom")
     report.add_values(inrun.values(), name="In-Run Shapley")
     report.add_history(inrun.history)
-    report.add_gallery(scores, train, queries, k=3, kind="image", image_shape=(8, 8))
+    report.add_gallery(scores, train, queries, k=3, display=Display("image", image_shape=(8, 8)))
     report.add_mislabel_candidates(inrun.values(), items=train, flipped_ids=flipped, higher_is_suspicious=False)
     report.add_table(metric_rows, "Methods")
     report.add_lds_vs_time(metric_rows)
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..scores import Scores
 from ..store import atomic_write_bytes
+from .examples import Display
 from .gallery import gallery_section, mislabel_section
 from .history import history_section
 from .markup import note, page
@@ -57,37 +58,36 @@ class Report:
         """Highlighted one-line notes (things skipped, warnings); plain text, escaped."""
         return self._add(title, "".join(note(str(n)) for n in notes))
 
-    def add_values(self, values: Any, ids: Any = None, *, name: str = "values", k: int = 10,
-                   title: str | None = None, higher_is_suspicious: bool = False) -> Report:
+    def add_values(self, values: Any, *, name: str = "values", k: int = 10, title: str | None = None,
+                   higher_is_suspicious: bool = False) -> Report:
         """Histogram and top/bottom ``k`` of per-example values: a one-column Scores (In-Run Shapley values,
-        self-scores), a Scores with several queries (mean over queries), or a vector ``(n,)`` with ``ids``.
-        ``higher_is_suspicious=True`` for a suspicion score (self-influence): its ends are not "helped"/"hurt"."""
-        return self._add(title or f"Values: {name}", values_section(values, ids, name, k, higher_is_suspicious))
+        self-scores), a Scores with several queries (mean over queries), a pair ``(ids, vector)``, or a vector
+        ``(n,)`` (ids = positions). ``higher_is_suspicious=True`` for a suspicion score (self-influence): its ends
+        are not "helped"/"hurt"."""
+        return self._add(title or f"Values: {name}", values_section(values, name, k, higher_is_suspicious))
 
     def add_history(self, history: Any, *, top: int = 5, title: str = "In-Run value over training") -> Report:
         """Running In-Run Shapley value over steps of the ``top`` highest and lowest examples. ``history`` is
         ``InRunShapley.history`` (``[(step, ids (B,), values (B, Q))]``) or arrays ``steps``/``ids``/``values``."""
         return self._add(title, history_section(history, top))
 
-    def add_gallery(self, scores: Scores, train_items: Any, query_items: Any, k: int = 3, kind: str = "image",
-                    image_shape: Sequence[int] = (8, 8), *, max_queries: int | None = 8, flipped_ids: Any = None,
-                    decode: Callable[[Any], str] | None = None, title: str | None = None) -> Report:
+    def add_gallery(self, scores: Scores, train_items: Any, query_items: Any, k: int = 3, *,
+                    display: Display | None = None, max_queries: int | None = 8, flipped_ids: Any = None,
+                    title: str | None = None) -> Report:
         """Per query, its ``k`` top proponents and opponents with their scores. Items are an ``Examples``, an
-        ``ArrayDataset``/``CharDataset`` or a mapping ``{id: item}``; images are drawn as grayscale (or RGB)
-        thumbnails of ``image_shape``, text as escaped preformatted text."""
-        body = gallery_section(scores, train_items, query_items, k, kind, image_shape, max_queries, flipped_ids,
-                               decode)
+        ``ArrayDataset``/``CharDataset`` or a mapping ``{id: item}``, drawn as ``display`` says (default
+        ``Display()``: 8×8 grayscale images; ``Display("text")`` for text)."""
+        body = gallery_section(scores, train_items, query_items, k, display or Display(), max_queries, flipped_ids)
         return self._add(title or f"Proponents and opponents: {scores.method}", body)
 
-    def add_mislabel_candidates(self, values: Any, ids: Any = None, items: Any = None, *,
-                                higher_is_suspicious: bool, labels: Any = None, flipped_ids: Any = None,
-                                k: int = 20, kind: str = "image", image_shape: Sequence[int] = (8, 8),
-                                decode: Callable[[Any], str] | None = None, title: str = "Mislabel candidates",
-                                ) -> Report:
+    def add_mislabel_candidates(self, values: Any, items: Any = None, *, higher_is_suspicious: bool,
+                                labels: Any = None, flipped_ids: Any = None, k: int = 20,
+                                display: Display | None = None, title: str = "Mislabel candidates") -> Report:
         """The ``k`` most suspicious examples: lowest values when ``higher_is_suspicious=False`` (In-Run Shapley),
-        highest when True (self-influence). Known-flipped ids are marked and, when given, scored (AUROC)."""
-        body = mislabel_section(values, ids, items, higher_is_suspicious=higher_is_suspicious, labels=labels,
-                                flipped_ids=flipped_ids, k=k, kind=kind, image_shape=image_shape, decode=decode)
+        highest when True (self-influence). ``values`` as for :meth:`add_values`; ``items`` drawn as ``display``
+        says. Known-flipped ids are marked and, when given, scored (AUROC)."""
+        body = mislabel_section(values, items, higher_is_suspicious=higher_is_suspicious, labels=labels,
+                                flipped_ids=flipped_ids, k=k, display=display or Display())
         return self._add(title, body)
 
     def add_table(self, rows: Sequence[Mapping[str, Any]], title: str = "Methods") -> Report:

@@ -1,6 +1,7 @@
 """The examples a report shows next to their scores: images as small inline PNGs, text as escaped ``<pre>``.
 
-``Examples`` pairs ids with what each example looks like (and optionally its label). ``as_examples`` builds one from
+``Examples`` pairs ids with what each example looks like (and optionally its label); ``Display`` says how a section
+draws them (kind, image shape, a decoder for token ids). ``as_examples`` builds one from
 what a user already has: an ``ArrayDataset`` (first tensor = inputs, an optional 1-D last tensor = labels; a
 ``CharDataset``'s token ids are decoded to text), a mapping ``{id: item}`` or ``{id: (item, label)}``, or an
 ``Examples``.
@@ -19,7 +20,7 @@ from ..errors import DataError
 from .markup import esc, img, signed
 from .png import image_png
 
-__all__ = ["KINDS", "Examples", "as_examples"]
+__all__ = ["KINDS", "Display", "Examples", "as_examples"]
 
 KINDS = ("image", "text")
 
@@ -32,6 +33,27 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise DataError(f"kind must be one of {KINDS}, got {kind!r}")
     return kind
+
+
+@dataclass(frozen=True)
+class Display:
+    """How a report section draws examples.
+
+    kind: ``"image"`` (grayscale or RGB thumbnails, each row of numbers reshaped to ``image_shape``: ``(H, W)``,
+    ``(H, W, 3)`` or ``(C, H, W)``) or ``"text"`` (escaped preformatted text; token ids are turned into text by
+    ``decode``, by default the dataset's own ``decode``)."""
+
+    kind: str = "image"
+    image_shape: tuple[int, ...] = (8, 8)
+    decode: Callable[[Any], str] | None = None
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        object.__setattr__(self, "image_shape", tuple(int(n) for n in self.image_shape))
+
+    def examples(self, items: Any) -> Examples:
+        """``items`` as :class:`Examples` of this kind (see :func:`as_examples`)."""
+        return as_examples(items, self.kind, self.decode)
 
 
 @dataclass(eq=False)

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 from ..scores import Scores
-from .examples import Examples, as_examples
+from .examples import Display, Examples
 from .markup import details_json, esc, fmt, note, signed, table
 from .sections import per_example
 
 __all__ = ["gallery_section", "mislabel_section"]
+
+IMAGES = Display()  # the default: 8×8 grayscale images
 
 
 def _flipped(flipped_ids: Any) -> set[int]:
     return set() if flipped_ids is None else {int(i) for i in np.asarray(flipped_ids).reshape(-1)}
 
 
-def gallery_section(scores: Scores, train_items: Any, query_items: Any, k: int = 3, kind: str = "image",
-                    image_shape: Sequence[int] = (8, 8), max_queries: int | None = 8, flipped_ids: Any = None,
-                    decode: Callable[[Any], str] | None = None) -> str:
+def gallery_section(scores: Scores, train_items: Any, query_items: Any, k: int = 3, display: Display = IMAGES,
+                    max_queries: int | None = 8, flipped_ids: Any = None) -> str:
     """Per query (column of ``scores``): the query, its ``k`` top proponents (highest scores: training on them
-    lowered the query's loss) and ``k`` top opponents (lowest scores), each with its score."""
+    lowered the query's loss) and ``k`` top opponents (lowest scores), each with its score, drawn as ``display``
+    says."""
     if not isinstance(scores, Scores):
         raise DataError(f"a gallery needs Scores, got {type(scores).__name__}")
-    train: Examples = as_examples(train_items, kind, decode)
-    queries: Examples = as_examples(query_items, kind, decode)
+    train: Examples = display.examples(train_items)
+    queries: Examples = display.examples(query_items)
+    kind, image_shape = display.kind, display.image_shape
     flipped = _flipped(flipped_ids)
     n_shown = scores.n_query if max_queries is None else min(scores.n_query, int(max_queries))
     parts = [f'<p class="muted">method <b>{esc(scores.method)}</b> · top {esc(k)} proponents and opponents of '
@@ -78,10 +80,10 @@ def _detection_summary(vec: np.ndarray, ids: np.ndarray, flipped: set[int], top_
     return f"<p>{esc(text)}</p>"
 
 
-def mislabel_section(values: Any, ids: Any = None, items: Any = None, *, higher_is_suspicious: bool,
-                     labels: Any = None, flipped_ids: Any = None, k: int = 20, kind: str = "image",
-                     image_shape: Sequence[int] = (8, 8), decode: Callable[[Any], str] | None = None) -> str:
-    """The ``k`` most suspicious examples by a per-example value, known-flipped ones marked.
+def mislabel_section(values: Any, items: Any = None, *, higher_is_suspicious: bool, labels: Any = None,
+                     flipped_ids: Any = None, k: int = 20, display: Display = IMAGES) -> str:
+    """The ``k`` most suspicious examples by a per-example value (``values`` as :func:`per_example` takes them),
+    known-flipped ones marked; ``items`` drawn as ``display`` says.
 
     ``higher_is_suspicious``: True for self-influence / self-scores (mislabelled examples have large ones), False
     for In-Run Shapley and other "positive = helped" values (mislabelled examples hurt, so they score low).
@@ -89,8 +91,8 @@ def mislabel_section(values: Any, ids: Any = None, items: Any = None, *, higher_
     if not isinstance(higher_is_suspicious, bool):
         raise DataError("say which end is suspicious: higher_is_suspicious=True (self-influence) or False "
                         "(In-Run Shapley values)")
-    vec, ids, what, notes = per_example(values, ids)
-    examples = None if items is None else as_examples(items, kind, decode)
+    vec, ids, what, notes = per_example(values)
+    examples = None if items is None else display.examples(items)
     label_of = dict(zip(ids.tolist(), _labels(labels, ids, examples)))
     flipped = _flipped(flipped_ids)
     finite = np.flatnonzero(np.isfinite(vec))
@@ -105,7 +107,7 @@ def mislabel_section(values: Any, ids: Any = None, items: Any = None, *, higher_
     columns = ["rank", "id"] + (["example"] if examples is not None else []) + ["label", "value"]
     rows = []
     for r, (i, pos) in enumerate(zip(top_ids, order)):
-        example = [examples.body(i, image_shape)] if examples is not None else []
+        example = [examples.body(i, display.image_shape)] if examples is not None else []
         rows.append([r + 1, i, *example, label_of[i], signed(vec[pos])])
     raw = [False, False] + ([True] if examples is not None else []) + [False, True]
     flags = [i in flipped for i in top_ids]

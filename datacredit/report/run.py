@@ -46,7 +46,7 @@ from ..errors import DataCreditError, DataError, StoreError
 from ..scores import Scores
 from ..store import atomic_write_bytes, atomic_write_json
 from .builder import Report
-from .examples import Examples, check_kind
+from .examples import Display, Examples, check_kind
 from .history import history_arrays
 
 __all__ = ["render_report", "save_run"]
@@ -275,7 +275,7 @@ def render_report(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[s
     run = parts.run
     title = run.get("title") or f"datacredit report: {_clean(root.resolve().name)}"
     report = Report(title, _clean(f"run directory {root}"))
-    shape = tuple(run.get("image_shape", (8, 8)))
+    display = Display(parts.kind, tuple(run.get("image_shape", (8, 8))))
     # a part that is there but could not be read already has its note
     skipped = [f"{part}: not present, its section is skipped" for part, present in (
         ("metrics.json", parts.metrics is not None), ("values/", bool(parts.values)),
@@ -298,15 +298,15 @@ def render_report(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[s
         sections.add("inrun_history.npz", lambda: report.add_history(parts.history))
     for name, values in parts.values.items():
         sections.add(f"values/{name} (mislabel candidates)", lambda values=values, name=name: (
-            report.add_mislabel_candidates(values, items=parts.train, flipped_ids=parts.flipped, kind=parts.kind,
-                                           image_shape=shape, higher_is_suspicious=_suspicious(run, name),
+            report.add_mislabel_candidates(values, items=parts.train, flipped_ids=parts.flipped, display=display,
+                                           higher_is_suspicious=_suspicious(run, name),
                                            title=f"Mislabel candidates: {name}")))
     for name, scores in parts.scores.items():
         sections.add(f"scores/{name}", lambda scores=scores, name=name: (
             report.add_values(scores, name=name, title=f"Scores: {name}")))
         if parts.train is not None and parts.queries is not None:
             sections.add(f"scores/{name} (gallery)", lambda scores=scores: report.add_gallery(
-                scores, parts.train, parts.queries, k=run.get("gallery_k", 3), kind=parts.kind, image_shape=shape,
+                scores, parts.train, parts.queries, k=run.get("gallery_k", 3), display=display,
                 max_queries=run.get("max_queries", 8), flipped_ids=parts.flipped))
     notes = parts.notes + drawn + skipped
     if notes:

@@ -24,17 +24,16 @@ __all__ = ["lds_time_section", "per_example", "table_section", "text_section", "
 _ROWS = 1 << 14  # rows of a Scores matrix read at a time
 
 
-def per_example(values: Scores | np.ndarray | torch.Tensor | Sequence[float],
-                ids: np.ndarray | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+def per_example(values: Any) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """One value per example: ``(values (n,), ids (n,), what the value is, notes)``.
 
-    A one-column Scores gives its column; a Scores with several queries gives the mean over queries. A vector
-    ``(n,)`` (or ``(n, 1)``) takes ``ids`` (default: positions, with a note saying so).
+    ``values``: a one-column Scores (its column), a Scores with several queries (the mean over queries), a pair
+    ``(ids, vector)`` (the form ``save_run`` takes), or a bare vector ``(n,)`` / ``(n, 1)`` (ids = positions, with
+    a note saying so).
     """
     notes: list[str] = []
+    ids: Any = None
     if isinstance(values, Scores):
-        if ids is not None:
-            raise DataError("the ids of a Scores are its train_ids; do not pass ids with it")
         if values.n_query == 1:
             return values.column(0).astype(np.float64), values.train_ids, "value", notes
         mean = np.empty(values.n_train)
@@ -42,11 +41,13 @@ def per_example(values: Scores | np.ndarray | torch.Tensor | Sequence[float],
             block = np.asarray(values.values[start:start + _ROWS], dtype=np.float64)
             mean[start:start + _ROWS] = block.mean(axis=1)
         return mean, values.train_ids, f"mean score over {values.n_query} queries", notes
+    if isinstance(values, tuple) and len(values) == 2 and np.ndim(values[0]) == 1 and np.ndim(values[1]) in (1, 2):
+        ids, values = values
     vec = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if vec.ndim == 2 and vec.shape[1] == 1:
         vec = vec[:, 0]
     if vec.ndim != 1:
-        raise DataError(f"values must be a Scores or a vector (n,), got shape {vec.shape}")
+        raise DataError(f"values must be a Scores, an (ids, vector) pair or a vector (n,), got shape {vec.shape}")
     if ids is None:
         ids = np.arange(len(vec))
         notes.append("no ids given: the ids shown are positions 0..n-1")
@@ -67,13 +68,14 @@ def _rank_table(pairs: Sequence[tuple[int, float]]) -> str:
                  raw=[False, False, True])
 
 
-def values_section(values: Any, ids: Any, name: str, k: int = 10, higher_is_suspicious: bool = False) -> str:
+def values_section(values: Any, name: str, k: int = 10, higher_is_suspicious: bool = False) -> str:
     """Histogram of per-example values, summary numbers, and the ``k`` highest and lowest examples.
 
     higher_is_suspicious: False for values signed as every score (positive = helped: In-Run Shapley, scores), whose
     ends are headed "helped most" / "hurt most"; True for a suspicion score (self-influence: large = likely
-    mislabelled or atypical, not "helped"), whose ends are headed "most suspicious" / "least suspicious"."""
-    vec, ids, what, notes = per_example(values, ids)
+    mislabelled or atypical, not "helped"), whose ends are headed "most suspicious" / "least suspicious".
+    ``values``: as :func:`per_example` takes them."""
+    vec, ids, what, notes = per_example(values)
     if not len(vec):
         raise DataError(f"values {name!r} are empty")
     finite = vec[np.isfinite(vec)]
