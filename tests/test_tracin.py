@@ -235,3 +235,29 @@ def test_a_changed_model_data_or_config_never_reuses_the_cache(setup, tmp_path):
     other = run(traj, train, 8, store)
     np.testing.assert_allclose(other, run(traj, train, 8, None), rtol=1e-12, atol=1e-12)
     assert len([p for p in (tmp_path / "tracin").iterdir() if p.name.startswith("features-")]) == 2 * 3
+
+
+def test_stored_exact_scores_see_any_change_of_the_checkpoints(setup, tmp_path):
+    """The exact route's stored scores are keyed by each checkpoint's weights by value: swapping two rows of a weight
+    (binary fractions, so every sum is exact) keeps the cheap fingerprint of an in-memory trajectory (sum, sum of
+    squares, first entry), not its scores."""
+    from datacredit.trajectory import state_digest
+
+    model, traj, train, test = setup
+    task = ClassificationTask()
+
+    def trajectory(swap: bool) -> Trajectory:
+        states = [{k: v.clone() for k, v in traj.state_dict(j).items()} for j in range(len(traj))]
+        for state in states:
+            w = state["0.weight"]
+            w.copy_(torch.round(w * 8) / 8)  # eighths: every sum and sum of squares below is exact in any order
+            if swap:
+                w[[1, 2]] = w[[2, 1]]
+        return Trajectory.from_states(states, lrs=LRS, steps=[5, 10, 15])
+
+    a, b = trajectory(False), trajectory(True)
+    assert [state_digest(a.state_dict(k)) for k in range(3)] == [state_digest(b.state_dict(k)) for k in range(3)]
+    first = TracIn(model, task, a, store=tmp_path / "s", progress=False).fit(train).score(test).values
+    cached = TracIn(model, task, b, store=tmp_path / "s", progress=False).fit(train).score(test).values
+    np.testing.assert_allclose(cached, slow_tracin(model, task, b, train, test, LRS), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(cached, first)

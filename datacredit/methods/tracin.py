@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..capture.projection import KINDS
-from ..digests import model_digest
+from ..digests import config_digest, model_digest
 from ..errors import DataError
 from ..gradstore import GradientStore
 from ..scores import Scores
@@ -171,8 +171,11 @@ class TracIn(GradientMethod):
         self.trajectory.load_into(self.model, k)
 
     def _digest(self, k: int) -> str:
+        """Checkpoint k's weights by value: the saved file's sha256, or (in memory) the sha256 of every tensor's bytes
+        (not :meth:`Trajectory.digest`'s cheap statistics, which a permutation of weights keeps)."""
         if self._digests is None:
-            self._digests = [self.trajectory.digest(j) for j in range(len(self.trajectory))]
+            self._digests = [self.trajectory[j].digest or config_digest(self.trajectory.state_dict(j))
+                             for j in range(len(self.trajectory))]
         return self._digests[k]
 
     def _meta(self) -> dict[str, Any]:
