@@ -83,6 +83,8 @@ def test_the_zero_skipping_route_is_taken_for_sparse_u_and_many_queries(monkeypa
     assert calls == [1]
     prepared.piece_scores(Outer(torch.randn(256, 1, 64), piece.v, 64, 784), prep)
     assert calls == [1]
+    assert prepared.route(piece, 500) == "rows"
+    assert prepared.route(Outer(piece.u.to("meta"), piece.v.to("meta"), 64, 784), 500) == "base"  # CPU only
 
 
 @pytest.fixture(scope="module")
