@@ -26,10 +26,12 @@ def main() -> None:
     validation = test.subset(np.sort(order[30:]))  # the demo's split: 30 queries, the rest validation
     recipe, task = ClassifierRecipe(64, 10, hidden=(64,)), ClassificationTask()
 
-    def run(budget: int | None, record: bool) -> float:
+    def run(budget: int | None, record: bool, defer: int | None = None) -> float:
         torch.manual_seed(0)
         model = recipe.build()
         extra = {} if budget is None else {"validation_subsample": budget}
+        if defer is not None:
+            extra["defer_steps"] = defer
         recorder = InRunCallback(task, validation.tensors, order=1, targeted=False, keep_history=True, **extra)
         callbacks = [recorder] if record else []
         start = time.process_time()
@@ -39,12 +41,13 @@ def main() -> None:
 
     run(None, False)  # warm-up
     print("| validation | plain CPU s | recorded CPU s | recorded / plain |\n|---|---|---|---|")
-    for budget in (None, 64, 16):
+    for budget, defer in ((None, None), (None, 32), (64, None), (16, None)):
         plain, recorded = [], []
         for _ in range(3):
             plain.append(run(budget, False))
-            recorded.append(run(budget, True))
+            recorded.append(run(budget, True, defer))
         label = f"{len(validation)} images (exact)" if budget is None else f"subsample {budget}"
+        label += f", defer_steps={defer}" if defer else ""
         print(f"| {label} | {np.median(plain):.2f} | {np.median(recorded):.2f} | "
               f"{np.median(recorded) / np.median(plain):.2f}× |")
 

@@ -200,6 +200,10 @@ class Capture:
         self.scales: dict[str, float] = {}
         self._listening = True  # node pre-hooks record; off while example_grads reads gradients itself
         self.consumer: Callable[[str, list[tuple[str, Piece]]], None] | None = None
+        # record_only: the forward hook records each call and its edge but hooks no node; for callers that take the
+        # output gradients at the edges themselves (torch.autograd.grad(..., [call.edge ...])), saving a node
+        # pre-hook per call and its removal
+        self.record_only = False
 
     def __enter__(self) -> Capture:
         for path, (module, rule) in self.tracked.items():
@@ -223,6 +227,9 @@ class Capture:
             edge = get_gradient_edge(target)
             call = _Call(path, module, rule, detached, output, target, edge, _versions(output, target, detached))
             call.saved = rule.saved(module, detached, output)
+            self._calls.append(call)
+            if self.record_only:
+                return
             index = edge.output_nr
 
             def on_grad(grad_outputs: tuple) -> None:
@@ -235,7 +242,6 @@ class Capture:
                     call.set_grad(call.output_grad(grad))
 
             call.handle = edge.node.register_prehook(on_grad)
-            self._calls.append(call)
 
         return hook
 

@@ -18,7 +18,7 @@ def as_sequence(x: Tensor) -> Tensor:
 
 def bias_piece(grad_out: Tensor) -> Outer:
     """``G_b = Σ_t b_t`` as an outer product with ``v = 1``; ``grad_out`` is ``(N, T, d_out)``."""
-    return Outer(grad_out, grad_out.new_ones(*grad_out.shape[:2], 1), grad_out.shape[-1], 1)
+    return Outer(grad_out, grad_out.new_ones(*grad_out.shape[:2], 1), grad_out.shape[-1], 1, unit=True)
 
 
 @register(nn.Linear)

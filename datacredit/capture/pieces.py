@@ -34,12 +34,15 @@ class Outer:
 
     u: ``(N, T, m)`` dense, or ``(N, T)`` int64 indices of one-hot rows of width ``m`` (Embedding).
     v: ``(N, T, n)``.
+    unit: ``v`` is all ones (a bias, ``n = 1``): products with it are skipped where that saves a pass. Only a rule that
+    builds ``v`` as ones sets it; anything that transforms ``v`` builds a new Outer, which has it False.
     """
 
     u: Tensor
     v: Tensor
     m: int
     n: int
+    unit: bool = False
 
     @property
     def n_examples(self) -> int:
@@ -71,7 +74,7 @@ class Outer:
         return torch.bmm(self.u.transpose(1, 2), self.v).reshape(n_ex, -1)
 
     def select(self, index: Tensor | slice) -> Outer:
-        return Outer(self.u[index], self.v[index], self.m, self.n)
+        return Outer(self.u[index], self.v[index], self.m, self.n, self.unit)
 
     def total(self, weights: Tensor | None = None, absolute: bool = False) -> Tensor:
         """``Σ_i r_i G_i`` flattened, ``(m·n,)``: one matmul over all examples and positions.
@@ -166,7 +169,8 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
     v_flat = a.v.reshape(n_ex * t, a.n)
     if q_total == 1:  # the In-Run case: one matmul and one row-wise dot, no einsum dispatch
         rows = weights[0][a.u.reshape(-1)] if a.indexed else a.u.reshape(n_ex * t, a.m) @ weights[0]  # (N·T, n)
-        return (rows * v_flat).sum(-1).reshape(n_ex, t).sum(1, keepdim=True)
+        dots = rows.reshape(n_ex, t) if a.unit else (rows * v_flat).sum(-1).reshape(n_ex, t)  # unit: rows·1 = rows
+        return dots if t == 1 else dots.sum(1, keepdim=True)  # one position: the sum is the value itself
     step = max(1, CHUNK_ELEMENTS // max(n_ex * t * a.n, 1))
     cols = []
     for start in range(0, q_total, step):
@@ -179,48 +183,72 @@ def val_first_dot(a: Outer, weights: Tensor) -> Tensor:
     return torch.cat(cols, dim=1)
 
 
-def ghost_factors(pieces: list[Outer]) -> list[tuple[Tensor, Tensor]]:
+def ghost_factors(pieces: list[Outer]) -> list[tuple[Tensor, Tensor | None]]:
     """The rows of all ``pieces`` (one parameter's pieces from other examples) stacked for :func:`ghost_total`:
-    ``[(u, v)]`` with ``u`` ``(P, m)`` dense or ``(P,)`` indices and ``v`` ``(P, n)``, one entry per kind of ``u``."""
+    ``[(u, v)]`` with ``u`` ``(P, m)`` dense or ``(P,)`` indices and ``v`` ``(P, n)``, one entry per kind of ``u``;
+    ``v`` is None where every stacked piece has ``v = 1`` (biases: :attr:`Outer.unit`)."""
     def stack(parts: list[Tensor]) -> Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one piece (the usual case): a view, no copy
 
     dense = [p for p in pieces if not p.indexed]
     indexed = [p for p in pieces if p.indexed]
     out = []
-    if dense:
-        out.append((stack([p.u.reshape(-1, p.m) for p in dense]), stack([p.v.reshape(-1, p.n) for p in dense])))
-    if indexed:
-        out.append((stack([p.u.reshape(-1) for p in indexed]), stack([p.v.reshape(-1, p.n) for p in indexed])))
+    for group, flat in ((dense, lambda p: p.u.reshape(-1, p.m)), (indexed, lambda p: p.u.reshape(-1))):
+        if group:
+            v = None if all(p.unit for p in group) else stack([p.v.reshape(-1, p.n) for p in group])
+            out.append((stack([flat(p) for p in group]), v))
     return out
 
 
-def ghost_total(a: Outer, factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+def ghost_total(a: Outer, factors: list[tuple[Tensor, Tensor | None]], memo: dict | None = None) -> Tensor:
     """``⟨G_i, Σ_j G'_j⟩`` for every example i of ``a``, ``(N,)``, from the stacked rows of the other side
-    (:func:`ghost_factors`): ``Σ_{t,p} (u_{i,t}·u'_p)(v_{i,t}·v'_p)`` without forming any ``m×n`` tensor.
+    (:func:`ghost_factors`; ``v`` None = ones): ``Σ_{t,p} (u_{i,t}·u'_p)(v_{i,t}·v'_p)`` without forming any
+    ``m×n`` tensor.
 
     Cost ``N·T·P·(m+n)`` for ``P`` rows on the other side (:func:`ghost_cost` summed over its pieces); temporaries
     ``(N·T, P)``, split over ``P`` to stay under :data:`CHUNK_ELEMENTS`.
+    memo: a dict shared by the pieces of one module call (kept only while they are alive): ``u·u'`` is computed once
+    for pieces with the same ``u`` against the same rows (a Linear's weight and bias), so a bias whose weight took
+    this route costs one reduction.
     """
     n_ex, t = a.v.shape[:2]
-    va = a.v.reshape(n_ex * t, a.n)
     ua = a.u.reshape(-1) if a.indexed else a.u.reshape(n_ex * t, a.m)
-    out = torch.zeros(n_ex, dtype=a.v.dtype, device=a.v.device)
+    out = None
     step = max(1, CHUNK_ELEMENTS // max(n_ex * t, 1))
     for ub_all, vb_all in factors:
-        for start in range(0, vb_all.shape[0], step):
-            ub, vb = ub_all[start : start + step], vb_all[start : start + step]
-            vv = va @ vb.T  # (N·T, p)
-            if a.indexed and ub.dim() == 1:
-                uu = (ua[:, None] == ub[None, :]).to(vv.dtype)
-            elif a.indexed:  # one-hot · dense = the dense row's entry at the index
-                uu = ub[:, ua].T
-            elif ub.dim() == 1:
-                uu = ua[:, ub]
+        for start in range(0, ub_all.shape[0], step):
+            ub = ub_all[start : start + step]
+            key = memo_key(a, ub) if memo is not None else None
+            uu = memo.get(key) if key is not None else None
+            if uu is None:
+                uu = _uu(a, ua, ub)
+                if key is not None:
+                    memo[key] = uu
+            if a.unit and vb_all is None:  # v·v' = 1: the u-products alone
+                term = uu.reshape(n_ex, -1).sum(1)
             else:
-                uu = ua @ ub.T
-            out += (uu * vv).reshape(n_ex, -1).sum(1)
-    return out
+                vb = (torch.ones(ub.shape[0], 1, dtype=a.v.dtype, device=a.v.device) if vb_all is None
+                      else vb_all[start : start + step])
+                vv = a.v.reshape(n_ex * t, a.n) @ vb.T  # (N·T, p)
+                term = (uu.to(vv.dtype) * vv).reshape(n_ex, -1).sum(1)
+            out = term if out is None else out + term
+    return torch.zeros(n_ex, dtype=a.v.dtype, device=a.v.device) if out is None else out
+
+
+def memo_key(a: Outer, ub: Tensor) -> tuple:
+    """The :func:`ghost_total` memo key of ``a``'s ``u`` against the rows ``ub``: valid while both are alive."""
+    return id(a.u), ub.data_ptr(), ub.shape, ub.stride(), ub.dtype
+
+
+def _uu(a: Outer, ua: Tensor, ub: Tensor) -> Tensor:
+    """``u_{i,t}·u'_p`` as ``(N·T, p)`` for ``a``'s rows ``ua`` (dense or indices) and the other side's ``ub``."""
+    if a.indexed and ub.dim() == 1:
+        return (ua[:, None] == ub[None, :]).to(a.v.dtype)
+    if a.indexed:  # one-hot · dense = the dense row's entry at the index
+        return ub[:, ua].T
+    if ub.dim() == 1:
+        return ua[:, ub]
+    return ua @ ub.T
 
 
 def low_rank(matrix: Tensor, rank: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

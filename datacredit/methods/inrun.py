@@ -71,6 +71,7 @@ from torch.utils.data import Dataset, Subset
 from ..capture import Capture, ExampleGrads, example_grads
 from ..capture.engine import _check_batch_dims, check_per_example, tolerance, unexplained
 from ..capture.pieces import (
+    CHUNK_ELEMENTS,
     Dense,
     Outer,
     Piece,
@@ -78,6 +79,7 @@ from ..capture.pieces import (
     ghost_factors,
     ghost_total,
     low_rank,
+    memo_key,
     piece_dot,
     piece_gram,
 )
@@ -86,14 +88,15 @@ from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
 from ..scores import Scores
 from ..task import Task, batch_size
-from .base import batches, configure, eval_mode
+from .base import batches, configure
+from .inrun_batched import DeferredSteps, PendingStep
 
 
 @dataclass(frozen=True)
 class InRunConfig:
     """The settings of :class:`InRunShapley` (each described there): order (1 or 2), targeted, keep_history,
     validation_batch_size, unexplained_gradient (``"raise"`` or ``"baseline"``), validation_subsample (None or k ≥ 1),
-    seed, validation_rank (None or r ≥ 1; first order, untargeted), streaming."""
+    seed, validation_rank (None or r ≥ 1; first order, untargeted), streaming, defer_steps (None or K ≥ 1)."""
 
     order: int = 1
     targeted: bool = False
@@ -104,6 +107,7 @@ class InRunConfig:
     seed: int = 0
     validation_rank: int | None = None
     streaming: bool = True
+    defer_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2):
@@ -116,6 +120,13 @@ class InRunConfig:
             raise ValueError("validation_rank (a low-rank sketch of the validation gradient) is for first-order, "
                              f"untargeted values and must be ≥ 1; got {self.validation_rank} with order={self.order}, "
                              f"targeted={self.targeted}")
+        if self.defer_steps is not None and (int(self.defer_steps) < 1 or self.order != 1 or self.targeted
+                                             or self.validation_subsample is not None
+                                             or self.validation_rank is not None):
+            raise ValueError("defer_steps (values of K steps computed together) is for exact first-order, untargeted "
+                             f"values and must be ≥ 1; got {self.defer_steps} with order={self.order}, targeted="
+                             f"{self.targeted}, validation_subsample={self.validation_subsample}, validation_rank="
+                             f"{self.validation_rank}")
         if self.validation_subsample is not None and self.targeted:
             raise ValueError("validation_subsample estimates the summed validation value; not with targeted=True")
 
@@ -151,6 +162,11 @@ class InRunShapley:
     with ``targeted``. seed: the sampler's seed.
     streaming: ``True`` (default) reduces first-order SGD values inside the backward (module docstring); ``False``
     keeps every layer's factors until ``optimizer.step()`` (the reference route: same values, more memory, slower).
+    defer_steps: ``None`` (default): each step's values are computed at its ``optimizer.step()``. ``K``: for small
+    models with SGD, the values of K steps are computed together (:mod:`.inrun_batched`: one vmapped validation
+    gradient over K parameter snapshots, one batched dot per parameter), exact, with the per-step Python and
+    dispatch cost shared by K steps; memory K snapshots of the model and K steps of layer inputs and output
+    gradients. :meth:`values` and :meth:`close` compute what is pending. Other optimizers take the per-step route.
     config: an :class:`InRunConfig`, or its fields as keywords (not both); ``validation``, ``optimizer`` and
     ``scaler`` are the run's objects, not settings.
 
@@ -173,6 +189,8 @@ class InRunShapley:
         self.inner = inner
         self.capture = Capture(inner, task.tracked_modules(inner))
         self._val_capture = Capture(inner, task.tracked_modules(inner))  # kept: its one-off check runs once
+        self._val_capture.record_only = True  # its output gradients are taken at the edges, never by node hooks
+        self._eval = _EvalMode(inner)
         self._names = {p: name for name, p in inner.named_parameters()}
         self.validation, self.validation_batch_size = validation, validation_batch_size
         self.query_ids = self._validation_ids(validation)
@@ -204,6 +222,10 @@ class InRunShapley:
         self._checked = False  # set once a step has compared p.grad with the examples' summed gradients
         self._scales: dict[str, float] = {}  # rounding floors of that check, summed over the step's micro-batches
         self._explained = False  # set once a step shows that p.grad is exactly the examples' summed gradients
+        self._deferred = (DeferredSteps(inner, task, self._val_batches, list(self.capture.params), self._eval)
+                          if config.defer_steps is not None else None)
+        self._snap: tuple | None = None  # (parameters, buffers) at the start of the open step (defer_steps)
+        self._scalar_s: bool | None = None  # s is one number per group (SGD): see _scalar (asked once, at a step)
         self._hook = optimizer.register_step_pre_hook(self._on_step)
         self.scaler = scaler
         if scaler is not None:
@@ -242,11 +264,14 @@ class InRunShapley:
         if self._open is not None:
             raise RuntimeError("a micro-batch is already being recorded; call finish() first")
         ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
-        if self._streams():
+        if self._defers():
+            if self._snap is None:  # θ_t: what this step's training forward uses
+                self._snap = self._deferred.snapshot()
+        elif self._streams():
             if self._val_state is None:
                 routes = self._routes or {}
                 ghost = {name for name, r in routes.items() if r == "ghost"}
-                with torch.enable_grad(), eval_mode(self.inner):
+                with torch.enable_grad(), self._eval():
                     self._val_state = self._validation(with_pieces=self._routes is None or bool(ghost), skip=ghost)
             self._acc = {}
             self.capture.consumer = self._consume
@@ -258,16 +283,32 @@ class InRunShapley:
         r = self.validation_rank
         return r is not None and isinstance(a, Outer) and r * (a.m + a.n) < a.m * a.n
 
+    def _scalar(self) -> bool:
+        """:func:`scalar_preconditioner` of the optimizer, asked once (its class does not change); an unsupported
+        optimizer raises here, at its first step."""
+        if self._scalar_s is None:
+            self._scalar_s = scalar_preconditioner(self.optimizer)
+        return self._scalar_s
+
+    def _defers(self) -> bool:
+        """Whether this step is recorded for the batched route (``defer_steps``; see :mod:`.inrun_batched`)."""
+        return (self._deferred is not None and self._checked and self.steps > 0 and self.world == 1
+                and self._scalar())
+
     def _streams(self) -> bool:
         """Whether the next micro-batch is reduced inside its backward (see the module docstring)."""
         return (self.streaming and self.order == 1 and not self.targeted and self._checked and self.steps > 0
-                and scalar_preconditioner(self.optimizer))
+                and self._scalar())
 
     def _consume(self, path: str, found: list[tuple[str, Piece]]) -> None:
         """Backward hook of one tracked call (streaming): ``⟨g_val, g_z⟩`` per example for each of its parameters,
-        added to the micro-batch's per-parameter sums ``(N,)``; the pieces are dropped when this returns."""
+        added to the micro-batch's per-parameter sums ``(N,)``; the pieces are dropped when this returns.
+
+        A bias whose weight (same output gradient) just took the ghost route takes it too: its dot is then the
+        row sums of the weight's ``u·u'`` products (one reduction), and its validation gradient is not needed."""
         val, acc, n = self._val_state, self._acc, len(self._open)
         routes = self._routes = self._routes if self._routes is not None else {}
+        memo: dict = {}  # u·u' products of this call's pieces (ghost_total), shared by a weight and its bias
         for name, a in found:
             if a.n_examples != n:
                 _check_batch_dims({path: a.n_examples}, n, f" (step got {n} ids)")
@@ -275,10 +316,11 @@ class InRunShapley:
                 continue
             val_pieces = val.pieces.get(name)
             factors = None  # stacked only for layers that take the ghost route
-            if val_pieces and isinstance(a, Outer) and _ghost_is_cheaper(a, val_pieces):
+            if val_pieces and isinstance(a, Outer) and (_ghost_is_cheaper(a, val_pieces)
+                                                        or (a.unit and memo and _memoized(a, val.ghost(name), memo))):
                 factors = val.ghost(name)
             if factors is not None:
-                d = ghost_total(a, factors)
+                d = ghost_total(a, factors, memo)
                 routes.setdefault(name, "ghost")
             elif self._sketches(a):
                 d = ghost_total(a, val.sketch(name, a, self.validation_rank, self._generator))
@@ -330,7 +372,9 @@ class InRunShapley:
         return total
 
     def close(self) -> None:
-        """Stop listening to the optimizer and the scaler (values stay available)."""
+        """Stop listening to the optimizer and the scaler (values stay available; steps still pending under
+        ``defer_steps`` are computed now)."""
+        self._flush()
         self._hook.remove()
         if self.scaler is not None and "update" in vars(self.scaler):
             del self.scaler.update
@@ -341,6 +385,7 @@ class InRunShapley:
         if self._pending:
             self._pending, self._clip, self._scales = [], 1.0, {}
             self.skipped += 1
+        self._snap = None
         self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
 
     # -- the value of one step ---------------------------------------------------------------------------------
@@ -350,11 +395,14 @@ class InRunShapley:
             return
         pending, self._pending = self._pending, []
         clip, self._clip = self._clip, 1.0
+        if self._snap is not None and all(m.grads is not None for m in pending):
+            self._defer(pending, clip)
+            return
         # a streamed first-order step has its validation side already: no forward here, so no mode switch (a walk
         # over every module, twice)
         streamed = self.order == 1 and not self.targeted and all(m.dots is not None for m in pending)
         try:
-            with torch.enable_grad(), contextlib.nullcontext() if streamed else eval_mode(self.inner):
+            with torch.enable_grad(), contextlib.nullcontext() if streamed else self._eval():
                 values = self._step_values(pending, clip)
         finally:
             self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
@@ -371,9 +419,35 @@ class InRunShapley:
             start += micro.n
         self.steps += 1
 
+    def _defer(self, pending: list[_Micro], clip: float) -> None:
+        """Keep this step for the batched route; compute the pending steps' values once there are K of them."""
+        (params, buffers), self._snap = self._snap, None
+        shares = {self._names[p]: s * clip for p, s in step_scale(self.optimizer).items() if p in self._names}
+        self._deferred.pending.append(PendingStep(self.steps, [(m.ids, m.grads) for m in pending], params, buffers,
+                                                  shares))
+        self.steps += 1
+        if len(self._deferred.pending) >= int(self.config.defer_steps):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Values of the steps the batched route holds (``defer_steps``), added as a per-step route adds them."""
+        if self._deferred is None or not self._deferred.pending:
+            return
+        with torch.enable_grad():
+            done = self._deferred.values()
+        for step, micro in done:
+            for ids, values in micro:
+                part = _np(values).reshape(-1, 1)
+                bad = ~np.isfinite(part).all(axis=1)
+                if bad.any():
+                    raise NonFiniteError(f"NaN/inf In-Run values at step {step} for example ids {ids[bad].tolist()}")
+                self._add(ids, part)
+                if self.keep_history:
+                    self.history.append((step, ids, part))
+
     def _step_values(self, pending: list[_Micro], clip: float) -> np.ndarray:
         if self.order == 1 and self.steps > 0:  # the batch total is only needed for w, and once for the check
-            if scalar_preconditioner(self.optimizer):
+            if self._scalar():
                 shares = {self._names[p]: s * clip for p, s in step_scale(self.optimizer).items() if p in self._names}
                 return self._first_order(pending, shares)
             if not self.targeted:  # targeted values need s itself, one product per validation example (below)
@@ -462,6 +536,8 @@ class InRunShapley:
             if prescaled:  # s ⊙ g_val would be taken for s: wrong values, never silently
                 raise AssertionError("internal: targeted In-Run values need the preconditioner s, not s ⊙ g_val")
             return self._first_order_targeted(pending, shares)
+        if all(m.dots is not None for m in pending):
+            return np.concatenate([_streamed_values(m.dots, shares) for m in pending])
         device = next(self.inner.parameters()).device
         val = self._val_state
         if val is None and any(m.grads is not None for m in pending):
@@ -526,20 +602,20 @@ class InRunShapley:
         params = [self.capture.params[k] for k in names]
         grads: dict[str, Tensor] = {}
         pieces: dict[str, list[Piece]] = {}
-        device = next(self.inner.parameters()).device
-        with torch.autocast(device.type, enabled=False):
+        cap = self._val_capture
+        with _no_autocast(params[0].device if params else next(self.inner.parameters()).device):
             for batch in self._val_batches():
-                with self._val_capture as cap:
-                    cap.enabled = with_pieces or not cap.verified  # no hooks when only Σ g_val is needed
-                    try:
+                if not (with_pieces or not cap.verified):  # only Σ g_val: no capture, no hooks
+                    losses = self.task.measurement(self.inner, batch)
+                    part, part_pieces = self._validation_backward(None, losses, names, params, False)
+                else:
+                    with cap:
                         losses = self.task.measurement(self.inner, batch)
-                    finally:
-                        cap.enabled = True
-                    if not cap.verified:
-                        found = example_grads(cap, losses)
-                        part, part_pieces = found.total(), found.pieces
-                    else:
-                        part, part_pieces = self._validation_backward(cap, losses, names, params, with_pieces)
+                        if not cap.verified:
+                            found = example_grads(cap, losses)
+                            part, part_pieces = found.total(), found.pieces
+                        else:
+                            part, part_pieces = self._validation_backward(cap, losses, names, params, with_pieces)
                 for k, g in part.items():
                     grads[k] = grads[k] + g if k in grads else g
                 if with_pieces:
@@ -552,18 +628,14 @@ class InRunShapley:
         return _Validation(grads, pieces, {k: p.shape for k, p in self.capture.params.items()})
 
     @staticmethod
-    def _validation_backward(cap: Capture, losses: Tensor, names: list[str], params: list[Tensor],
+    def _validation_backward(cap: Capture | None, losses: Tensor, names: list[str], params: list[Tensor],
                              with_pieces: bool) -> tuple[dict[str, Tensor], dict[str, list[Piece]]]:
         """One backward of ``Σ losses`` for the parameters' gradients and, in the same pass, the tracked calls'
         output gradients (the validation pieces): nothing is summed from pieces, autograd's own weight gradient is
-        ``Σ g_val``."""
+        ``Σ g_val``. ``cap`` None: no capture ran (gradients only)."""
         check_per_example(losses)
         calls = list(cap._calls) if with_pieces else []
-        cap._listening = False
-        try:
-            out = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + params, allow_unused=True)
-        finally:
-            cap._listening = True
+        out = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + params, allow_unused=True)
         for call, g in zip(calls, out):
             if g is not None:
                 call.grad = call.output_grad(g.detach())
@@ -652,18 +724,24 @@ class InRunShapley:
 
     # -- results -----------------------------------------------------------------------------------------------
     def _add(self, ids: np.ndarray, values: np.ndarray) -> None:
-        for i in dict.fromkeys(ids.tolist()):
-            if int(i) not in self._rows:
-                self._rows[int(i)] = len(self._rows)
-        if len(self._rows) > len(self._sums):  # grow geometrically: amortised O(1) per new example
-            grown = np.zeros((max(len(self._rows), 2 * len(self._sums)), self._sums.shape[1]))
+        rows_of = self._rows
+        keys = ids.tolist()
+        rows = list(map(rows_of.get, keys))  # one C-level pass when every id has a row already (after epoch 1)
+        if None in rows:
+            rows = [rows_of.setdefault(i, len(rows_of)) for i in keys]  # a new id gets the next row
+        if len(rows_of) > len(self._sums):  # grow geometrically: amortised O(1) per new example
+            grown = np.zeros((max(len(rows_of), 2 * len(self._sums)), self._sums.shape[1]))
             grown[: len(self._sums)] = self._sums
             self._sums = grown
-        np.add.at(self._sums, [self._rows[int(i)] for i in ids], values)
+        if len(set(rows)) == len(rows):  # the usual case: fancy-index add (np.add.at is several times slower)
+            self._sums[rows] += values
+        else:  # an id twice in one micro-batch: both values count
+            np.add.at(self._sums, rows, values)
 
     def values(self) -> Scores:
         """Accumulated values ``(n_seen, Q)`` (Q = 1 summed validation, query id −1; else the validation ids),
         sorted by training id; gathered over ranks under DDP. Positive = lowered the validation loss."""
+        self._flush()
         ids = np.fromiter(self._rows, dtype=np.int64, count=len(self._rows))
         sums = self._sums[: len(ids)]
         if self.world > 1:
@@ -745,6 +823,45 @@ class _Validation:
         return self._ghost[name]
 
 
+class _EvalMode:
+    """``model.eval()`` for the validation side, then every module's own ``training`` flag back (as
+    :func:`datacredit.methods.base.eval_mode`, which restores the root's flag on every module). When no module
+    overrides ``train()``, the flags are set directly on the modules (listed once per call): two Python calls per
+    module less than the recursive ``model.train(mode)``, which matters on small models where a step is a few ms."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        modules = list(self.model.modules())
+        flags = [m.training for m in modules]
+        if not all(type(m).train is nn.Module.train for m in modules):
+            self.model.eval()
+            try:
+                yield
+            finally:
+                for m, flag in zip(modules, flags):
+                    if m.training != flag:
+                        m.train(flag)
+            return
+        for m in modules:
+            object.__setattr__(m, "training", False)
+        try:
+            yield
+        finally:
+            for m, flag in zip(modules, flags):
+                object.__setattr__(m, "training", flag)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the validation side (values in the model's own precision); nothing to enter when it is off
+    already (the usual case: entering and leaving an autocast context costs more than a small layer's dot)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _scaled(piece: Piece, factor: float) -> Piece:
     return Outer(piece.u, piece.v * factor, piece.m, piece.n) if isinstance(piece, Outer) else Dense(piece.g * factor)
 
@@ -760,6 +877,18 @@ def _take(batch: Any, index: Tensor) -> Any:
     raise ValueError(f"validation_subsample cannot take rows of a {type(batch).__name__}")
 
 
+def _streamed_values(dots: dict[str, Tensor], shares: dict) -> np.ndarray:
+    """``Σ_name s_name · ⟨g_val, g_z⟩_name`` in float64 for a streamed micro-batch, ``(N, 1)``: one stacked product
+    instead of two small ops per parameter."""
+    names = [k for k in dots if k in shares]
+    if not names:
+        n = len(next(iter(dots.values()))) if dots else 0
+        return np.zeros((n, 1))
+    stacked = torch.stack([dots[k] for k in names]).to(torch.float64)  # (P, N)
+    s = torch.tensor([float(shares[k]) for k in names], dtype=torch.float64, device=stacked.device)
+    return (s @ stacked).cpu().numpy().reshape(-1, 1)
+
+
 def _ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel) and torch.distributed.is_initialized()
 
@@ -772,6 +901,18 @@ def _sum_totals(all_grads: list[ExampleGrads | None], absolute: bool = False) ->
         for name, t in grads.total(absolute=absolute).items():
             total[name] = total[name] + t if name in total else t.detach().clone()
     return total
+
+
+def _memoized(a: Outer, factors: list | None, memo: dict) -> bool:
+    """Whether ``u·u'`` of ``a`` against every row block of ``factors`` is already in ``memo`` (see
+    :func:`ghost_total`): then a ghost dot of a bias costs one reduction (the chunking there is the same)."""
+    if not factors or len(factors) != 1:
+        return False
+    ub = factors[0][0]
+    step = max(1, CHUNK_ELEMENTS // max(a.n_examples * a.length, 1))
+    if ub.shape[0] > step:
+        return False
+    return memo_key(a, ub) in memo
 
 
 def _ghost_is_cheaper(a, val_pieces: list) -> bool:
