@@ -268,6 +268,7 @@ def _bench(args: argparse.Namespace) -> int:
     _benchmarks("peers")  # registers the peers
     load_case, registry = _benchmarks("cases").load_case, _benchmarks("methods").REGISTRY
     report, run_bench = _benchmarks("report"), _benchmarks("runner").run_bench
+    limits = _benchmarks("isolate").Limits
 
     if args.list:
         for spec in registry.values():
@@ -286,8 +287,8 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.case:
         case = load_case(name, args.root)
         results = run_bench(case, methods, peers=args.peers, quick=args.quick, mislabel=args.mislabel,
-                            progress=not args.no_progress, isolate=not args.in_process,
-                            memory_limit_mb=args.memory_limit_gb * 1024, timeout_s=args.timeout)
+                            progress=not args.no_progress,
+                            isolate=None if args.in_process else limits(args.memory_limit_gb * 1024, args.timeout))
         print()
         print(report.markdown(results))
         for line in report.ratio_lines(results):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks.bench import load_case
+from benchmarks.bench.isolate import Limits
 from benchmarks.bench.measure import PeakRSS
 from benchmarks.bench.methods import REGISTRY, MethodSpec, register
 from benchmarks.bench.peers import installed
@@ -91,7 +92,7 @@ def test_a_failing_method_is_a_row_not_a_crash(root, monkeypatch):
 
     monkeypatch.setitem(REGISTRY, "test-boom", MethodSpec("test-boom", boom, family="nobody", pair="grad-dot"))
     results = run_bench(load_case("digits-lr", root), ["grad-dot", "test-boom"], quick=True, progress=False,
-                        isolate=False)
+                        isolate=None)
     row = results["rows"][1]
     assert row["status"] == "error" and "RuntimeError: peer exploded" in row["error"]
     assert "error: RuntimeError: peer exploded / badly" in (root / "digits-lr" / "results-quick.md").read_text()
@@ -100,10 +101,10 @@ def test_a_failing_method_is_a_row_not_a_crash(root, monkeypatch):
 def test_isolated_methods_and_the_memory_limit(root):
     """Each method in its own process: the same scores as in-process; above the memory limit it is stopped."""
     case = load_case("digits-lr", root)
-    inside = run_bench(case, ["grad-dot"], quick=True, progress=False, isolate=False)["rows"][0]
+    inside = run_bench(case, ["grad-dot"], quick=True, progress=False, isolate=None)["rows"][0]
     apart = run_bench(case, ["grad-dot"], quick=True, progress=False)["rows"][0]
     assert apart["status"] == "ok" and apart["lds_loss"]["mean"] == pytest.approx(inside["lds_loss"]["mean"])
-    limited = run_bench(case, ["grad-dot"], quick=True, progress=False, memory_limit_mb=1)["rows"][0]
+    limited = run_bench(case, ["grad-dot"], quick=True, progress=False, isolate=Limits(memory_mb=1))["rows"][0]
     assert limited["status"] == "error" and "memory above the 1 MB limit" in limited["error"]
 
 
@@ -133,7 +134,7 @@ def test_peer_agrees_with_ours(root, peer, package, min_r):
     if not installed(package):
         pytest.skip(f"{package} not installed (make peers)")
     pair = REGISTRY[peer].pair
-    results = run_bench(load_case("digits-lr", root), [pair, peer], quick=True, progress=False, isolate=False)
+    results = run_bench(load_case("digits-lr", root), [pair, peer], quick=True, progress=False, isolate=None)
     row = results["rows"][1]
     assert row["status"] == "ok", row
     assert row["r_vs_ours"] > min_r

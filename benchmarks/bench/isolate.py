@@ -4,8 +4,8 @@ setup, dattri's shared projector defaults, kronfluence's process singleton, allo
 
 The child loads the case from disk (model and trajectory are cached there), warms up, runs the method under the
 timers of :mod:`.measure` and writes ``result.json`` (and the score matrix as ``.npy``) to a scratch directory. The
-parent polls the child's resident memory every 0.2 s and stops it above ``memory_limit_mb`` or after
-``timeout_s``.
+parent polls the child's resident memory every 0.2 s and stops it above ``Limits.memory_mb`` or after
+``Limits.timeout_s``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,23 @@ from .cases import Case
 from .measure import context, error_text, measure_mislabel, measure_scores, rss_bytes, warm_up
 from .methods import MethodSpec
 
-__all__ = ["run_isolated"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "run_isolated"]
 
 logger = logging.getLogger(__name__)
 
 _POLL = 0.2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an isolated method may use before it is stopped: resident memory (MB) and wall time (s); None = no
+    limit."""
+
+    memory_mb: float | None = 8192
+    timeout_s: float | None = 3600
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def _child(case_name: str, root: str, method: str, mislabel: bool, out: str, threads: int) -> None:
@@ -72,9 +85,8 @@ def _died(exitcode: int | None) -> str:
 
 
 def run_isolated(case: Case, spec: MethodSpec, *, mislabel: bool = False, threads: int = 1,
-                 memory_limit_mb: float | None = 8192, timeout_s: float | None = 3600
-                 ) -> tuple[dict[str, Any], Scores | None]:
-    """Measure ``spec`` on ``case`` in a child process.
+                 limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, Any], Scores | None]:
+    """Measure ``spec`` on ``case`` in a child process with ``threads`` torch threads, stopped beyond ``limits``.
 
     Returns ``(result, scores)``: result ``{"status": "ok", "seconds", "cpu_seconds", "peak_mb"}`` (mislabel:
     plus ``auroc``, ``ap``; scores None) or ``{"status": "error", "error": ...}`` with scores None.
@@ -90,10 +102,10 @@ def run_isolated(case: Case, spec: MethodSpec, *, mislabel: bool = False, thread
         proc.join(_POLL)
         rss = rss_bytes(proc.pid) or 0
         peak = max(peak, rss)
-        if memory_limit_mb is not None and rss > memory_limit_mb * 2**20:
-            stopped = f"stopped: resident memory above the {memory_limit_mb:.0f} MB limit"
-        elif timeout_s is not None and time.perf_counter() - start > timeout_s:
-            stopped = f"stopped: still running after the {timeout_s:.0f} s limit"
+        if limits.memory_mb is not None and rss > limits.memory_mb * 2**20:
+            stopped = f"stopped: resident memory above the {limits.memory_mb:.0f} MB limit"
+        elif limits.timeout_s is not None and time.perf_counter() - start > limits.timeout_s:
+            stopped = f"stopped: still running after the {limits.timeout_s:.0f} s limit"
         if stopped:
             proc.kill()
             proc.join()

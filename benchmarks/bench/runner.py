@@ -8,7 +8,8 @@ trained on them, training examples ranked by self-influence or In-Run value). A 
 memory or time becomes a row ``error: ...``; one that does not apply, ``skipped: <why>``. For each peer with a
 matched method of ours: ``ours / peer`` CPU time and the correlation of the two score matrices.
 
-By default every method runs in its own process (:mod:`.isolate`); ``isolate=False`` runs them in this process.
+By default every method runs in its own process (:mod:`.isolate`) within ``Limits``; ``isolate=None`` runs them in
+this process.
 Writes ``<case dir>/results.json`` and ``results.md`` (``quick``: ``results-quick.*``), rewritten after every row.
 """
 
@@ -31,7 +32,7 @@ from datacredit.scores import Scores
 
 from . import peers as _peers  # noqa: F401  (registers the peers)
 from .cases import MODEL_SEED, Case
-from .isolate import run_isolated
+from .isolate import DEFAULT_LIMITS, Limits, run_isolated
 from .measure import context, error_text, measure_mislabel, measure_scores, timed, warm_up
 from .methods import MethodSpec, numel, pearson_per_query, selection
 from .report import markdown
@@ -51,12 +52,12 @@ def _lds_row(scores: Scores, gt: GroundTruth) -> dict[str, Any]:
 class _Executor:
     """Measures a method's scores or mislabel result, in a child process or in this one."""
 
-    def __init__(self, case: Case, isolate: bool, limits: dict[str, Any]):
-        self.case, self.isolate, self.limits = case, isolate, limits
+    def __init__(self, case: Case, limits: Limits | None):
+        self.case, self.limits = case, limits
 
     def scores(self, spec: MethodSpec) -> tuple[dict[str, Any], Scores | None]:
-        if self.isolate:
-            return run_isolated(self.case, spec, **self.limits)
+        if self.limits is not None:
+            return run_isolated(self.case, spec, threads=torch.get_num_threads(), limits=self.limits)
         try:
             stats, scores = measure_scores(spec, context(self.case)[0])
             return {"status": "ok", **stats}, scores
@@ -65,8 +66,9 @@ class _Executor:
             return {"status": "error", "error": error_text(exc)}, None
 
     def mislabel(self, spec: MethodSpec) -> dict[str, Any]:
-        if self.isolate:
-            result, _ = run_isolated(self.case, spec, mislabel=True, **self.limits)
+        if self.limits is not None:
+            result, _ = run_isolated(self.case, spec, mislabel=True, threads=torch.get_num_threads(),
+                                     limits=self.limits)
         else:
             try:
                 ctx, flipped_ids = context(self.case, mislabel=True)
@@ -98,23 +100,24 @@ def _machine() -> dict[str, Any]:
 
 def run_bench(case: Case, methods: list[str] | None = None, *, peers: bool = False, quick: bool = False,
               mislabel: bool | None = None, out: str | Path | None = None, progress: bool = True,
-              isolate: bool = True, memory_limit_mb: float | None = 8192, timeout_s: float | None = 3600
-              ) -> dict[str, Any]:
+              isolate: Limits | None = DEFAULT_LIMITS) -> dict[str, Any]:
     """Run the selected methods on ``case``; returns the results (also written as JSON + markdown).
 
     methods: registry names (default: ours, ``quick``: the quick subset); peers: add every peer.
     quick: the tiny ground truth (m=8, one seed) and no mislabel detection — a smoke run.
     mislabel: run mislabel detection (default: on for full runs of classification cases).
-    isolate: each method in its own process, stopped above ``memory_limit_mb`` resident or after ``timeout_s``.
+    isolate: each method in its own process, stopped beyond these :class:`Limits` (memory, time); None: every
+    method in this process.
     """
     os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' own progress bars
     specs = selection(methods, peers=peers, quick=quick)
     gt = case.groundtruth(quick=quick, progress=progress)
     model = case.model()
-    warm_up(case, [] if isolate else specs)
+    warm_up(case, [] if isolate is not None else specs)
     plain = timed(case.recipe.train, case.train, MODEL_SEED)  # one training run, measured in this run
-    limits = {"threads": torch.get_num_threads(), "memory_limit_mb": memory_limit_mb, "timeout_s": timeout_s}
-    run = _Executor(case, isolate, limits)
+    limits = {"threads": torch.get_num_threads(), "memory_limit_mb": None if isolate is None else isolate.memory_mb,
+              "timeout_s": None if isolate is None else isolate.timeout_s}
+    run = _Executor(case, isolate)
     results = {
         "case": case.name, "description": case.spec.description, "date": datetime.date.today().isoformat(),
         "quick": quick, "n_train": len(case.train), "n_query": len(case.queries), "parameters": numel(model),
@@ -123,7 +126,7 @@ def run_bench(case: Case, methods: list[str] | None = None, *, peers: bool = Fal
         "groundtruth": {"dir": str(case.gt_dir(quick)), "m": gt.m, "seeds": gt.seeds,
                         "alpha": gt.config.get("alpha"), "retrain_seconds_median": _median(gt.seconds),
                         "retrain_seconds_total": _total(gt.seconds), "noise_ceiling_loss": gt.seed_agreement("loss")},
-        "isolated": isolate, "limits": limits, "machine": _machine(), "rows": [],
+        "isolated": isolate is not None, "limits": limits, "machine": _machine(), "rows": [],
     }
     out = case.dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
