@@ -150,11 +150,33 @@ def step_scale(opt: torch.optim.Optimizer) -> dict[Tensor, Tensor | float]:
     rule = _rule(opt)
     scale = next((_SCALES[c] for c in type(opt).__mro__ if c in _SCALES and _RULES.get(c) is rule), None)
     out = {}
+    if scale is _sgd_scale:  # one number per group: its settings are read once per group, not once per parameter
+        for group in opt.param_groups:
+            out.update(_sgd_group_scales(opt, group))
+        return out
     with torch.no_grad():
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     out[p] = scale(opt, group, p) if scale is not None else rule(opt, group, p)[0]
+    return out
+
+
+def _sgd_group_scales(opt: torch.optim.Optimizer, group: dict) -> dict[Tensor, float]:
+    """:func:`_sgd_scale` of every parameter of ``group`` that has a gradient (the same numbers)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return {}
+    _check(group, "SGD", {"maximize": False})
+    lr, mu, damp = group["lr"], group["momentum"], group["dampening"]
+    if not mu:
+        return dict.fromkeys(params, lr)
+    state, nesterov = opt.state, group["nesterov"]
+    out = {}
+    for p in params:
+        first = state.get(p, {}).get("momentum_buffer") is None
+        coef = 1.0 if first else 1.0 - damp  # how much of d enters the buffer
+        out[p] = lr * (1.0 + mu * coef) if nesterov else lr * coef
     return out
 
 
