@@ -34,8 +34,9 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def gpt2():
-    """A tiny GPT-2 with only its Conv1D weights trainable (frozen biases: dattri-llm's trap), its windows, and our
-    exact Grad-Dot and EK-FAC on them."""
+    """A tiny GPT-2 with only its Conv1D weights trainable (frozen biases: dattri-llm's trap), its windows (one
+    training window and one query repeated: dattri-llm's ``agnostic_matrix`` would double the repeated training
+    row), and our exact Grad-Dot and EK-FAC on them."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=V, n_positions=BATCH * (T + 1), n_embd=32, n_layer=2, n_head=2,
@@ -45,6 +46,7 @@ def gpt2():
         p.requires_grad_(name.startswith("transformer.h.") and name.endswith(".weight") and ".ln_" not in name)
     gen = torch.Generator().manual_seed(1)
     train, queries = torch.randint(0, V, (N, T + 1), generator=gen), torch.randint(0, V, (Q, T + 1), generator=gen)
+    train[5], queries[2] = train[2], queries[0]  # duplicates: dattri-llm keys samples by content
     task = LanguageModelingTask(reduction="sum")
     exact = GradDot(model, task, batch_size=BATCH, progress=False).fit(ArrayDataset(train))
     ekfac = Influence(model, task, curvature="ekfac", batch_size=BATCH, progress=False).fit(ArrayDataset(train))

@@ -17,7 +17,8 @@ definition, in ``tests/test_bench_peers_lm.py`` and every bench run):
   ``module_kwargs={layer: {"has_bias": False}}`` for every layer whose bias we do not attribute, after which the
   scores are exact.
   Rows and columns come back keyed by a content hash of the model's inputs; the adapter maps them back to dataset
-  order through ``hash_sample`` (duplicate windows would collapse into one row: refused with an error).
+  order through ``hash_sample``, reading the per-row matrix: ``agnostic_matrix()`` (its documented way to the
+  ``(n_train, n_test)`` matrix) sums the rows of identical training windows, doubling the score of each copy.
 * bergson ``collect_gradients`` (per-module two-sided random projection, ``projection_dim = k``): the dot of the
   training and query features is projected Grad-Dot, positive = helps. Its EK-FAC / K-FAC pipeline
   (``hessian_pipeline``: query gradients, factors fitted on the training set with the dataset labels = empirical
@@ -152,21 +153,30 @@ def dattri_llm_scores(model: nn.Module, train: torch.Tensor, queries: torch.Tens
     options = {} if kind == "tracin" else {"damping": damping, "relative_damping": True}
     score = attributor.attribute(_Windows(train), _Windows(queries),
                                  hook_config=HookManagerConfig(hook_types=hooks, module_kwargs=kwargs), **options)
-    ids, matrix = score.agnostic_matrix()
+    # One row per training window, in loader order (duplicates included); ``agnostic_matrix`` would sum the rows of
+    # duplicate windows (same hash), doubling their scores. Duplicate queries share one column (same values).
+    if len(score.row_train_ids) != len(train) or len(set(score.row_steps)) != 1:
+        raise RuntimeError(f"dattri-llm returned {len(score.row_train_ids)} rows over steps "
+                           f"{sorted(set(score.row_steps))} for {len(train)} windows at one checkpoint")
 
     def key(row: torch.Tensor) -> str:  # the hash of what the model was called with (see lm_loss)
         return hash_sample({"input_ids": row[:-1]} if hf_model(model) else {"_arg0": row[:-1]})
 
-    index = {h: i for i, h in enumerate(ids)}
+    positions: dict[str, list[int]] = {}
+    for r, h in enumerate(score.row_train_ids):
+        positions.setdefault(h, []).append(r)
+    seen: dict[str, int] = {}
     try:
-        rows = [index[key(row)] for row in train]
-        cols = [score.test_index[key(row)] for row in queries]
-    except KeyError as exc:
-        raise RuntimeError("dattri-llm: a sample's content hash is not among the scores' ids (did the model get "
+        rows = []
+        for window in train:
+            h = key(window)
+            rows.append(positions[h][seen.get(h, 0)])
+            seen[h] = seen.get(h, 0) + 1
+        cols = [score.test_index[key(window)] for window in queries]
+    except (KeyError, IndexError) as exc:
+        raise RuntimeError("dattri-llm: a window's content hash is not among the scores' ids (did the model get "
                            "other inputs than lm_loss passes?)") from exc
-    if len(set(rows)) != len(train) or len(set(cols)) != len(queries):
-        raise ValueError("dattri-llm keys samples by content: duplicate token windows collapse into one row")
-    return matrix[rows][:, cols].double().numpy()
+    return score.scores[rows][:, cols].double().numpy()
 
 
 # -- bergson --------------------------------------------------------------------------------------------------------
