@@ -150,15 +150,19 @@ def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarr
 
 
 def attribute(case: Case, out: Path) -> dict[str, tuple]:
-    """Scores of every method for the seed-0 full model, with their wall time."""
+    """Scores of every method for the seed-0 full model, with their wall time (In-Run: extra over plain training)."""
     recipe, train_set, queries, task = case.recipe, case.train, case.queries, case.task
-    inrun, traj = InRunCallback(task, queries, order=1, targeted=True), TrajectoryCallback(str(out / "traj"), 6)
+    traj = TrajectoryCallback(str(out / "traj"), 6)
     t0 = time.perf_counter()
     model = recipe.train(train_set, 0, callbacks=[traj])
     plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    recipe.train(train_set, 0, callbacks=[inrun])
-    results = {"inrun-1": (inrun.values(), time.perf_counter() - t0 - plain)}
+    results = {}
+    for order in (1, 2):
+        inrun = InRunCallback(task, queries, order=order, targeted=True)
+        t0 = time.perf_counter()
+        recipe.train(train_set, 0, callbacks=[inrun])
+        results[f"inrun-{order}"] = (inrun.values(), time.perf_counter() - t0 - plain)
+        print(f"inrun-{order}: {results[f'inrun-{order}'][1]:.1f} s extra", file=sys.stderr)
     factories = {
         "grad-dot": lambda: GradDot(model, task, progress=False),
         "influence-ekfac": lambda: Influence(model, task, curvature="ekfac", progress=False),
@@ -179,50 +183,72 @@ def spearman_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return spearman_columns(pred, true)
 
 
-def evaluate(results, gt, sources, verbatim) -> list[dict]:
-    full = gt["full"].mean(0)
-    measured = gt["loso"].mean(1) - full  # (n_source, Q): positive = the source helped
-    seeds = gt["loso"].shape[1]
-    ceiling = float("nan")
-    if seeds > 1:
-        a = gt["loso"][:, 0] - gt["full"][0]
-        b = gt["loso"][:, 1:].mean(1) - gt["full"][1:].mean(0)
-        per_q = spearman_rows(a, b)
-        ceiling = float(np.nanmean(per_q))
-        print(f"LOSO noise ceiling: verbatim {np.nanmean(per_q[verbatim >= 0]):.3f}, "
-              f"held-out {np.nanmean(per_q[verbatim < 0]):.3f}", file=sys.stderr)
+def loso_effect(gt: dict, seeds: np.ndarray) -> np.ndarray:
+    """``(n_source, Q)``: mean over ``seeds`` of ``loss_without_s − loss_full`` (positive: the source helped)."""
+    return gt["loso"][:, seeds].mean(1) - gt["full"][seeds].mean(0)
+
+
+def mean_ci(per_query: np.ndarray) -> dict[str, Any]:
+    """Mean over queries with a 90 % bootstrap interval over queries (1,000 resamples)."""
+    lo, hi = bootstrap_mean_ci(per_query, 1000, 0.9, 0)
+    return {"mean": float(np.nanmean(per_query)), "ci": [lo, hi]}
+
+
+def ceilings(gt: dict) -> dict[str, dict]:
+    """Seed-to-seed agreement of the ground truth itself, per query: split-half (first half of the seeds against the
+    second half) and one seed against the mean of the others, for the LOSO values and for the halves' losses."""
+    n = gt["loso"].shape[1]
+    if n < 2:
+        return {}
+    first, second = np.arange(n // 2), np.arange(n // 2, n)
+    one, rest = np.arange(1), np.arange(1, n)
+    halves = gt["halves"]  # (m, seeds, Q)
+    return {
+        "loso_split_half": mean_ci(spearman_rows(loso_effect(gt, first), loso_effect(gt, second))),
+        "loso_one_vs_rest": mean_ci(spearman_rows(loso_effect(gt, one), loso_effect(gt, rest))),
+        "lds_split_half": mean_ci(spearman_rows(halves[:, first].mean(1), halves[:, second].mean(1))),
+        "lds_one_vs_rest": mean_ci(spearman_rows(halves[:, 0], halves[:, rest].mean(1))),
+    }
+
+
+def evaluate(results, gt, sources, expected) -> tuple[list[dict], dict, dict[str, np.ndarray]]:
+    """Rows per method, the noise ceilings, and the arrays behind them (measured LOSO, each method's values)."""
+    seeds = np.arange(gt["loso"].shape[1])
+    measured = loso_effect(gt, seeds)  # (n_source, Q)
     half_loss = gt["halves"].mean(1)  # (m, Q)
-    lds_ceiling = float(np.nanmean(spearman_rows(-gt["halves"][:, 0], -gt["halves"][:, 1:].mean(1)))) \
-        if seeds > 1 else float("nan")
-    verb = verbatim >= 0
-    truth_top = float((np.argmax(measured[:, verb], axis=0) == verbatim[verb]).mean())
-    print(f"retraining's own verbatim top-1 (3-seed mean): {truth_top:.2f}", file=sys.stderr)
+    ceil = ceilings(gt)
+    has = expected >= 0
+    arrays = {"measured": measured, "names": gt["names"]}
+    rnd = list(gt["names"]).index("random")
+    for key, c in ceil.items():
+        print(f"ceiling {key}: {c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]", file=sys.stderr)
+    truth_top = float((np.argmax(measured[:, has], axis=0) == expected[has]).mean())
+    print(f"retraining's own expected-source top-1 ({len(seeds)}-seed mean): {truth_top:.2f}", file=sys.stderr)
     rows = []
     for name, (scores, seconds) in results.items():
         sv = sources.values(scores, "source")
         assert (sv.names == gt["names"]).all()
+        arrays[name] = sv.values
         per_query = spearman_rows(sv.values, measured)
-        lo, hi = bootstrap_mean_ci(per_query, 1000, 0.9, 0)
         predicted_half = gt["half_masks"].astype(np.float64) @ sv.values  # (m, Q): summed credit of the half
         lds = spearman_rows(predicted_half, -half_loss)
-        verb = verbatim >= 0
-        top = np.argmax(sv.values[:, verb], axis=0)
-        rnd = list(sv.names).index("random")
+        top = np.argmax(sv.values[:, has], axis=0)
+        loso = mean_ci(per_query)
         rows.append({
             "method": name, "seconds": round(seconds, 2),
-            "loso_spearman": float(np.nanmean(per_query)), "loso_ci": [lo, hi],
-            "loso_spearman_verbatim": float(np.nanmean(per_query[verbatim >= 0])),
-            "loso_spearman_heldout": float(np.nanmean(per_query[verbatim < 0])),
+            "loso_spearman": loso["mean"], "loso_ci": loso["ci"],
+            "loso_spearman_expected": float(np.nanmean(per_query[has])),
+            "loso_spearman_other": float(np.nanmean(per_query[~has])) if (~has).any() else float("nan"),
             "loso_spearman_mean_query": float(spearman_rows(sv.values.mean(1, keepdims=True),
                                                              measured.mean(1, keepdims=True))[0]),
-            "source_lds": float(np.nanmean(lds)),
-            "verbatim_top1": float((top == verbatim[verb]).mean()),
+            "source_lds": float(np.nanmean(lds)), "source_lds_ci": mean_ci(lds)["ci"],
+            "expected_top1": float((top == expected[has]).mean()),
             "random_credit": float(sv.values[rnd].mean()),
+            "random_credit_positive_queries": float((sv.values[rnd] > 0).mean()),
             "random_measured": float(measured[rnd].mean()),
+            "random_measured_positive_queries": float((measured[rnd] > 0).mean()),
         })
-    for r in rows:
-        r["loso_ceiling"], r["lds_ceiling"] = ceiling, lds_ceiling
-    return rows
+    return rows, {**ceil, "truth_expected_top1": truth_top}, arrays
 
 
 def main() -> None:
@@ -244,18 +270,21 @@ def main() -> None:
     if args.gt_only:
         return
     results = attribute(case, Path(args.out) / args.case)
-    rows = evaluate(results, gt, case.sources, case.expected)
-    atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "rows": rows})
-    print("| method | LOSO Spearman (per query, 90% CI) | verbatim / held-out queries | LOSO Spearman (query-mean) |"
-          " source LDS | expected-source top-1 | random source credit / measured | seconds |")
+    rows, ceil, arrays = evaluate(results, gt, case.sources, case.expected)
+    np.savez(Path(args.out) / args.case / "values.npz", **arrays)
+    atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "ceilings": ceil, "rows": rows})
+    print("| method | LOSO Spearman (per query, 90% CI) | expected / other queries | LOSO Spearman (query-mean) |"
+          " source LDS (90% CI) | expected-source top-1 | random source: credit / measured | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['loso_spearman']:.3f} [{r['loso_ci'][0]:.3f}, {r['loso_ci'][1]:.3f}] | "
-              f"{r['loso_spearman_verbatim']:.3f} / {r['loso_spearman_heldout']:.3f} | "
-              f"{r['loso_spearman_mean_query']:.3f} | {r['source_lds']:.3f} | {r['verbatim_top1']:.2f} | "
+              f"{r['loso_spearman_expected']:.3f} / {r['loso_spearman_other']:.3f} | "
+              f"{r['loso_spearman_mean_query']:.3f} | {r['source_lds']:.3f} [{r['source_lds_ci'][0]:.3f}, "
+              f"{r['source_lds_ci'][1]:.3f}] | {r['expected_top1']:.2f} | "
               f"{r['random_credit']:.2e} / {r['random_measured']:.2e} | {r['seconds']} |")
-    print(f"\nnoise ceiling (seed 0 vs the other seeds): LOSO {rows[0]['loso_ceiling']:.3f}, "
-          f"source LDS {rows[0]['lds_ceiling']:.3f}")
+    for key, c in ceil.items():
+        if isinstance(c, dict):
+            print(f"noise ceiling {key}: {c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]")
     print(json.dumps({"gt_seconds": round(gt["seconds"], 1)}))
 
 
