@@ -6,7 +6,8 @@ Each (method, tree) runs in its own fresh process (``python benchmarks/queries.p
 to the tree), methods interleaved tree by tree so that both trees see the same machine load; the peers run once, with
 the first tree listed last (they do not depend on our code). Reported per run: wall and CPU seconds of fit + score
 (model construction, data loading and imports excluded), the peak RSS of the whole process (torch, the data set and the
-method; ``ru_maxrss``), and, where a cached ground truth for these queries exists (``--gt``), the LDS.
+method; ``ru_maxrss``), the machine's 1-minute load average when it finished, and, where a cached ground truth for
+these queries exists (``--gt``), the LDS.
 Agreement between two methods computing the same estimator is the mean per-query Pearson correlation.
 
 The machine is shared: compare ratios within one run, not seconds across runs.
@@ -91,7 +92,7 @@ def child(args: argparse.Namespace) -> None:
     values = np.asarray(scores.values, dtype=np.float64)
     np.save(Path(args.scratch) / f"{args.tag}.npy", values)
     out = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": _rss_mb(), "shape": list(values.shape),
-           "finite": bool(np.isfinite(values).all())}
+           "finite": bool(np.isfinite(values).all()), "load_1min": os.getloadavg()[0]}
     (Path(args.scratch) / f"{args.tag}.json").write_text(json.dumps(out))
 
 
@@ -168,23 +169,30 @@ def main() -> None:
             if other in results and "error" not in results[other]:
                 res["agreement_with"] = other
                 res["agreement"] = _pearson(values, np.load(Path(scratch) / f"{other}.npy"))
+        first = f"{method}@{list(trees)[0]}"
+        if label != list(trees)[0] and first in results and "error" not in results[first]:
+            ref = np.load(Path(scratch) / f"{first}.npy")  # same estimator, other tree: the change in the numbers
+            res["max_rel_diff"] = float(np.abs(values - ref).max() / max(np.abs(ref).max(), 1e-300))
         if gt is not None:
             from datacredit.scores import Scores
 
             scores = Scores(values, gt.train_ids, gt.query_ids, method)
             res["lds"] = float(lds(scores, gt).mean)
         rows.append((tag, res))
-    print("\n| method | tree | wall s | CPU s | peak RSS MB | LDS | agreement |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(f"\n| method | tree | wall s | CPU s | peak RSS MB | LDS | agreement | max abs diff / max abs, vs "
+          f"{list(trees)[0]} | load (1 min) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|")
     for tag, res in rows:
         method, label = tag.split("@")
         if "error" in res:
-            print(f"| {method} | {label} | failed: {res['error'][:80]} | | | | |")
+            print(f"| {method} | {label} | failed: {res['error'][:80]} | | | | | | |")
             continue
         lds_s = f"{res['lds']:.3f}" if "lds" in res else ""
         agree = f"{res['agreement']:.4f} with {res['agreement_with']}" if "agreement" in res else ""
+        diff = f"{res['max_rel_diff']:.1e}" if "max_rel_diff" in res else ""
         print(f"| {method} | {label} | {res['wall_s']:.1f} | {res['cpu_s']:.1f} | "
-              f"{res.get('peak_rss_mb', res.get('peak_rss_increase_mb', 0)):.0f} | {lds_s} | {agree} |")
+              f"{res.get('peak_rss_mb', res.get('peak_rss_increase_mb', 0)):.0f} | {lds_s} | {agree} | {diff} | "
+              f"{res.get('load_1min', float('nan')):.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
