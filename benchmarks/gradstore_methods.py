@@ -12,8 +12,10 @@ by process CPU seconds (and wall) side by side, in this order:
   on it; TRAK needs margin gradients of the training examples, so it gets a second store (``train_target=
   "measurement"``) built once and scored on. A second round of 500 other queries then shows what a new round costs.
 * the same on Kronecker stores (``KronProjection(16)``, LoGra style), the cheap featurization.
-* own route: ``GradDot(projection=k, "gaussian")``, ``TRAK(projection=k)`` (same projection, same estimator: the
-  scores agree up to float32 storage), and the influence methods that featurize on their own:
+* own route: ``GradDot(projection=k, "gaussian")``, ``TRAK(projection=k)`` with ``store=`` (since issue 17 these are
+  GradientStores with the same projection, so the scores agree with the store route up to the order of float64
+  sums; a new method object on the same ``store=`` featurizes nothing), and the influence methods that featurize on
+  their own:
   ``Influence(curvature="identity")`` (exact Grad-Dot numbers), ``"kfac"`` and ``"ekfac"``.
 
 Agreement of store and own routes: the largest relative difference of the score matrices.
@@ -124,13 +126,22 @@ def main() -> None:
            .score(queries))
 
     # -- own route -------------------------------------------------------------------------------------------------
-    own_dot = dc.GradDot(model, task, projection=args.dim, projection_kind="gaussian", **kw)
+    # since issue 17 the own routes are GradientStores too (own_store): in store=, or a private temporary directory
+    own_dot = dc.GradDot(model, task, projection=args.dim, projection_kind="gaussian", store=tmp / "own", **kw)
     scores["graddot-own"] = record("own: Grad-Dot projected fit + score",
                                    lambda: own_dot.fit(train).score(queries)).values
-    own_trak = dc.TRAK(model, margin, projection=args.dim, **kw)
+    own_trak = dc.TRAK(model, margin, projection=args.dim, store=tmp / "own", **kw)
     scores["trak-own"] = record("own: TRAK projected fit + score", lambda: own_trak.fit(train).score(queries)).values
     record("own: round 2, Grad-Dot projected score", lambda: own_dot.score(queries2))
     record("own: round 2, TRAK projected score", lambda: own_trak.score(queries2))
+    # a new method object (another process, later) on the same store= finds the features (and finished scores)
+    again = dc.GradDot(model, task, projection=args.dim, projection_kind="gaussian", store=tmp / "own", **kw)
+    record("own: new Grad-Dot object, same store=, fit + score round 2", lambda: again.fit(train).score(queries2))
+    featurized["own Grad-Dot store: batches featurized by the new object"] = again._features_store().batches_featurized
+    again_trak = dc.TRAK(model, margin, projection=args.dim, store=tmp / "own", **kw)
+    record("own: new TRAK object, same store=, fit + score round 2", lambda: again_trak.fit(train).score(queries2))
+    featurized["own TRAK store: batches featurized by the new object"] = sum(
+        gs.batches_featurized for gs in again_trak._stores())
     if not args.skip_own_influence:
         for curvature in ("identity", "kfac", "ekfac"):
             method = dc.Influence(model, task, curvature=curvature, **kw)
