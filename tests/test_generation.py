@@ -39,19 +39,23 @@ def corpus():
     return ArrayDataset(tokens, ids=ids), Sources(ids, keys), CharDataset("".join(DOCS.values()), 4, vocab=vocab)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    train, sources, coder = corpus()
+def fit(tokens: torch.Tensor, vocab_size: int) -> TinyGPT:
+    """150 full-batch Adam steps from seed 0 (deterministic: retraining on a subset is a controlled comparison)."""
     torch.manual_seed(0)
-    model = TinyGPT(coder.vocab_size, d=16, n_layers=1, n_heads=2, max_len=32, tied=False).double()
+    model = TinyGPT(vocab_size, d=16, n_layers=1, n_heads=2, max_len=32, tied=False).double()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     task = CompletionTask(reduction="mean")
-    tokens = train.tensors[0]
     for _ in range(150):
         opt.zero_grad()
         task.loss(model, (tokens,)).mean().backward()
         opt.step()
-    return model.eval(), train, sources, coder
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    train, sources, coder = corpus()
+    return fit(train.tensors[0], coder.vocab_size), train, sources, coder
 
 
 def test_mask_counts_only_completion_targets():
@@ -114,3 +118,23 @@ def test_planted_verbatim_source_ranks_first_and_noise_gets_no_pay(trained):
         assert sum(paid.values()) == pytest.approx(1.0)
         # the largest payment goes to the planted source, unless no source's credit clears the noise rule
         assert max(paid, key=paid.get) in (name, UNALLOCATED)
+
+
+def test_random_characters_get_no_credit_and_retraining_agrees(trained):
+    """The issue's planted check: a source of random characters gets <= 0 credit for every completion, and that is
+    true under retraining (the same 150 steps without the noise source lower every completion's loss)."""
+    model, train, sources, coder = trained
+    prompts = [coder.encode("knead dough, "), coder.encode("rivers run "), coder.encode("owls ")]
+    completions = [coder.encode("bake bread"), coder.encode("past mills"), coder.encode("hoot at night")]
+    noise = sources.levels["source"] == "noise"
+    whole, _, _ = completion_queries(prompts, completions, per_token=False)
+    without = fit(train.tensors[0][~noise], coder.vocab_size)
+    with torch.no_grad():
+        measured = (CompletionTask().measurement(without, whole.tensors)
+                    - CompletionTask().measurement(model, whole.tensors))  # positive: the noise helped
+    assert (measured < 0).all(), measured
+    ekfac = Influence(model, CompletionTask(), curvature="ekfac", progress=False)
+    for method in (ekfac, GradDot(model, CompletionTask(), progress=False)):
+        credit = attribute_completions(method.fit(train), prompts, completions, sources)
+        row = credit.outputs.values[list(credit.outputs.names).index("noise")]
+        assert (row <= 0).all(), (method, row)
