@@ -254,6 +254,10 @@ def test_the_manifest_keeps_the_config_and_every_execution(tmp_path):
     calls = Store(out).load_json("execution")
     assert [c["backend"] for c in calls] == ["serial", "process"] and [c["jobs_to_run"] for c in calls] == [6, 0]
     assert calls[1]["workers"] == 2 and again.m == 3
+    # a store written before the execution record existed (same manifest keys) resumes without retraining
+    Store(out).remove("execution")
+    build_groundtruth(recipe, train, queries, out, m=3, seeds=2, backend="serial", progress=False)
+    assert [c["jobs_to_run"] for c in Store(out).load_json("execution")] == [0]
     # another config is refused, naming the field
     with pytest.raises(StoreError, match=r"alpha: stored 0\.5, requested 0\.25"):
         build_groundtruth(recipe, train, queries, out, SubsetConfig(m=3, seeds=2, alpha=0.25), progress=False)
