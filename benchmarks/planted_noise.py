@@ -31,7 +31,8 @@ if str(ROOT) not in sys.path:  # benchmarks.source_credit from this checkout whe
     sys.path.append(str(ROOT))
 from benchmarks.source_credit import make_digits  # noqa: E402
 from datacredit.dataset import example_ids  # noqa: E402
-from datacredit.evaluate.runner import run_jobs  # noqa: E402
+from datacredit.evaluate import Execution  # noqa: E402
+from datacredit.evaluate.runner import Retraining, run_jobs  # noqa: E402
 from datacredit.store import atomic_write_json  # noqa: E402
 from datacredit.training import InRunCallback  # noqa: E402
 
@@ -68,7 +69,8 @@ def main() -> None:
         def keep(j, out, sec, loss=loss):
             loss[j] = out[0]
 
-        run_jobs(recipe, case.train, case.queries, jobs, keep, workers=args.workers, progress=False)
+        run_jobs(Retraining(recipe, case.train, case.queries), jobs, keep,
+                 execution=Execution(workers=args.workers, progress=False))
         full, without = loss[: args.seeds], loss[args.seeds :]
         effect = without - full  # (seeds, Q), paired by seed
         measured = effect.mean(0)

@@ -47,8 +47,8 @@ import torch
 from datacredit import ClassificationTask, GradDot, Influence, LanguageModelingTask, Source, TracIn
 from datacredit.data import CharDataset, load_digits, load_text_sample
 from datacredit.dataset import ArrayDataset
-from datacredit.evaluate import ClassifierRecipe, LMRecipe
-from datacredit.evaluate.runner import run_jobs
+from datacredit.evaluate import ClassifierRecipe, Execution, LMRecipe
+from datacredit.evaluate.runner import Retraining, run_jobs
 from datacredit.evaluate.stats import bootstrap_mean_ci, spearman_columns
 from datacredit.methods import TRAK
 from datacredit.sources import Sources
@@ -142,8 +142,8 @@ def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarr
     todo = outputs.pending()
     print(f"ground truth: {len(jobs)} retrainings, {len(todo)} to do", file=sys.stderr)
     start = time.perf_counter()
-    run_jobs(recipe, train_set, queries, jobs, lambda j, out, sec: outputs.write(j, None, out[:1]),
-             todo=todo, workers=args.workers, progress=True)
+    run_jobs(Retraining(recipe, train_set, queries), jobs, lambda j, out, sec: outputs.write(j, None, out[:1]),
+             todo=todo, execution=Execution(workers=args.workers))
     loss = np.asarray(outputs.array).reshape(len(subsets), args.seeds, len(queries))
     return {"full": loss[0], "loso": loss[1 : 1 + len(names)], "halves": loss[1 + len(names) :],
             "half_masks": halves, "names": names, "seconds": time.perf_counter() - start}
