@@ -42,16 +42,6 @@ def flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)
 
 
-def refused_as_stale(call) -> None:
-    """``call()`` raises the StoreError that names a cache computed for another model, data or configuration."""
-    import pytest
-
-    from datacredit.errors import StoreError
-
-    with pytest.raises(StoreError, match="computed for another model, data, batch size or configuration"):
-        call()
-
-
 class FunctionalReuse(nn.Module):
     """A tracked Linear whose weight is also used outside its module call (``F.linear``): the engine must notice."""
 

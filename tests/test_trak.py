@@ -14,7 +14,7 @@ from datacredit.methods import base
 from datacredit.methods.trak import TRAK, KernelSolver
 from datacredit.models import mlp
 
-from .helpers import flat, refused_as_stale, torch_func_grads
+from .helpers import flat, torch_func_grads
 
 RIDGE = 1e-6
 
