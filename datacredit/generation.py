@@ -10,7 +10,9 @@ for every gradient method here (Grad-Dot, TracIn, influence, TRAK, SOURCE).
 :class:`CompletionTask` is the task: batches are ``(tokens (N, T+1), mask (N, T))`` with ``mask[n, t]`` marking the
 targets ``tokens[n, t+1]`` that count; a batch of ``(tokens,)`` alone (the training data) counts every target, as
 :class:`~datacredit.task.LanguageModelingTask` does. :func:`completion_queries` builds the per-token query set and
-:func:`attribute_completions` runs a fitted method on it and rolls the result up to sources.
+:func:`attribute_completions` runs a fitted method on it and rolls the result up to sources
+(:func:`completion_credit` does the roll-up alone, e.g. for In-Run values recorded during training with the per-token
+queries as the validation set).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from datacredit.scores import Scores
 from datacredit.sources import Sources, SourceValues
 from datacredit.task import LanguageModelingTask, _logits
 
-__all__ = ["CompletionCredit", "CompletionTask", "attribute_completions", "completion_queries"]
+__all__ = ["CompletionCredit", "CompletionTask", "attribute_completions", "completion_credit", "completion_queries"]
 
 
 class CompletionTask(LanguageModelingTask):
@@ -148,16 +150,30 @@ def attribute_completions(method: Any, prompts: Sequence[Sequence[int]], complet
         raise DataError("attribute_completions needs a method built with task=CompletionTask(...), so that only the "
                         f"completion's tokens are measured; got {type(getattr(method, 'task', None)).__name__}")
     queries, output_of, _ = completion_queries(prompts, completions, per_token=True, **query_kwargs)
-    scores = method.score(queries)
+    return completion_credit(method.score(queries), output_of, sources, level=level, n_boot=n_boot, seed=seed)
+
+
+def completion_credit(scores: Scores, output_of: np.ndarray, sources: Sources, *, level: str | None = None,
+                      n_boot: int = 500, seed: int = 0) -> CompletionCredit:
+    """Roll per-token ``scores`` ``(n_train, Q)`` (columns in the order of :func:`completion_queries`, per token)
+    up to sources, per token and per output. For scores that are not computed by a post-hoc ``score`` call, e.g.
+    In-Run Data Shapley recorded during training with the per-token queries as its targeted validation set
+    (``InRunCallback(CompletionTask(), queries, targeted=True)``): the completions must be known before training."""
+    output_of = np.asarray(output_of)
+    if output_of.shape != (scores.n_query,):
+        raise DataError(f"output_of has shape {output_of.shape}, expected ({scores.n_query},): one output index per "
+                        "query column of the scores (from completion_queries(..., per_token=True))")
     token_values = sources.values(scores, level)
     per_token, totals, noise = [], [], []
-    for n in range(len(completions)):
+    for n in range(int(output_of.max()) + 1):
         cols = np.flatnonzero(output_of == n)
+        if not len(cols):
+            raise DataError(f"output {n} has no query column in the scores")
         sv = SourceValues(token_values.values[:, cols], token_values.names, np.arange(len(cols)),
                           token_values.counts, token_values.level, token_values.method, token_values.config)
         per_token.append(sv)
         totals.append(sv.total("sum"))
         noise.append(sv.bootstrap(n_boot, reduce="sum", seed=seed)[2] if len(cols) > 1 else np.zeros(sv.n_source))
-    outputs = SourceValues(np.stack(totals, 1), token_values.names, np.arange(len(completions)),
+    outputs = SourceValues(np.stack(totals, 1), token_values.names, np.arange(len(per_token)),
                            token_values.counts, token_values.level, token_values.method, token_values.config)
     return CompletionCredit(per_token, outputs, np.stack(noise, 1), scores)

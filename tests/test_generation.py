@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from datacredit import GradDot, Influence
+from datacredit import GradDot, Influence, InRunShapley, Scores
 from datacredit.data import CharDataset
-from datacredit.dataset import ArrayDataset
+from datacredit.dataset import ArrayDataset, example_ids
 from datacredit.errors import DataError
-from datacredit.generation import CompletionTask, attribute_completions, completion_queries
+from datacredit.generation import CompletionTask, attribute_completions, completion_credit, completion_queries
 from datacredit.ledger import UNALLOCATED, compensation
 from datacredit.models import TinyGPT
 from datacredit.sources import Sources
@@ -138,3 +138,43 @@ def test_random_characters_get_no_credit_and_retraining_agrees(trained):
         credit = attribute_completions(method.fit(train), prompts, completions, sources)
         row = credit.outputs.values[list(credit.outputs.names).index("noise")]
         assert (row <= 0).all(), (method, row)
+
+
+def test_inrun_per_token_credit_equals_the_per_step_twin(float64):
+    """In-Run first order with the per-token queries as its targeted validation set, two SGD steps: every
+    (training example, completion token) value equals Σ_t η/B ⟨∇ℓ_tok(θ_t), ∇ℓ_z(θ_t)⟩ from torch.func, and the
+    per-output credit is the sum of the tokens' (so it equals the whole completion's value by linearity)."""
+    train, sources, coder = corpus()
+    torch.manual_seed(0)
+    model = TinyGPT(coder.vocab_size, d=8, n_layers=1, n_heads=2, max_len=32, tied=False).double()
+    task, lr = CompletionTask(), 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    prompts, completions = [coder.encode("owls "), coder.encode("knead ")], [coder.encode("hoot"), coder.encode("do")]
+    queries, output_of, _ = completion_queries(prompts, completions, vocab_size=coder.vocab_size)
+    whole, _, _ = completion_queries(prompts, completions, per_token=False)
+    shapley = InRunShapley(model, task, validation=queries, optimizer=opt, order=1, targeted=True)
+    names = [n for n, _ in model.named_parameters()]
+    ids, tokens = example_ids(train), train.tensors[0]
+    batches = [np.arange(0, len(ids), 2), np.arange(1, len(ids), 2)]
+    twin = np.zeros((len(ids), len(queries)))
+    twin_whole = np.zeros((len(ids), len(whole)))
+    for rows in batches:
+        g_train = flat(torch_func_grads(model, task, (tokens[rows],)), names)
+        g_tokens = flat(torch_func_grads(model, task, queries.tensors, measurement=True), names)
+        g_whole = flat(torch_func_grads(model, task, whole.tensors, measurement=True), names)
+        twin[rows] += (lr / len(rows) * g_train @ g_tokens.T).numpy()
+        twin_whole[rows] += (lr / len(rows) * g_train @ g_whole.T).numpy()
+        opt.zero_grad()
+        with shapley.step(ids[rows]):
+            task.loss(model, (tokens[rows],)).mean().backward()
+        opt.step()
+    shapley.close()
+    scores = shapley.values()
+    np.testing.assert_array_equal(scores.train_ids, ids)
+    np.testing.assert_allclose(scores.values, twin, rtol=1e-8, atol=1e-12)
+    credit = completion_credit(scores, output_of, sources)
+    expected = sources.values(Scores(twin_whole, ids, [0, 1], "twin"))
+    np.testing.assert_allclose(credit.outputs.values, expected.values, rtol=1e-8, atol=1e-12)
+    assert [p.values.shape[1] for p in credit.per_token] == [4, 2]
+    with pytest.raises(DataError, match="output_of has shape"):
+        completion_credit(scores, output_of[:-1], sources)
