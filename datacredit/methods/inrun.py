@@ -472,11 +472,12 @@ class InRunShapley:
         sums, true = {}, {}  # tracked parameters: (Σ g_z, Σ |g_z|) and p.grad, for the first step's check
         for p, (s, c0) in affine.items():
             name = self._names[p]
-            c0 = 0 if c0 is None else c0
             shares[name] = s * clip
             if total is None:
-                w[name] = c0 + 0.5 * s * p.grad.detach()
+                half = 0.5 * s * p.grad.detach()
+                w[name] = half if c0 is None else c0 + half  # no pass adding a zero baseline (plain SGD)
                 continue
+            c0 = 0 if c0 is None else c0
             g_batch = total.get(name, torch.zeros_like(p)) * clip
             rest = p.grad.detach() - g_batch  # gradient no tracked example explains: part of the baseline
             residual += float(rest.square().sum())
@@ -651,6 +652,8 @@ class InRunShapley:
             per_query = self._query_terms(params, w)
         else:
             per_query = [self._summed_terms(params, w)]
+        if len(per_query) == 1:  # summed validation: a view, not a stacked copy
+            return {name: per_query[0][k].unsqueeze(0) * _expand(shares[name]) for k, name in enumerate(names)}
         return {name: torch.stack([q[k] for q in per_query]) * _expand(shares[name])
                 for k, name in enumerate(names)}
 
@@ -690,12 +693,13 @@ class InRunShapley:
 
     def _summed_terms(self, params: list[Tensor], w: dict) -> list[Tensor]:
         """``g_val − H_val w`` for the validation loss summed over the validation set."""
-        out = [torch.zeros_like(p) for p in params]
+        out = None
         factor = self._val_factor()  # n_val/k under a validation budget: g_val and H_val w are both sums over it
         for batch in self._val_batches():
             loss = self.task.measurement(self.inner, batch).sum()
-            self._accumulate(out, loss * factor if factor != 1.0 else loss, params, w)
-        return out
+            terms = self._accumulate(loss * factor if factor != 1.0 else loss, params, w)
+            out = terms if out is None else [o + t for o, t in zip(out, terms)]
+        return out if out is not None else [torch.zeros_like(p) for p in params]
 
     def _query_terms(self, params: list[Tensor], w: dict) -> list[list[Tensor]]:
         """``g_q − H_q w`` for every validation example q: one gradient and one HVP each."""
@@ -703,24 +707,21 @@ class InRunShapley:
         for batch in self._val_batches():
             losses = self.task.measurement(self.inner, batch)
             for q in range(len(losses)):
-                out = [torch.zeros_like(p) for p in params]
-                self._accumulate(out, losses[q], params, w, retain=True)
-                terms.append(out)
+                terms.append(self._accumulate(losses[q], params, w, retain=True))
         return terms
 
-    def _accumulate(self, out: list[Tensor], loss: Tensor, params: list[Tensor], w: dict, retain: bool = False):
+    def _accumulate(self, loss: Tensor, params: list[Tensor], w: dict, retain: bool = False) -> list[Tensor]:
+        """``g − H w`` of ``loss`` per parameter (``g`` alone for first order): one gradient and, second order,
+        one Hessian-vector product (double backward; forward-over-reverse measured slower on CPU)."""
         second = self.order == 2
         grads = torch.autograd.grad(loss, params, create_graph=second, retain_graph=retain or second,
                                     allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        for o, g in zip(out, grads):
-            o += g.detach()
-        if second:
-            direction = sum((g * w[self._names[p]]).sum() for p, g in zip(params, grads))
-            hv = torch.autograd.grad(direction, params, retain_graph=retain, allow_unused=True)
-            for o, h in zip(out, hv):
-                if h is not None:
-                    o -= h
+        if not second:
+            return [g.detach() for g in grads]
+        direction = sum((g * w[self._names[p]]).sum() for p, g in zip(params, grads))
+        hv = torch.autograd.grad(direction, params, retain_graph=retain, allow_unused=True)
+        return [g.detach() if h is None else g.detach() - h for g, h in zip(grads, hv)]
 
     # -- results -----------------------------------------------------------------------------------------------
     def _add(self, ids: np.ndarray, values: np.ndarray) -> None:
