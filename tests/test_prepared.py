@@ -134,3 +134,33 @@ def test_rotate_pieces_equals_rotating_the_materialized_gradient(relu_problem, c
         block = inf.curvature.blocks[name]
         mat = sum(p.materialize() for p in pieces).reshape(g.n, block.m, block.n)
         torch.testing.assert_close(block.rotate_pieces(pieces, g.n, torch.float64), block.rotate(mat))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_piece_sums_over_checkpoints_equal_the_sum_of_materialized_products(rotate, float64):
+    """PieceSum on every path (factored by a shared v, by a shared index u, materialized on a mismatch, Dense pieces),
+    against Σ_k ⟨materialized G_k, W_q⟩ with W = w rᵀ."""
+    from datacredit.capture.pieces import Dense
+    from datacredit.methods.piece_sums import PieceSum
+
+    torch.manual_seed(0)
+    m, n, q, t = 4, 5, 3, 2
+    w = torch.randn(m, n, q)
+    r = torch.linalg.qr(torch.randn(n, n))[0] if rotate else None
+    full = w if r is None else torch.einsum("mcq,nc->mnq", w, r)  # W_q = w_q rᵀ
+    v = torch.randn(6, t, n)
+    idx = torch.randint(0, m, (6, t))
+    cases = {
+        "shared v": [Outer(torch.randn(6, t, m) * (torch.rand(6, t, m) < 0.5), v, m, n) for _ in range(3)],
+        "shared index": [Outer(idx, torch.randn(6, t, n), m, n) for _ in range(3)],
+        "mismatch": [Outer(torch.randn(6, t, m), v, m, n), Outer(torch.randn(6, t, m), v, m, n),
+                     Outer(torch.randn(6, t, m), torch.randn(6, t, n), m, n), Outer(idx, v, m, n)],
+        "dense": [Dense(torch.randn(6, m * n)) for _ in range(3)],
+    }
+    for case, pieces in cases.items():
+        s = PieceSum(r)
+        for p in pieces:
+            s.add(p)
+        assert (s.outer is not None) == (case in ("shared v", "shared index")), case
+        expected = sum(p.materialize() for p in pieces) @ full.reshape(m * n, q)
+        torch.testing.assert_close(s.scores(Prepared(w, r)), expected, msg=case)

@@ -278,3 +278,43 @@ def test_factored_scoring_equals_materialized_weights_on_torch_func_gradients(cu
             g = flat(torch_func_grads(src.model, task, train.tensors), names)
             expected += (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * len(train))
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_factored_scoring_on_a_tied_gpt_equals_the_slow_twin(defer, monkeypatch):
+    """The checkpoint sums' other paths: Embedding rows (the token index is the same at every checkpoint: summed by
+    ``v``), tied weights (two pieces per parameter), LayerNorm's Dense pieces and Linear pieces over 7 positions whose
+    inputs change between checkpoints (materialized on the first mismatch, ``v`` rotated first where deferred)."""
+    import datacredit.methods.source as source_module
+    from datacredit.models import TinyGPT
+    from datacredit.task import LanguageModelingTask
+
+    from .helpers import flat, torch_func_grads
+
+    torch.manual_seed(0)
+    model = TinyGPT(11, d=8, n_layers=1, n_heads=2, max_len=8, tied=True).double()
+    task = LanguageModelingTask()
+    tokens = torch.randint(0, 11, (14, 8), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    states = []
+    for _ in range(4):
+        for _ in range(3):
+            opt.zero_grad()
+            task.loss(model, tokens[:10]).mean().backward()
+            opt.step()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    traj = Trajectory.from_states(states, lrs=[0.2] * 4, steps=[3] * 4)
+    train, test = ArrayDataset(tokens[:10]), ArrayDataset(tokens[10:], ids=np.arange(4))
+    monkeypatch.setattr(source_module, "deferred", lambda train_positions, query_rows: defer)
+    src = Source(model, task, traj, segments=2, curvature="ekfac", batch_size=4, progress=False).fit(train)
+    got = src.score(test).values
+
+    names = [n for n, _ in model.named_parameters()]
+    _, v = src._query_vectors(test)
+    expected = np.zeros_like(got)
+    for seg, w in zip(src.segments, src._segment_weights(v)):
+        for k in range(len(seg.trajectory)):
+            seg.trajectory.load_into(src.model, k)
+            g = flat(torch_func_grads(src.model, task, train.tensors[0]), names)
+            expected += (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * len(train))
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-13)
