@@ -19,6 +19,7 @@ from datacredit.curvature import (
     register_curvature,
     tracked_parameters,
 )
+from datacredit.curvature import base as curvature_base
 from datacredit.curvature.fisher import check_fisher, sample_classes, uniforms
 from datacredit.models import SmallCNN, TinyGPT
 from datacredit.task import ClassificationTask, LanguageModelingTask, Task
@@ -220,8 +221,9 @@ def test_save_and_load_give_the_same_inverse(tokens, tmp_path):
             torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0)
 
 
-def test_two_pass_fit_resumes_from_its_first_pass(tokens, tmp_path):
+def test_two_pass_fit_resumes_from_its_first_pass(tokens, tmp_path, monkeypatch):
     model, task, idx = tokens
+    monkeypatch.setattr(curvature_base, "REPLAY_BYTES", 0)  # the second pass streams again (and is interrupted)
     store = Store(tmp_path / "ekfac")
     full = make_curvature("ekfac").fit(stream(model, task, idx, 3))
     partial = make_curvature("ekfac")
@@ -357,3 +359,26 @@ def test_apply_function_is_f_of_the_dense_matrix(tokens):
             dense = curv.matrix(k)
             expected = (torch.linalg.matrix_exp(-3.0 * dense) @ wk.reshape(2, -1).T).T.reshape(wk.shape)
             torch.testing.assert_close(got[k], expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["ekfac"])
+def test_later_passes_replay_the_first_passs_gradients(tokens, name, monkeypatch):
+    """Under REPLAY_BYTES the second pass replays the first pass's gradients (one stream) and fits the same numbers
+    as streaming twice; over it, the stream is run again."""
+    model, task, idx = tokens
+    calls = {"n": 0}
+    fresh = stream(model, task, idx, 3)
+
+    def counted():
+        calls["n"] += 1
+        return fresh()
+
+    replayed = make_curvature(name).fit(counted)
+    assert calls["n"] == 1
+    monkeypatch.setattr(curvature_base, "REPLAY_BYTES", 100)  # smaller than the first batch's gradients
+    streamed = make_curvature(name).fit(counted)
+    assert calls["n"] == 3
+    for key, block in streamed.blocks.items():
+        assert torch.equal(replayed.blocks[key].eigenvalues, block.eigenvalues)
+        for a, b in ((replayed.blocks[key].q_u, block.q_u), (replayed.blocks[key].q_v, block.q_v)):
+            assert (a is None and b is None) or torch.equal(a, b)

@@ -32,6 +32,18 @@ from ..errors import StoreError
 from ..store import Store
 
 FORMAT_VERSION = 1
+REPLAY_BYTES = 2**28  # per fit: the first pass's gradients kept for the later passes up to this many bytes
+
+
+def _grads_bytes(item: Any) -> int:
+    """Bytes of the tensors of one streamed item (an :class:`ExampleGrads`' pieces)."""
+    total = 0
+    for pieces in getattr(item, "pieces", {}).values():
+        for p in pieces:
+            for t in (getattr(p, "u", None), getattr(p, "v", None), getattr(p, "g", None)):
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+    return total
 
 
 @dataclass(frozen=True)
@@ -123,11 +135,22 @@ class Curvature:
         if remaining > 1 and not callable(batches) and iter(batches) is batches:
             raise ValueError(f"curvature {self.name!r} needs {remaining} passes over the data; pass a callable "
                              "returning a fresh iterator, or a list, not a one-shot iterator")
-        for k in range(self.passes_done, self.n_passes):
-            items = batches() if callable(batches) else batches
+        # the first pass's per-example gradients, replayed by the later passes while they fit in REPLAY_BYTES: the
+        # same objects (update never modifies them), so the same sums, without another forward and backward pass
+        kept: list | None = [] if remaining > 1 and self.source == "grads" else None
+        size, first = 0, self.passes_done
+        for k in range(first, self.n_passes):
+            replaying = kept is not None and k > first
+            items = kept if replaying else batches() if callable(batches) else batches
             desc = f"{self.name} pass {k + 1}/{self.n_passes}"
             for item in tqdm(items, desc=desc, disable=not progress, leave=False):
                 self.update(item, k)
+                if kept is not None and not replaying:
+                    size += _grads_bytes(item)
+                    if size > REPLAY_BYTES:
+                        kept = None  # too large: the later passes stream again
+                    else:
+                        kept.append(item)
             self.end_pass(k)
             self.passes_done = k + 1
             if on_pass is not None:
