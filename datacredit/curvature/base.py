@@ -158,7 +158,8 @@ class Curvature:
         return self
 
     def update(self, item: Any, pass_index: int) -> None:
-        """Accumulate one batch (an :class:`ExampleGrads`, or a raw batch for ``source == "data"``)."""
+        """Accumulate one batch (an :class:`ExampleGrads`, or a raw batch for ``source == "data"``). Must not modify
+        ``item``: :meth:`fit` may replay the first pass's items in the later passes."""
         raise NotImplementedError
 
     def end_pass(self, pass_index: int) -> None:
