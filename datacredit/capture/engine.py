@@ -185,6 +185,7 @@ class Capture:
         self.tracked = resolve_modules(model, modules)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._shapes = {name: p.shape for name, p in model.named_parameters()}
+        self._order = {name: k for k, name in enumerate(self._shapes)}  # collect() lists pieces in this order
         params: dict[int, Tensor] = {}
         for module, _ in self.tracked.values():
             for p in module.parameters(recurse=False):
@@ -309,8 +310,7 @@ class Capture:
         pieces: dict[str, list[Piece]] = {}
         for _, name, piece in found:
             pieces.setdefault(name, []).append(piece)
-        order = {name: k for k, name in enumerate(self._shapes)}
-        pieces = dict(sorted(pieces.items(), key=lambda kv: order[kv[0]]))
+        pieces = dict(sorted(pieces.items(), key=lambda kv: self._order[kv[0]]))
         return ExampleGrads(pieces, {k: self._shapes[k] for k in pieces}, n)
 
     def _pieces(self, ids: Sequence[int] | None, check_finite: bool) -> list[tuple[str, str, Piece]]:
