@@ -26,7 +26,6 @@ A checkpoint exists once its manifest entry is written, so a crash never leaves 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .digests import config_digest
 from .errors import DataError, StoreError
 from .store import Store
 
@@ -90,14 +90,9 @@ def _state_of(obj: Mapping[str, Tensor] | nn.Module) -> dict[str, Tensor]:
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:
-    """A cheap fingerprint of weights (names, shapes and a few float64 statistics per tensor), for cache metadata."""
-    sha = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach()
-        stats = t.double().reshape(-1) if t.is_floating_point() else t.reshape(-1).double()
-        numbers = (stats.sum().item(), (stats * stats).sum().item(), stats[:1].sum().item()) if t.numel() else ()
-        sha.update(repr((key, tuple(t.shape), str(t.dtype), numbers)).encode())
-    return sha.hexdigest()
+    """sha256 of weights by value (names, dtypes, shapes and bytes; :func:`~datacredit.digests.config_digest`), for
+    cache metadata. Cheap statistics (sums, norms) are not enough: a permutation of rows keeps them. Cost: one read."""
+    return config_digest({key: state[key] for key in sorted(state)})
 
 
 class Trajectory:

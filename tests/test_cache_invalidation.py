@@ -7,6 +7,8 @@ test_influence, test_gradstore and test_digests; Source keeps no cache.)"""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,21 @@ def test_own_feature_store_is_a_self_describing_gradient_store_reused_by_a_new_m
     gc.collect()
     assert not path.exists()
     assert isinstance(Store(tmp_path / "gd").names(), list)
+
+
+def test_influence_cache_follows_a_changed_frozen_layer(setup, tmp_path):
+    """A frozen layer (not tracked, not attributed) still changes the curvature and the gradients: the same store then
+    gives the uncached numbers, not the old model's (influence keyed its cache by the tracked parameters only)."""
+    model, _, train, test = setup
+    model = copy.deepcopy(model)
+    task = ClassificationTask()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    kw = {"curvature": "kfac", "batch_size": 8, "progress": False}
+    first = Influence(model, task, store=tmp_path / "inf", **kw).fit(train).score(test).values
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    cached = Influence(model, task, store=tmp_path / "inf", **kw).fit(train).score(test).values
+    plain = Influence(model, task, **kw).fit(train).score(test).values
+    np.testing.assert_allclose(cached, plain, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(cached, first)

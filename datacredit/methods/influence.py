@@ -40,7 +40,6 @@ model) and reads it once for the ``Σ_b size_b²`` Fisher; ``score`` featurizes 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -74,6 +73,7 @@ from .base import (
     feature_stores,
     fill_scores,
     ids_digest,
+    model_digest,
     nbytes,
     store_meta,
     store_products,
@@ -200,8 +200,8 @@ class Influence(GradientMethod):
         _, ids = as_loader(train, self.batch_size)
         self._train, self.train_ids = train, ids
         # the data's content, not only its ids: the same ids with corrected labels must not reuse the old curvature
-        meta = {"n_train": len(ids), "train_ids_sha256": _digest(ids), "data_sha256": data_digest(train),
-                "fisher": self.config.fisher, "seed": self.config.seed, "model_sha256": self._model_digest()}
+        meta = {"n_train": len(ids), "train_ids_sha256": ids_digest(ids), "data_sha256": data_digest(train),
+                "fisher": self.config.fisher, "seed": self.config.seed, "model_sha256": model_digest(self.model)}
         self._fit_meta = meta
         curvature = self._cached_curvature(meta) or self._new_curvature()
         if curvature.source == "data":
@@ -226,21 +226,13 @@ class Influence(GradientMethod):
             self._store_pre = IdentityCurvature().scale(damping)
         else:
             self._store_pre = gs.fisher_inverse(damping.relative, absolute=damping.absolute)
-        self._fit_meta = {"features": store_meta([gs]), "train_ids_sha256": _digest(self.train_ids)}
+        self._fit_meta = {"features": store_meta([gs]), "train_ids_sha256": ids_digest(self.train_ids)}
         return self
 
     def _new_curvature(self) -> Curvature:
         if self._given is not None:  # a copy: fitting twice (other data) must not refit the user's object in place
             return copy.deepcopy(self._given)
         return curvature_class(self.config.curvature)()
-
-    def _model_digest(self) -> str:
-        """sha256 of the tracked parameters' values: a cached curvature or score belongs to one model state."""
-        sha = hashlib.sha256()
-        for name, p in self.params.items():
-            sha.update(name.encode())
-            sha.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return sha.hexdigest()
 
     def _cached_curvature(self, meta: dict) -> Curvature | None:
         if self.store is None:
@@ -404,9 +396,9 @@ class Influence(GradientMethod):
         shape = (len(self.train_ids), len(query_ids))
         if self.store is None:
             return np.zeros(shape)
-        name = f"scores-{_digest(query_ids)[:16]}"
+        name = f"scores-{ids_digest(query_ids)[:16]}"
         meta = {"config": asdict(self.config), "curvature": self._fit_meta,
-                "query_ids_sha256": _digest(query_ids), "queries_sha256": queries_sha, "batch_size": self.batch_size,
+                "query_ids_sha256": ids_digest(query_ids), "queries_sha256": queries_sha, "batch_size": self.batch_size,
                 "round_size": round_size}
         try:
             return self.store.chunked(name, shape, np.float64, n_chunks, meta=meta)
@@ -445,6 +437,3 @@ class Influence(GradientMethod):
             raise DataError("the training data changed size since fit; call fit again")
         return Scores(values, self.train_ids, query_ids, self._method, asdict(self.config))
 
-
-def _digest(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
