@@ -18,6 +18,8 @@ Grad-Dot and the EK-FACs' with each other.
 Run (from the repository root)::
 
     .venv/bin/python benchmarks/peers_lm.py --n-train 500 --queries 20 200 --out benchmarks/results/peers_lm.json
+
+``--methods A B --keep earlier.json --workdir SAME`` reruns some methods and keeps the earlier rows of the others.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ours-graddot", "ours-ekfac", "ours-gradstore", "bergson-graddot", "bergson-ekfac", "dattri-llm-tracin",
-           "dattri-llm-ekfac")
+           "dattri-llm-ekfac", "ours-ekfac-oneround")
 EXACT = "ours-graddot"
-EKFAC = ("ours-ekfac", "bergson-ekfac", "dattri-llm-ekfac")
+EKFAC = ("ours-ekfac", "bergson-ekfac", "dattri-llm-ekfac", "ours-ekfac-oneround")
 
 
 def _setup(args: argparse.Namespace):
@@ -89,8 +91,11 @@ def worker(args: argparse.Namespace) -> dict:
     if method.startswith("ours-"):
         if method == "ours-graddot":
             fitted = GradDot(model, task, batch_size=args.batch_size, progress=False)
-        elif method == "ours-ekfac":
-            fitted = Influence(model, task, curvature="ekfac", batch_size=args.batch_size, progress=False)
+        elif method.startswith("ours-ekfac"):
+            # default: as many preconditioned queries per pass over the training set as fit 2**26 numbers (here 32:
+            # 7 passes for 200 queries); "oneround": all of them in one pass, as bergson and dattri-llm hold them
+            rounds = {"query_batch": len(queries)} if method == "ours-ekfac-oneround" else {}
+            fitted = Influence(model, task, curvature="ekfac", batch_size=args.batch_size, progress=False, **rounds)
         else:
             fitted = GradientStore(work / f"store-{len(queries)}", model, task, projection=KronProjection(args.k),
                                    dtype="float32", batch_size=args.batch_size, on_mismatch="refit")
@@ -167,9 +172,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--k", type=int, default=16, help="projection per side for the projected Grad-Dots")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:-1]), choices=METHODS)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="JSON results (default: print only)")
+    parser.add_argument("--keep", default=None, help="JSON of an earlier run in the same --workdir whose rows to keep")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-q", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,13 +189,18 @@ def main() -> None:
             "--workdir", str(workdir)]
     rows: list[dict] = []
     agree: dict[str, dict] = {}
+    if args.keep:  # an earlier run's rows, less its errors and the rows of the methods run again now
+        kept = json.loads(Path(args.keep).read_text())
+        rows = [r for r in kept["rows"]
+                if "error" not in r and not (r["method"] in args.methods and r["n_query"] in args.queries)]
+        agree = dict(kept["agreement"])
     config = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
     for i, q in enumerate(args.queries):
         order = args.methods if i % 2 == 0 else args.methods[::-1]
         for method in order:
             rows.append(_run(method, q, argv))
             _write(args.out, {"config": config, "rows": rows, "agreement": agree, "cpus": os.cpu_count()})
-        agree[str(q)] = agreement(workdir, args.methods, q)
+        agree[str(q)] = agreement(workdir, list(METHODS), q)  # every method whose scores are in the workdir
         print(json.dumps({"n_query": q, "agreement": agree[str(q)]}, indent=1), flush=True)
         _write(args.out, {"config": config, "rows": rows, "agreement": agree, "cpus": os.cpu_count()})
 
