@@ -248,7 +248,9 @@ def _bench_args(sub: argparse._SubParsersAction) -> None:
     _bench_common(bench, "torch threads in this process (default 1: stable timings on a shared machine)",
                   required=False)
     bench.add_argument("--methods", help="comma-separated registry names (default: all of ours; see --list)")
-    bench.add_argument("--peers", action="store_true", help="also run dattri, kronfluence and traker")
+    bench.add_argument("--peers", action="store_true",
+                       help="also run the installed peers (make peers): dattri, kronfluence, traker, dattri-llm, "
+                            "bergson (it needs a Hugging Face model: skipped on the bundled cases)")
     bench.add_argument("--quick", action="store_true",
                        help="smoke run: tiny ground truth (m=8, one seed), fast methods, no mislabel detection")
     bench.add_argument("--mislabel", action=argparse.BooleanOptionalAction, default=None,
