@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datacredit import ClassificationTask, GradDot, Influence, LanguageModelingTask, Source, TracIn
+from datacredit import ClassificationTask, GradDot, Influence, LanguageModelingTask, Scores, Source, TracIn
 from datacredit.data import CharDataset, load_digits, load_text_sample
 from datacredit.dataset import ArrayDataset
 from datacredit.evaluate import ClassifierRecipe, Execution, LMRecipe
@@ -152,26 +152,42 @@ def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarr
 METHODS = ("inrun-1", "inrun-2", "grad-dot", "influence-ekfac", "trak", "tracin", "source")
 
 
-def attribute(case: Case, out: Path, methods: tuple[str, ...] = METHODS) -> dict[str, tuple]:
-    """Scores of ``methods`` for the seed-0 full model, with their wall time (In-Run: extra over plain training)."""
+def attribute(case: Case, out: Path, methods: tuple[str, ...] = METHODS, model_seeds: int = 1) -> dict[str, tuple]:
+    """Scores of ``methods`` for the full model of seed 0 (``model_seeds=1``), or their mean over the full models of
+    seeds ``0..model_seeds-1`` (an ensemble over training seeds, as the ground truth averages over seeds), with the
+    summed wall time."""
+    runs = [attribute_seed(case, out, methods, seed) for seed in range(model_seeds)]
+    if model_seeds == 1:
+        return runs[0]
+    results = {}
+    for name, (first, _) in runs[0].items():
+        mean = np.mean([np.asarray(r[name][0].values, dtype=np.float64) for r in runs], axis=0)
+        results[name] = (Scores(mean, first.train_ids, first.query_ids, first.method,
+                                {**first.config, "model_seeds": model_seeds}), sum(r[name][1] for r in runs))
+    return results
+
+
+def attribute_seed(case: Case, out: Path, methods: tuple[str, ...], seed: int) -> dict[str, tuple]:
+    """Scores of ``methods`` for the full model of ``seed``, with their wall time (In-Run: extra over plain run)."""
     recipe, train_set, queries, task = case.recipe, case.train, case.queries, case.task
-    traj = TrajectoryCallback(str(out / "traj"), 6)
+    traj_dir = out / ("traj" if seed == 0 else f"traj-seed{seed}")
+    traj = TrajectoryCallback(str(traj_dir), 6)
     t0 = time.perf_counter()
-    model = recipe.train(train_set, 0, callbacks=[traj])
+    model = recipe.train(train_set, seed, callbacks=[traj])
     plain = time.perf_counter() - t0
     results = {}
     for order in [o for o in (1, 2) if f"inrun-{o}" in methods]:
         inrun = InRunCallback(task, queries, order=order, targeted=True)
         t0 = time.perf_counter()
-        recipe.train(train_set, 0, callbacks=[inrun])
+        recipe.train(train_set, seed, callbacks=[inrun])
         results[f"inrun-{order}"] = (inrun.values(), time.perf_counter() - t0 - plain)
         print(f"inrun-{order}: {results[f'inrun-{order}'][1]:.1f} s extra", file=sys.stderr)
     factories = {
         "grad-dot": lambda: GradDot(model, task, progress=False),
         "influence-ekfac": lambda: Influence(model, task, curvature="ekfac", progress=False),
         "trak": lambda: TRAK(model, case.trak_task, projection=512, progress=False),
-        "tracin": lambda: TracIn(model, task, str(out / "traj"), progress=False),
-        "source": lambda: Source(model, task, str(out / "traj"), segments=3, progress=False),
+        "tracin": lambda: TracIn(model, task, str(traj_dir), progress=False),
+        "source": lambda: Source(model, task, str(traj_dir), segments=3, progress=False),
     }
     for name, make in [(n, f) for n, f in factories.items() if n in methods]:
         t0 = time.perf_counter()
@@ -262,11 +278,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/source-credit")
     parser.add_argument("--case", choices=sorted(CASES), default="text-documents")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--model-seeds", type=int, default=1,
+                        help="attribute the full models of this many seeds and average the scores (default 1: seed 0)")
     parser.add_argument("--gt-only", action="store_true", help="retrain (resumable) and stop before the methods")
     parser.add_argument("--results", default=None, help="default benchmarks/results/source-credit-<case>.json")
     args = parser.parse_args()
-    if args.seeds < 1 or args.halves < 4 or args.workers < 1:
-        parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1")
+    if args.seeds < 1 or args.halves < 4 or args.workers < 1 or args.model_seeds < 1:
+        parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1, --model-seeds >= 1")
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods: choose from {','.join(METHODS)}, got {args.methods!r}")
@@ -276,9 +294,10 @@ def main() -> None:
     gt = groundtruth(case.recipe, case.train, case.queries, case.sources, args)
     if args.gt_only:
         return
-    results = attribute(case, Path(args.out) / args.case, methods)
+    results = attribute(case, Path(args.out) / args.case, methods, args.model_seeds)
     rows, ceil, arrays = evaluate(results, gt, case.sources, case.expected)
-    np.savez(Path(args.out) / args.case / "values.npz", **arrays)
+    suffix = "" if args.model_seeds == 1 else f"-{args.model_seeds}seeds"
+    np.savez(Path(args.out) / args.case / f"values{suffix}.npz", **arrays)
     atomic_write_json(args.results, {"args": vars(args), "gt_seconds": gt["seconds"], "ceilings": ceil, "rows": rows})
     print("| method | LOSO Spearman (per query, 90% CI) | expected / other queries | LOSO Spearman (query-mean) |"
           " source LDS (90% CI) | expected-source top-1 | random source: credit / measured | seconds |")
