@@ -11,20 +11,29 @@ is *not* included (as in kronfluence and dattri). Removing example i changes the
 ``Δθ ≈ (1/N) (H + δI)⁻¹ ∇ℓ_i`` and the query loss by about ``score(i, q) / N``. An L2 penalty ``(λ/2)‖θ‖²`` in the
 training objective belongs in the curvature: pass ``damping=λ``.
 
-Work: query gradients are computed once per round of ``query_batch`` queries and the inverse curvature is applied to
-them (:meth:`Influence.prepare`: factored curvatures rotate the factored query gradients straight into their
-eigenbasis and may leave the last rotation ``Q_v`` to the training side, where it is cheaper); every training batch is
+Work: query gradients are computed once per round of queries and the inverse curvature is applied to them
+(:meth:`Influence.prepare`: factored curvatures rotate the factored query gradients straight into their eigenbasis
+and may leave the last rotation ``Q_v`` to the training side, where it is cheaper); every training batch is
 then scored against the whole round by :class:`~datacredit.methods.prepared.PreparedQueries`, which per layer skips
 the exact zeros of the training gradients' factors (inactive ReLUs: one GEMM per weight row over the examples where
 it is active, ``nnz(u)·n·Q``), or materializes the batch's training gradients (``N·T·m·n``) and multiplies them with all
 the round's queries in one GEMM (``N·Q·m·n``), or takes val-first dots (``Σ_t u_tᵀ V v_t``, ``N·T·m·n·Q``), whichever
 costs least (Embedding rows: val-first). ``curvature="identity"`` skips the
 preconditioning and uses Grad-Dot's Gram products on the factored query gradients (ghost dots: ``N·Q·T²·(m+n)``).
-Each round is one pass over the training data, so memory is ``query_batch × (number of parameters)`` and the
-training backward passes are repeated only when the queries do not fit in one round. With a store, the curvature is
-cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled into a memmap
-chunk by chunk (one chunk per round and training batch), so an interrupted ``score`` resumes and a matrix larger
-than RAM lives on disk.
+Each round is one pass over the training data (a forward and backward per training batch), so rounds are made as
+large as memory allows. Factored curvatures (diagonal, KFAC, EK-FAC) prepare a round in sub-groups of at most
+``QUERY_ELEMENTS // numel`` queries, each written into the round's preallocated ``(m, n, Q)`` weights and released
+before the next (:class:`~datacredit.methods.prepared.QueryPreparer`), so a round holds its prepared weights
+(``Q × numel × itemsize`` bytes) plus one sub-group's gradients and temporaries (and the query stream's last batch),
+and by default one round takes as many queries as fit :func:`prepared_budget`, a quarter of physical memory
+(``PREPARED_FRACTION``; the device's memory on an accelerator). On a GPT-2 (3.15 M attributed weights, T = 128, 500
+training windows, benchmarks/PEERS_LM.md) 200 queries are one pass: EK-FAC scoring 56.7 CPU s at 4.6 GB peak RSS
+(fit included), where 7 rounds of 2²⁶ numbers took 189.7 s (3.4 GB) and one round holding all its query gradients
+79.3 s (10.4 GB). Explicit, CG and identity curvatures hold a whole round's query gradients and take
+``QUERY_ELEMENTS // numel`` queries per round. ``query_batch=`` overrides the round size for all. With a store, the
+curvature is cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled
+into a memmap chunk by chunk (one chunk per round and training batch), so an interrupted ``score`` resumes (rounds
+already complete compute no query gradients) and a matrix larger than RAM lives on disk.
 
 On a gradient store (``features=gs``, a :class:`~datacredit.gradstore.GradientStore` of training-loss gradients of
 ``model``), the curvature is fitted in the store's projected feature space: per layer (block ``b``) the projected
@@ -79,11 +88,12 @@ from .base import (
     store_products,
     store_self_products,
 )
-from .prepared import PreparedQueries, prepare, views
+from .prepared import PreparedQueries, QueryPreparer, prepare, views
 
 logger = logging.getLogger(__name__)
 
-QUERY_ELEMENTS = 2**26  # default bound on query_batch × numel (preconditioned queries held at once)
+QUERY_ELEMENTS = 2**26  # query gradients × numel preconditioned at once (sub-groups; non-factored: whole rounds)
+PREPARED_FRACTION = 0.25  # default budget of one round's preconditioned queries: this fraction of physical memory
 DEFAULT_DAMPING = Damping(relative=0.1)  # kronfluence's heuristic: 0.1 × the mean eigenvalue of each block
 PROJECTED_FISHER = "projected-fisher"  # the curvature of the features= route (module doc)
 
@@ -91,10 +101,11 @@ PROJECTED_FISHER = "projected-fisher"  # the curvature of the features= route (m
 @dataclass(frozen=True)
 class InfluenceConfig:
     """curvature: a registered name (see ``datacredit.curvature.curvature_names()``). damping: added to the curvature
-    before inverting. query_batch: queries preconditioned per pass over the training data (None: as many as fit in
-    ``QUERY_ELEMENTS`` entries). fisher: what the factored curvatures are fitted on, ``"empirical"`` (observed labels)
-    or ``"true"`` (labels sampled from the model with ``seed``; see :mod:`datacredit.curvature.fisher`). A float
-    damping is taken as :class:`Damping` (absolute)."""
+    before inverting. query_batch: queries preconditioned per pass over the training data (None: for diagonal, KFAC
+    and EK-FAC as many as :func:`prepared_budget` bytes of prepared weights hold, ``numel × itemsize`` per query, a
+    quarter of physical memory by default; for the others ``QUERY_ELEMENTS // numel``). fisher: what the factored
+    curvatures are fitted on, ``"empirical"`` (observed labels) or ``"true"`` (labels sampled from the model with
+    ``seed``; see :mod:`datacredit.curvature.fisher`). A float damping is taken as :class:`Damping` (absolute)."""
 
     curvature: str = "ekfac"
     damping: Damping = DEFAULT_DAMPING
@@ -129,7 +140,10 @@ class Influence(GradientMethod):
     to ``"ekfac"``.
     config: an :class:`InfluenceConfig`, or its fields as keywords (``curvature=``, ``damping=``, ``query_batch=``,
     ``fisher=``, ``seed=``; not both). A :class:`Curvature` instance is given as the ``curvature=`` keyword.
-    See the module docstring for the sign and the scale.
+    Memory of :meth:`score` and :meth:`topk` (diagonal, KFAC, EK-FAC): one round's prepared queries, ``Q × numel ×
+    itemsize`` bytes with ``Q`` all the queries when that fits :func:`prepared_budget` (a quarter of physical memory)
+    or ``query_batch`` when given, plus one sub-group's query gradients (module doc); each further round is another
+    pass over the training data. See the module docstring for the sign and the scale.
     """
 
     name = "influence"
@@ -216,6 +230,11 @@ class Influence(GradientMethod):
         self.curvature = curvature.to(self.device)
         return self
 
+    @property
+    def _factored(self) -> bool:
+        """Whether queries are prepared sub-group by sub-group into preallocated weights (diagonal, KFAC, EK-FAC)."""
+        return isinstance(self.curvature, _BlockCurvature)
+
     def _fit_store(self, train: Data) -> Influence:
         """The ``features=`` route: build (or reuse) the store, then the per-block inverse Fisher from one read."""
         gs = self.features
@@ -256,8 +275,21 @@ class Influence(GradientMethod):
 
     # -- score -------------------------------------------------------------------------------------------------
     def _round_size(self) -> int:
-        want = self.config.query_batch or max(1, QUERY_ELEMENTS // max(self.numel, 1))
-        return max(1, -(-want // self.batch_size)) * self.batch_size  # whole query batches per round
+        """Queries per pass over the training data (whole query batches): ``query_batch``, else for factored
+        curvatures as many as fit :func:`prepared_budget` (``Q × numel × itemsize`` bytes of prepared weights), else
+        (explicit, CG, identity: their whole round's gradients are held and preconditioned at once)
+        ``QUERY_ELEMENTS // numel``."""
+        if self.config.query_batch:
+            want = self.config.query_batch
+        elif self._factored:
+            itemsize = max((p.element_size() for p in self.params.values()), default=4)
+            want = prepared_budget(self.device) // max(self.numel * itemsize, 1)
+        else:
+            want = QUERY_ELEMENTS // max(self.numel, 1)
+        return self._whole_batches(want)
+
+    def _whole_batches(self, queries: int) -> int:
+        return max(1, -(-queries // self.batch_size)) * self.batch_size
 
     def precondition(self, grads: list[ExampleGrads]) -> dict[str, Tensor]:
         """``(H + δI)⁻¹ ∇f_q`` per parameter, ``{name: (Q, *shape)}``, for the queries of ``grads`` (in order)."""
@@ -278,25 +310,42 @@ class Influence(GradientMethod):
         (diagonal, KFAC, EK-FAC) go from the factored query gradients straight into their eigenbasis and may leave
         the last rotation to the training side (:func:`~datacredit.methods.prepared.prepare`); the others go through
         :meth:`precondition`. Same numbers as :meth:`precondition` to rounding (the tests' twin)."""
-        if isinstance(self.curvature, _BlockCurvature):
-            self.curvature._require_fit()
-            missing = sorted({name for g in grads for name in g.pieces} - set(self.curvature.blocks))
-            if missing:
-                raise KeyError(f"curvature {self.curvature.name!r} has no block for parameter(s) {missing}; "
-                               f"fitted: {sorted(self.curvature.blocks)}")
+        if self._factored:
+            self._check_blocks(grads)
             with eval_mode(self.model):
                 return prepare(self.curvature.blocks, grads, self.config.damping, len(self.train_ids),
                                lambda g: g.flat_dtype)
         return PreparedQueries.from_weights(self.precondition(grads), views(grads))
 
-    def _query_side(self, group: list[ExampleGrads]) -> Callable[[ExampleGrads], Tensor]:
-        """What one query round does to each training batch: ``g -> (N, Q)`` scores of the round's queries.
+    def _check_blocks(self, grads: list[ExampleGrads]) -> None:
+        self.curvature._require_fit()
+        missing = sorted({name for g in grads for name in g.pieces} - set(self.curvature.blocks))
+        if missing:
+            raise KeyError(f"curvature {self.curvature.name!r} has no block for parameter(s) {missing}; "
+                           f"fitted: {sorted(self.curvature.blocks)}")
 
-        Identity curvature: ``(1 + δ)⁻¹ ⟨g_i, g_q⟩`` by the Gram products Grad-Dot uses (ghost dots where cheaper: for
-        one position per example ``N·Q·(m + n)`` instead of ``N·Q·m·n``), on the factored query gradients.
-        Otherwise the queries are preconditioned once (:meth:`prepare`) and every training batch is multiplied with
-        them by :meth:`PreparedQueries.products` (zero-skipping, materialize + GEMM or val-first, by cost).
+    def _query_side(self, groups: Iterator[list[ExampleGrads]], n_query: int) -> Callable[[ExampleGrads], Tensor]:
+        """What one query round does to each training batch: ``g -> (N, Q)`` scores of the round's ``n_query``
+        queries, given as sub-groups of query gradients (consumed here).
+
+        Factored curvatures: each sub-group is preconditioned and written into the round's preallocated weights
+        (:class:`~datacredit.methods.prepared.QueryPreparer`), then released, so the round's query gradients are
+        never held at once. Identity curvature: ``(1 + δ)⁻¹ ⟨g_i, g_q⟩`` by the Gram products Grad-Dot uses (ghost
+        dots where cheaper: for one position per example ``N·Q·(m + n)`` instead of ``N·Q·m·n``), on the factored
+        query gradients. Otherwise the round's queries are preconditioned at once (:meth:`prepare`). Every training
+        batch is then multiplied with the prepared queries by :meth:`PreparedQueries.products` (zero-skipping,
+        materialize + GEMM or val-first, by cost).
         """
+        if self._factored:
+            preparer = QueryPreparer(self.curvature.blocks, self.config.damping, len(self.train_ids), n_query,
+                                     lambda g: g.flat_dtype)
+            with eval_mode(self.model):
+                for group in groups:
+                    self._check_blocks(group)
+                    preparer.add(group)
+                    del group
+            return preparer.finish().products
+        group = [g for sub in groups for g in sub]
         if isinstance(self.curvature, IdentityCurvature):
             scale = self.curvature.scale(self.config.damping)
             return lambda g: torch.cat([g.gram(q) for q in group], dim=1) * scale
@@ -321,32 +370,59 @@ class Influence(GradientMethod):
         if isinstance(out, ChunkedArray) and out.complete:
             return self._scores(np.asarray(array), query_ids)
 
-        for r, cols, group in self._rounds(queries, per_round, n_rounds):
-            chunk = {b: r * n_train_batches + b for b in range(n_train_batches)}
-            done = frozenset(b for b, c in chunk.items() if isinstance(out, ChunkedArray) and out.done(c))
-            if len(done) == n_train_batches:
-                continue
-            combine = self._query_side(group)
-            del group
-            for b, batch, g in self._grads(self._train, desc="score", skip=done):
+        def done(r: int) -> frozenset[int]:  # training batches of round r already in the store
+            if not isinstance(out, ChunkedArray):
+                return frozenset()
+            return frozenset(b for b in range(n_train_batches) if out.done(r * n_train_batches + b))
+
+        finished = frozenset(r for r in range(n_rounds) if len(done(r)) == n_train_batches)
+        for r, cols, groups in self._rounds(queries, per_round, n_rounds, skip=finished):
+            combine = self._query_side(groups, cols.stop - cols.start)
+            for b, batch, g in self._grads(self._train, desc="score", skip=done(r)):
                 values = combine(g).detach().double().cpu().numpy()
                 array[batch.rows, cols] = values
                 if isinstance(out, ChunkedArray):
-                    out.mark_done(chunk[b])
+                    out.mark_done(r * n_train_batches + b)
         return self._scores(np.asarray(array), query_ids)
 
-    def _rounds(self, queries: Data, per_round: int, n_rounds: int) -> Iterator[tuple[int, slice, list[ExampleGrads]]]:
-        """``(round index, query columns, query gradients)`` for each round of ``per_round`` query batches."""
-        group, start, stop = [], None, 0
-        for k, batch, g in self._grads(queries, measurement=True, desc="queries"):
-            start = batch.rows.start if start is None else start
+    def _rounds(self, queries: Data, per_round: int, n_rounds: int, skip: frozenset[int] = frozenset()
+                ) -> Iterator[tuple[int, slice, Iterator[list[ExampleGrads]]]]:
+        """``(round index, query columns, sub-groups of query gradients)`` for each round of ``per_round`` query
+        batches not in ``skip`` (their query gradients are not computed). A sub-group is at most
+        ``QUERY_ELEMENTS // numel`` queries (whole batches); each round's sub-groups must be consumed before the next
+        round is asked for."""
+        n_query = len(as_loader(queries, self.batch_size)[1])
+        n_batches = len(as_loader(queries, self.batch_size)[0])
+        skipped = frozenset(k for r in skip for k in range(r * per_round, (r + 1) * per_round))
+        stream = self._grads(queries, measurement=True, desc="queries", skip=skipped)
+        sub = max(1, self._whole_batches(QUERY_ELEMENTS // max(self.numel, 1)) // self.batch_size)
+        for r in range(n_rounds):
+            if r in skip:
+                continue
+            first, stop = r * per_round, min(n_batches, (r + 1) * per_round)
+            cols = slice(first * self.batch_size, min(n_query, stop * self.batch_size))
+            yield r, cols, self._sub_groups(stream, first, stop, sub, cols)
+
+    @staticmethod
+    def _sub_groups(stream: Iterator[tuple[int, Batch, ExampleGrads]], first: int, stop: int, size: int,
+                    cols: slice) -> Iterator[list[ExampleGrads]]:
+        """Query batches ``first:stop`` of ``stream`` in lists of at most ``size``; checks that they fill ``cols``."""
+        group: list[ExampleGrads] = []
+        row = cols.start
+        for _ in range(first, stop):
+            k, batch, g = next(stream)
+            if batch.rows.start != row:
+                raise RuntimeError(f"query batch {k} starts at row {batch.rows.start}, expected {row}")
+            row = batch.rows.stop
             group.append(g)
-            stop = batch.rows.stop
-            if (k + 1) % per_round == 0:
-                yield k // per_round, slice(start, stop), group
-                group, start = [], None
+            del g  # the list holds it (and the stream, until its next batch): released with its sub-group
+            if len(group) == size:
+                yield group
+                group = []
         if group:
-            yield n_rounds - 1, slice(start, stop), group
+            yield group
+        if row != cols.stop:
+            raise RuntimeError(f"query round ends at row {row}, expected {cols.stop}")
 
     def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
         """The ``k`` strongest training examples per query (:class:`~datacredit.methods.base.TopK`), merged training
@@ -359,9 +435,8 @@ class Influence(GradientMethod):
         per_round = max(1, self._round_size() // self.batch_size)
         n_rounds = -(-len(as_loader(queries, self.batch_size)[0]) // per_round)
         acc = TopKAccumulator(k, len(query_ids), largest)
-        for _, cols, group in self._rounds(queries, per_round, n_rounds):
-            combine = self._query_side(group)
-            del group
+        for _, cols, groups in self._rounds(queries, per_round, n_rounds):
+            combine = self._query_side(groups, cols.stop - cols.start)
             for _, batch, g in self._grads(self._train, desc="top-k"):
                 acc.add(batch.rows, cols, combine(g).detach().double().cpu().numpy())
         return acc.result(self.train_ids, query_ids, self._method)
@@ -437,3 +512,18 @@ class Influence(GradientMethod):
             raise DataError("the training data changed size since fit; call fit again")
         return Scores(values, self.train_ids, query_ids, self._method, asdict(self.config))
 
+
+
+def prepared_budget(device: torch.device | str = "cpu") -> int:
+    """Bytes one query round's preconditioned weights may take by default: ``PREPARED_FRACTION`` of the device's
+    memory (an accelerator's total memory; on the CPU physical memory from ``os.sysconf``, 4 GiB where that is not
+    available)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 16 * 2**30
+    return int(PREPARED_FRACTION * total)

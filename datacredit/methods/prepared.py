@@ -8,7 +8,8 @@ sums, other rounding):
 * **Deferred right rotation.** For a Kronecker eigenbasis ``W_q = Q_u X_q Q_vᵀ`` (``X_q`` the damped-inverse-scaled
   query in the eigenbasis) the last factor ``Q_vᵀ`` costs ``Q·m·n²`` on the query side; moved to the training side,
   ``⟨u vᵀ, Q_u X_q Q_vᵀ⟩ = ⟨u (Q_vᵀ v)ᵀ, Q_u X_q⟩`` costs ``N_train·T·n²`` (rotating each training ``v`` once per
-  round). :func:`prepare` takes whichever is cheaper (``n_train·T < Q·m``: here 5,000 < 500 × 64).
+  round). :class:`QueryPreparer` takes whichever is cheaper (``n_train·T < Q·m``: here 5,000 < 500 × 64), decided
+  once per round with the round's total query count ``Q`` after its sub-groups are in.
 * **Zero-skipping products.** A ReLU network's output gradients ``u`` are mostly exact zeros (inactive units: 76 % in
   the fmnist-mlp case). ``⟨Σ_t u_t v_tᵀ, W_q⟩ = Σ_t Σ_{j: u_tj ≠ 0} u_tj (W_q[j] · v_t)``: for each row ``j`` of the
   weight, one GEMM of the positions where ``u_·j ≠ 0`` with ``W[j]`` ``(n, Q)``, ``nnz(u)·n·Q`` multiply-adds instead
@@ -17,7 +18,9 @@ sums, other rounding):
   :func:`~datacredit.methods.base.piece_products` (materialize + GEMM, or val-first), which is used otherwise.
 
 Layout: each parameter's weights are one ``(m, n, Q)`` contiguous tensor; its ``(m·n, Q)`` view is the GEMM operand
-and ``W[j]`` ``(n, Q)`` the zero-skipping one, so no route needs a second copy.
+and ``W[j]`` ``(n, Q)`` the zero-skipping one, so no route needs a second copy. :class:`QueryPreparer` allocates it
+once per round and fills it sub-group by sub-group (``w[..., cols] = x``), so a round never holds all its query
+gradients (with T positions they are ``T·(m + n)`` numbers per layer and query, near the ``m·n`` of the weights).
 """
 
 from __future__ import annotations
@@ -163,19 +166,82 @@ def row_sparse_scores(u: Tensor, v: Tensor, w: Tensor, length: int) -> Tensor:
 def prepare(blocks: dict[str, EigenBlock], grads: list[ExampleGrads], damping: Damping, n_train: int,
             dtype_of: Callable[[ExampleGrads], torch.dtype]) -> PreparedQueries:
     """``(H_p + δI)⁻¹ ∇f_q`` per parameter for the queries of ``grads`` (in order), from each parameter's
-    :class:`EigenBlock`: rotated into the eigenbasis from the factored query gradients
-    (:meth:`EigenBlock.rotate_pieces`), divided by ``Λ + δ``, rotated back by ``Q_u`` and by ``Q_v`` unless
-    deferring ``Q_v`` to the training side is cheaper (``n_train·T < Q·m``, module doc). Computed in the promoted dtype
-    of the gradients and the block, as :meth:`EigenBlock.apply_inverse`; a query without a parameter's gradient
-    contributes zeros."""
-    out = {}
-    for name in query_names(blocks, grads):
-        block = blocks[name]
-        dtype = torch.promote_types(dtype_of(grads[0]), block.eigenvalues.dtype)
-        x = to_columns(rotated_queries(block, grads, name, dtype))
-        x = x / block.denominator(damping, dtype, x.device)[..., None]
-        out[name] = from_eigenbasis(block, x, defer_right(block, grads, name, n_train), dtype_of(grads[0]))
-    return PreparedQueries(out)
+    :class:`EigenBlock`, as one sub-group of a :class:`QueryPreparer` (see there for the steps and the cost)."""
+    preparer = QueryPreparer(blocks, damping, n_train, sum(g.n for g in grads), dtype_of)
+    preparer.add(grads)
+    return preparer.finish()
+
+
+class QueryPreparer:
+    """Preconditioned query weights filled sub-group by sub-group into preallocated ``(m, n, n_query)`` tensors.
+
+    Each :meth:`add` takes the next queries' factored gradients (a sub-group, in order), rotates them into the
+    eigenbasis (:meth:`EigenBlock.rotate_pieces`), divides by ``Λ + δ``, rotates back by ``Q_u`` and writes the
+    columns ``w[..., cols]`` in the gradients' dtype; the caller then drops the sub-group's gradients. Its temporaries
+    are a few ``(sub-group, m, n)`` tensors of one parameter in the promoted dtype of the gradients and the block
+    (as :meth:`EigenBlock.apply_inverse`). :meth:`finish` decides once, with the total query count ``Q``, whether
+    ``Q_v`` is left to the training side (``n_train·T < Q·m``, module doc; the same decision for every sub-group) and
+    otherwise applies ``Q_vᵀ`` in place, a slab of rows at a time (``Q·m·n²``). Memory: the output
+    ``n_query × numel × itemsize`` plus one sub-group's gradients and temporaries. A query without a parameter's
+    gradient contributes zeros."""
+
+    ROTATE_ELEMENTS = 2**22  # elements of one right-rotation slab (rows × n × Q) in the promoted dtype
+
+    def __init__(self, blocks: dict[str, EigenBlock], damping: Damping, n_train: int, n_query: int,
+                 dtype_of: Callable[[ExampleGrads], torch.dtype]):
+        self.blocks, self.damping, self.n_train, self.n_query = blocks, damping, n_train, n_query
+        self.dtype_of = dtype_of
+        self.w: dict[str, Tensor] = {}
+        self.lengths: dict[str, int] = {}  # the most positions T of any Outer query piece per parameter
+        self.filled = 0
+        self.dtype: torch.dtype | None = None  # of the output: the first sub-group's gradients'
+
+    def add(self, grads: list[ExampleGrads]) -> None:
+        """Prepare the next ``sum(g.n)`` queries (columns ``filled:filled + sum(g.n)``)."""
+        count = sum(g.n for g in grads)
+        if self.filled + count > self.n_query:
+            raise ValueError(f"{self.filled + count} queries given to a preparer of {self.n_query}")
+        cols = slice(self.filled, self.filled + count)
+        self.dtype = self.dtype_of(grads[0]) if self.dtype is None else self.dtype
+        for name in query_names(self.blocks, grads):
+            block = self.blocks[name]
+            dtype = torch.promote_types(self.dtype, block.eigenvalues.dtype)
+            x = to_columns(rotated_queries(block, grads, name, dtype))
+            x = x / block.denominator(self.damping, dtype, x.device)[..., None]  # not in place: x may be a view of g
+            x = block.unrotate_columns(x, right=False)
+            if name not in self.w:
+                self.w[name] = torch.zeros(block.m, block.n, self.n_query, dtype=self.dtype, device=x.device)
+            self.w[name][..., cols] = x
+            del x
+            self.lengths[name] = max(self.lengths.get(name, 0), query_positions(grads, name))
+        self.filled += count
+
+    def finish(self) -> PreparedQueries:
+        """The prepared queries (all ``n_query`` must have been added), right rotation applied or deferred."""
+        if self.filled != self.n_query:
+            raise ValueError(f"{self.filled} of {self.n_query} queries prepared")
+        out = {}
+        for name, w in self.w.items():
+            block = self.blocks[name]
+            length = self.lengths[name]
+            if block.q_v is None:
+                out[name] = Prepared(w)
+            elif length > 0 and deferred(self.n_train * length, self.n_query * block.m):
+                out[name] = Prepared(w, block.q_v.to(w.device, w.dtype))
+            else:
+                out[name] = Prepared(self.rotate_right(block, w))
+        self.w = {}
+        return PreparedQueries(out)
+
+    def rotate_right(self, block: EigenBlock, w: Tensor) -> Tensor:
+        """``w[j] ← Q_v w[j]`` (each query's ``x_q Q_vᵀ``) in place, in the promoted dtype, by slabs of rows."""
+        m, n, q = w.shape
+        dtype = torch.promote_types(w.dtype, block.eigenvalues.dtype)
+        q_v = block.q_v.to(w.device, dtype)
+        step = max(1, self.ROTATE_ELEMENTS // max(n * q, 1))
+        for s in range(0, m, step):
+            w[s:s + step] = torch.matmul(q_v, w[s:s + step].to(dtype))
+        return w
 
 
 def query_names(blocks: dict[str, EigenBlock], grads: list[ExampleGrads]) -> list[str]:
@@ -198,12 +264,6 @@ def rotated_queries(block: EigenBlock, grads: list[ExampleGrads], name: str, dty
 def query_positions(grads: list[ExampleGrads], name: str) -> int:
     """The most positions ``T`` of any Outer query piece of ``name`` (0 if none is Outer)."""
     return max((p.length for g in grads for p in g.pieces.get(name, []) if isinstance(p, Outer)), default=0)
-
-
-def defer_right(block: EigenBlock, grads: list[ExampleGrads], name: str, n_train: int) -> bool:
-    """Whether ``name``'s queries leave ``Q_v`` to the ``n_train`` training examples (:func:`deferred`)."""
-    length = query_positions(grads, name)
-    return block.q_v is not None and length > 0 and deferred(n_train * length, sum(g.n for g in grads) * block.m)
 
 
 def from_eigenbasis(block: EigenBlock, x: Tensor, defer: bool, dtype: torch.dtype) -> Prepared:
