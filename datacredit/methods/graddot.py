@@ -4,11 +4,13 @@ Sign: a positive score means one gradient step on training example i lowers the 
 its loss) to first order, i.e. i helps q. Routes:
 
 * exact (``projection=None``): nothing is cached at ``fit`` but the training ids (and norms for Grad-Cos); ``score``
-  computes query gradients once, then streams training batches and takes ghost / materialized Gram products layer by
-  layer (by cost, :meth:`ExampleGrads.gram`) — ``O(n_train)`` backward passes per ``score`` call, no per-example
-  ``d_in × d_out`` tensors where ghost dots are cheaper. With a store the ``(n_train, n_query)`` scores are written
-  to a chunked memmap there (rows in blocks of about ``SCORE_CHUNK_BYTES``), so they need not fit in RAM and an
-  interrupted ``score`` resumes at the first unfinished block; without one they are float64 in memory.
+  computes query gradients once (:class:`~.querygram.QueryGram`: per parameter, materialized once where that is
+  cheaper, up to a memory budget, else kept factored for ghost dots), then streams training batches and takes the
+  products layer by layer — ``O(n_train)`` backward passes per ``score`` call, each training batch's gradients
+  materialized once (not once per query batch), no per-example ``d_in × d_out`` tensors where ghost dots are cheaper.
+  With a store the ``(n_train, n_query)`` scores are written to a chunked memmap there (rows in blocks of about
+  ``SCORE_CHUNK_BYTES``), so they need not fit in RAM and an interrupted ``score`` resumes at the first unfinished
+  block; without one they are float64 in memory.
 * projected (``projection=k``): the route below on the method's own gradient store (:func:`~.base.own_store`:
   in ``store``'s directory when one is given, else a private temporary one), with the projection ``projection_kind``
   of dimension k (:func:`~.base.projection_featurizer`; the numbers of :class:`~datacredit.capture.projection.
@@ -57,6 +59,7 @@ from .base import (
     store_meta,
     store_products,
 )
+from .querygram import QueryGram
 
 
 @dataclass(frozen=True)
@@ -177,19 +180,27 @@ class GradDot(GradientMethod):
             return self._store_blocks(queries)
         query_ids = as_loader(queries, self.batch_size)[1]
         n = len(self.train_ids)
-        query_grads: list = []  # (columns, ExampleGrads): computed once, only if some block is still to compute
+        prepared: list = []  # [QueryGram, query norms]: computed once, only if some block is still to compute
 
         def block(rows: slice) -> np.ndarray:
-            if not query_grads:
+            if not prepared:
                 _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
-                query_grads.extend((b.rows, g) for b, g in it)
+                norms: list[np.ndarray] = []
+
+                def query_batches():  # one batch alive at a time: QueryGram keeps what it needs of each
+                    for b, g in it:
+                        if self.config.normalize:
+                            norms.append(_np(g.sq_norms().sqrt()))
+                        yield b.rows, g
+
+                query_gram = QueryGram(query_batches(), len(query_ids))
+                prepared.extend([query_gram, np.concatenate(norms) if norms else None])
+            query_gram, q_norms = prepared
             out = np.zeros((rows.stop - rows.start, len(query_ids)))
             _, train_it = self.grads(row_subset(self._train, rows, n), desc=f"{self.name} score")
             for batch, g in train_it:
-                for cols, qg in query_grads:
-                    out[batch.rows, cols] = _np(g.gram(qg))
+                out[batch.rows] = _np(query_gram.gram(g))
             if self.config.normalize:
-                q_norms = np.concatenate([_np(qg.sq_norms().sqrt()) for _, qg in query_grads])
                 out /= _safe(self.train_norms[rows])[:, None] * _safe(q_norms)[None, :]
             return out
 
