@@ -27,9 +27,9 @@ before the next (:class:`~datacredit.methods.prepared.QueryPreparer`), so a roun
 (``Q × numel × itemsize`` bytes) plus one sub-group's gradients and temporaries (and the query stream's last batch),
 and by default one round takes as many queries as fit :func:`prepared_budget`, a quarter of physical memory
 (``PREPARED_FRACTION``; the device's memory on an accelerator). On a GPT-2 (3.15 M attributed weights, T = 128, 500
-training windows, benchmarks/PEERS_LM.md) 200 queries are one pass: EK-FAC scoring 56.7 CPU s at 4.6 GB peak RSS
-(fit included), where 7 rounds of 2²⁶ numbers took 189.7 s (3.4 GB) and one round holding all its query gradients
-79.3 s (10.4 GB). Explicit, CG and identity curvatures hold a whole round's query gradients and take
+training windows, benchmarks/PEERS_LM.md) 200 queries are one pass: EK-FAC scoring 56.7 CPU s at 4.5 GiB peak RSS
+(fit included), where before 7 rounds of 2²⁶ numbers took 195.2 s (3.0 GiB) and one round holding all its query
+gradients 64.7 s (6.3 GiB). Explicit, CG and identity curvatures hold a whole round's query gradients and take
 ``QUERY_ELEMENTS // numel`` queries per round. ``query_batch=`` overrides the round size for all. With a store, the
 curvature is cached (and a two-pass fit resumes at its second pass) and the ``(n_train, n_query)`` scores are filled
 into a memmap chunk by chunk (one chunk per round and training batch), so an interrupted ``score`` resumes (rounds
