@@ -43,6 +43,27 @@ def test_projection_does_not_depend_on_the_batch(gpt_grads, kind):
     torch.testing.assert_close(parts, whole, **TOL)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_kept_matrix_equals_the_redrawn_one_and_is_budgeted_in_its_dtype(gpt_grads, kind):
+    """The dense matrix is kept converted to the gradients' dtype only while ``k·D·itemsize`` fits the budget, and
+    kept or redrawn for every batch, the projection is the same, bit for bit, in float64 and float32."""
+    model, g = gpt_grads
+    shapes = {k: v.shape for k, v in model.named_parameters()}
+    numel = sum(v.numel() for v in shapes.values())
+    model32 = TinyGPT(vocab=11, d=16, n_layers=1, n_heads=2, max_len=16)
+    model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with Capture(model32) as cap:
+        g32 = example_grads(cap, LanguageModelingTask().loss(model32, torch.randint(0, 11, (6, 9))))
+    for grads in (g, g32):
+        size = grads.flat_dtype.itemsize
+        kept = Projector(shapes, 16, kind, seed=2, cache_bytes=numel * 16 * size)
+        redrawn = Projector(shapes, 16, kind, seed=2, cache_bytes=numel * 16 * size - 1)
+        assert torch.equal(kept.project(grads), redrawn.project(grads))
+        assert torch.equal(kept.project(grads), redrawn.project(grads))  # second batch: from the kept chunks
+        assert kept._cache and not redrawn._cache
+        assert all(m.dtype == grads.flat_dtype for m in kept._cache.values())
+
+
 def test_kronecker_with_room_for_everything_is_exact(gpt_grads):
     model, g = gpt_grads
     p = Projector({k: v.shape for k, v in model.named_parameters()}, 10**6, "kronecker")

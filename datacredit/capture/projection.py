@@ -4,8 +4,9 @@ Kinds:
 
 * ``"gaussian"`` / ``"rademacher"`` — one dense ``(k, D)`` matrix over the concatenated gradient, entries ``N(0, 1/k)``
   or ``±1/√k``. Generated per parameter in column chunks from their own seeds, so any chunk can be rebuilt alone and
-  results do not depend on batch size. Kept in memory up to ``cache_bytes`` (traker regenerates it every batch; we
-  don't), else rebuilt chunk by chunk. Cost ``O(N·D·k)``; needs each parameter's gradient materialized in turn.
+  results do not depend on batch size. Kept in memory, in the gradients' dtype, while ``k × D × itemsize`` fits
+  ``cache_bytes`` (default 1 GiB; traker regenerates it every batch; we don't), else rebuilt chunk by chunk.
+  Cost ``O(N·D·k)``; needs each parameter's gradient materialized in turn.
 * ``"kronecker"`` — per parameter (LoGra-style): an ``(m, n)`` gradient ``Σ_t u_t v_tᵀ`` becomes
   ``Σ_t (P_u u_t)(P_v v_t)ᵀ`` of size ``k_u × k_v`` with ``k_u = min(m, r)``, ``k_v = min(n, r)``, ``r = ⌈√dim⌉``
   (a side no wider than ``r`` is kept exactly). Never materializes ``m × n``. Parameters with at most ``dim`` entries
@@ -61,15 +62,15 @@ class Projector:
     """
 
     def __init__(self, shapes: dict[str, torch.Size], dim: int, kind: str = "gaussian", seed: int = 0,
-                 cache_bytes: int = 2**28):
+                 cache_bytes: int = 2**30):
         if kind not in KINDS:
             raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
         if dim < 1:
             raise ValueError(f"projection dimension must be positive, got {dim}")
         self.shapes, self.dim, self.kind, self.seed = dict(shapes), dim, kind, seed
         self._cache: dict[tuple, Tensor] = {}
-        numel = sum(s.numel() for s in self.shapes.values())
-        self._cache_dense = kind != "kronecker" and numel * dim * 4 <= cache_bytes
+        self._numel = sum(s.numel() for s in self.shapes.values())
+        self._cache_bytes = cache_bytes
         if kind == "kronecker":
             self.out_dims = {name: self._kron_dims(name, s) for name, s in self.shapes.items()}
             self.out_dim = sum(a * b for a, b in self.out_dims.values())
@@ -127,12 +128,17 @@ class Projector:
         return torch.bmm(u.transpose(1, 2), v).reshape(p.n_examples, -1)
 
     # -- dense ---------------------------------------------------------------------------------------------
-    def _chunk(self, name: str, start: int, width: int) -> Tensor:
-        key = (name, start)
+    def _chunk(self, name: str, start: int, width: int, ref: Tensor) -> Tensor:
+        """Columns ``[start, start + width)`` of ``name``'s block of the matrix, ``(dim, width)`` in ``ref``'s dtype
+        and device. Drawn in float64 on the CPU (the same numbers for every dtype and device), then converted; the
+        converted chunk is kept when the whole matrix fits ``cache_bytes`` in that dtype (``dim × D × itemsize``),
+        else drawn again for every batch (k = 512 over 407 k parameters: drawing took 22 of 29 CPU s of a
+        1,000-example TRAK fit while the matrix was not kept; benchmarks/SCALING.md)."""
+        key = (name, start, ref.dtype, ref.device)
         if key in self._cache:
             return self._cache[key]
-        mat = _random(self.dim, width, self.kind, _generator(self.seed, name, start))
-        if self._cache_dense:
+        mat = _like(_random(self.dim, width, self.kind, _generator(self.seed, name, start)), ref)
+        if self._numel * self.dim * ref.element_size() <= self._cache_bytes:
             self._cache[key] = mat
         return mat
 
@@ -144,7 +150,7 @@ class Projector:
             g = sum(p.materialize() for p in grads.pieces[name])  # (N, numel)
             for start in range(0, shape.numel(), COLUMN_CHUNK):
                 width = min(COLUMN_CHUNK, shape.numel() - start)
-                term = g[:, start : start + width] @ _like(self._chunk(name, start, width), g).T
+                term = g[:, start : start + width] @ self._chunk(name, start, width, g).T
                 out = term if out is None else out + term
         if out is None:
             raise ValueError("no projected parameter among these gradients")
