@@ -52,3 +52,23 @@ class FunctionalReuse(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x))
         return self.b(h) + torch.nn.functional.linear(h, self.b.weight)
+
+
+def trained_relu_mlp(n: int, *, blank_inputs: int = 0, steps: int = 50):
+    """A float64 ReLU MLP 6-9-3 trained ``steps`` full-batch SGD steps on ``n`` random examples (seed 0), and the
+    examples ``(x, y)``: dead units give exact zeros in the output gradients ``u``; the first ``blank_inputs``
+    input columns are zero (exact zeros in ``v``)."""
+    import torch.nn.functional as F
+
+    from datacredit.models import mlp
+
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 6, dtype=torch.float64), torch.randint(0, 3, (n,))
+    x[:, :blank_inputs] = 0
+    model = mlp(6, [9], 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y

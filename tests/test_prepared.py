@@ -20,7 +20,7 @@ from datacredit.methods.prepared import Prepared, PreparedQueries
 from datacredit.models import TinyGPT, mlp
 from datacredit.task import LanguageModelingTask
 
-from .helpers import flat, torch_func_grads
+from .helpers import flat, torch_func_grads, trained_relu_mlp
 
 ROUTES = ["rows", "cols", "gemm", "val-first"]
 
@@ -90,15 +90,7 @@ def test_the_zero_skipping_route_is_taken_for_sparse_u_and_many_queries(monkeypa
 @pytest.fixture(scope="module")
 def relu_problem():
     """A trained ReLU MLP in float64 with dead units (zeros in u) and blank inputs (zeros in v)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
-    x[:, :2] = 0
-    model = mlp(6, [9], 3).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(50):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, x, y = trained_relu_mlp(48, blank_inputs=2)
     return model, ArrayDataset(x[:36], y[:36], ids=np.arange(36)), ArrayDataset(x[36:], y[36:])
 
 

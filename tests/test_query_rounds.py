@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datacredit import ClassificationTask
 from datacredit.curvature import Damping
@@ -16,10 +15,10 @@ from datacredit.data import ArrayDataset
 from datacredit.methods import influence, prepared
 from datacredit.methods.influence import Influence
 from datacredit.methods.prepared import QueryPreparer
-from datacredit.models import TinyGPT, mlp
+from datacredit.models import TinyGPT
 from datacredit.task import LanguageModelingTask
 
-from .helpers import flat, torch_func_grads
+from .helpers import flat, torch_func_grads, trained_relu_mlp
 
 DAMPING = Damping(absolute=0.5, relative=0.1)
 
@@ -27,14 +26,7 @@ DAMPING = Damping(absolute=0.5, relative=0.1)
 @pytest.fixture(scope="module")
 def relu_problem():
     """A trained ReLU MLP in float64: 30 training examples, 12 queries."""
-    torch.manual_seed(0)
-    x, y = torch.randn(42, 6, dtype=torch.float64), torch.randint(0, 3, (42,))
-    model = mlp(6, [9], 3).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(50):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, x, y = trained_relu_mlp(42)
     return model, ClassificationTask(), ArrayDataset(x[:30], y[:30], ids=np.arange(30)), ArrayDataset(x[30:], y[30:])
 
 

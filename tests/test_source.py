@@ -14,6 +14,8 @@ from datacredit.models import mlp
 from datacredit.task import Task
 from datacredit.trajectory import Trajectory
 
+from .helpers import flat, torch_func_grads
+
 
 class Regression(Task):
     """½ (xᵀθ − y)² per example."""
@@ -238,7 +240,6 @@ def test_factored_scoring_equals_materialized_weights_on_torch_func_gradients(cu
     import datacredit.methods.source as source_module
     from datacredit.methods.piece_sums import PieceSum
 
-    from .helpers import flat, torch_func_grads
 
     torch.manual_seed(0)
     x, y = torch.randn(36, 6, dtype=torch.float64), torch.randint(0, 3, (36,))
@@ -269,15 +270,7 @@ def test_factored_scoring_equals_materialized_weights_on_torch_func_gradients(cu
     got = src.score(test).values
     assert merges["v"] > 0  # the first layer's input summed factored
 
-    names = [n for n, _ in model.named_parameters()]
-    _, v = src._query_vectors(test)
-    expected = np.zeros_like(got)
-    for seg, w in zip(src.segments, src._segment_weights(v)):
-        for k in range(len(seg.trajectory)):
-            seg.trajectory.load_into(src.model, k)
-            g = flat(torch_func_grads(src.model, task, train.tensors), names)
-            expected += (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * len(train))
-    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(got, _slow_segment_scores(src, task, test, train.tensors), rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.parametrize("defer", [False, True])
@@ -289,7 +282,6 @@ def test_factored_scoring_on_a_tied_gpt_equals_the_slow_twin(defer, monkeypatch)
     from datacredit.models import TinyGPT
     from datacredit.task import LanguageModelingTask
 
-    from .helpers import flat, torch_func_grads
 
     torch.manual_seed(0)
     model = TinyGPT(11, d=8, n_layers=1, n_heads=2, max_len=8, tied=True).double()
@@ -309,12 +301,19 @@ def test_factored_scoring_on_a_tied_gpt_equals_the_slow_twin(defer, monkeypatch)
     src = Source(model, task, traj, segments=2, curvature="ekfac", batch_size=4, progress=False).fit(train)
     got = src.score(test).values
 
-    names = [n for n, _ in model.named_parameters()]
+    np.testing.assert_allclose(got, _slow_segment_scores(src, task, test, train.tensors[0]), rtol=1e-8, atol=1e-13)
+
+
+def _slow_segment_scores(src, task, test, batch) -> np.ndarray:
+    """The slow twin of ``src.score(test)`` from its own segment weights: each checkpoint's torch.func per-example
+    gradients of ``batch`` (the whole training set) times the segment's query weights, averaged over checkpoints."""
+    names = [n for n, _ in src.model.named_parameters()]
     _, v = src._query_vectors(test)
-    expected = np.zeros_like(got)
+    n_train = len(src.train_ids)
+    expected = 0
     for seg, w in zip(src.segments, src._segment_weights(v)):
         for k in range(len(seg.trajectory)):
             seg.trajectory.load_into(src.model, k)
-            g = flat(torch_func_grads(src.model, task, train.tensors[0]), names)
-            expected += (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * len(train))
-    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-13)
+            g = flat(torch_func_grads(src.model, task, batch), names)
+            expected = expected + (g @ flat(w, names).T).numpy() / (len(seg.trajectory) * n_train)
+    return expected
