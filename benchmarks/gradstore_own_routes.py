@@ -16,27 +16,17 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 torch.set_num_threads(1)
+from gradstore_methods import trained_mlp  # noqa: E402  (benchmarks/, the script's directory)
+
 import datacredit as dc  # noqa: E402  (after the thread setting)
 from datacredit.data import load_fashion_mnist  # noqa: E402
-from datacredit.models import mlp  # noqa: E402
 
 train = load_fashion_mnist(split="train", limit=5000, seed=0)
 test_all = load_fashion_mnist(split="test", limit=1000, seed=0)
 q1, q2 = test_all.subset(np.arange(500)), test_all.subset(np.arange(500, 1000))
-torch.manual_seed(0)
-model = mlp(784, [64], 10)
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-x, y = train.tensors
-for _ in range(5):
-    perm = torch.randperm(len(x))
-    for s in range(0, len(x), 64):
-        idx = perm[s : s + 64]
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+model = trained_mlp(train)
 task, margin = dc.ClassificationTask(), dc.ClassificationTask(measurement="margin")
 kw = {"batch_size": 64, "progress": False}
 
