@@ -26,7 +26,7 @@ large as memory allows. Factored curvatures (diagonal, KFAC, EK-FAC) prepare a r
 before the next (:class:`~datacredit.methods.prepared.QueryPreparer`), so a round holds its prepared weights
 (``Q × numel × itemsize`` bytes) plus one sub-group's gradients and temporaries (and the query stream's last batch),
 and by default one round takes as many queries as fit :func:`prepared_budget`, a quarter of physical memory
-(``PREPARED_FRACTION``; the device's memory on an accelerator). On a GPT-2 (3.15 M attributed weights, T = 128, 500
+(:mod:`datacredit.memory`; the device's memory on an accelerator). On a GPT-2 (3.15 M attributed weights, T = 128, 500
 training windows, benchmarks/PEERS_LM.md) 200 queries are one pass: EK-FAC scoring 56.7 CPU s at 4.5 GiB peak RSS
 (fit included), where before 7 rounds of 2²⁶ numbers took 195.2 s (3.0 GiB) and one round holding all its query
 gradients 64.7 s (6.3 GiB). Explicit, CG and identity curvatures hold a whole round's query gradients and take
@@ -65,6 +65,7 @@ from ..curvature.factored import IdentityCurvature, _BlockCurvature
 from ..curvature.fisher import FISHER_KINDS, check_fisher, sampled_loss
 from ..errors import DataError, StoreError
 from ..gradstore import GradientStore
+from ..memory import memory_budget as prepared_budget  # module-level name: the tests substitute it
 from ..scores import Scores
 from ..store import ChunkedArray, Store
 from ..task import Task
@@ -93,7 +94,6 @@ from .prepared import PreparedQueries, QueryPreparer, prepare, views
 logger = logging.getLogger(__name__)
 
 QUERY_ELEMENTS = 2**26  # query gradients × numel preconditioned at once (sub-groups; non-factored: whole rounds)
-PREPARED_FRACTION = 0.25  # default budget of one round's preconditioned queries: this fraction of physical memory
 DEFAULT_DAMPING = Damping(relative=0.1)  # kronfluence's heuristic: 0.1 × the mean eigenvalue of each block
 PROJECTED_FISHER = "projected-fisher"  # the curvature of the features= route (module doc)
 
@@ -511,19 +511,3 @@ class Influence(GradientMethod):
         if values.shape[0] != len(self.train_ids):
             raise DataError("the training data changed size since fit; call fit again")
         return Scores(values, self.train_ids, query_ids, self._method, asdict(self.config))
-
-
-
-def prepared_budget(device: torch.device | str = "cpu") -> int:
-    """Bytes one query round's preconditioned weights may take by default: ``PREPARED_FRACTION`` of the device's
-    memory (an accelerator's total memory; on the CPU physical memory from ``os.sysconf``, 4 GiB where that is not
-    available)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = 16 * 2**30
-    return int(PREPARED_FRACTION * total)

@@ -22,7 +22,8 @@ added query of benchmarks/PEERS_LM.md.
 
 Memory: the query side is held once, each parameter either factored (``Q·T'·(m+n)`` numbers per Outer piece, as
 captured) or materialized (``Q·m·n``); the materialized ones together stay under ``budget`` bytes
-(:data:`QUERY_CACHE_BYTES` by default); temporaries of one training batch are bounded by
+(by default :func:`datacredit.memory.memory_budget`: a quarter of the device's memory; 6 GiB here, 500 queries
+of a 3.15 M-number model); temporaries of one training batch are bounded by
 :data:`TRAIN_CHUNK_ELEMENTS` materialized training numbers (prepared route) and
 :data:`~datacredit.capture.pieces.CHUNK_ELEMENTS` (pairwise route).
 """
@@ -37,9 +38,8 @@ from torch import Tensor
 
 from ..capture.grads import ExampleGrads
 from ..capture.pieces import Dense, Outer, Piece, ghost_cost, materialize_cost, piece_gram
+from ..memory import memory_budget
 from .base import VAL_FIRST_ADVANTAGE, gemm_cost, piece_products, val_first_cost
-
-QUERY_CACHE_BYTES = 2**32  # materialized query gradients held at most (4 GiB: 340 queries of a 3.15 M-number model)
 
 TRAIN_CHUNK_ELEMENTS = 2**24  # training gradients materialized at once on the prepared route (64 MiB in float32)
 
@@ -53,11 +53,12 @@ class QueryGram:
         ``0..n_query-1``; consumed one batch at a time (a generator keeps only one batch's factored gradients alive
         besides what is kept here). Each parameter's route is fixed on its first batch, that batch standing in for a
         training batch in the cost model (the same model, typically the same lengths).
-    budget: bytes of materialized query gradients allowed (parameters past it stay pairwise).
+    budget: bytes of materialized query gradients allowed (parameters past it stay pairwise); None:
+        :func:`~datacredit.memory.memory_budget` of the first batch's device.
     """
 
     def __init__(self, batches: Iterable[tuple[Columns, ExampleGrads]], n_query: int, *,
-                 budget: int = QUERY_CACHE_BYTES):
+                 budget: int | None = None):
         self.n_query = n_query
         self.budget = budget
         self.shapes: dict[str, torch.Size] = {}
@@ -91,6 +92,8 @@ class QueryGram:
         nbytes = self.n_query * self.shapes[name].numel() * _dtype(pieces[0]).itemsize
         pairwise = sum(_pair_cost(a, b) for a in pieces for b in pieces) * self.n_query // max(n_batch, 1)
         prepared = sum(_prepared_cost(a, self.n_query) for a in pieces)
+        if self.budget is None:  # the device is known from the first batch
+            self.budget = memory_budget(_device(pieces[0]))
         if prepared <= pairwise and self.used + nbytes <= self.budget:
             self.used += nbytes
             return "prepared"
