@@ -56,7 +56,7 @@ def test_query_gram_equals_gram_and_torch_func(gpt, route, monkeypatch):
     assert qg.used <= budget
 
 
-def test_route_choice_follows_the_cost_model():
+def test_route_choice_follows_the_cost_model(monkeypatch):
     """A wide layer over many positions (the GPT-2 of PEERS_LM.md): materializing the queries once beats re-doing it
     per training batch; a wide layer over two positions (ghost dots ``T·T'·(m+n)`` far below ``m·n``): pairwise."""
     def grads(n, t, m, k):
@@ -71,3 +71,8 @@ def test_route_choice_follows_the_cost_model():
     assert narrow.routes["w"] == "pairwise" and not narrow.prepared and len(narrow.factored["w"]) == 1
     tight = QueryGram([(slice(0, 32), grads(32, 128, 256, 768))], 32, budget=32 * 256 * 768 * 4 - 1)
     assert tight.routes["w"] == "pairwise" and tight.used == 0  # one byte short of the budget
+    # no budget given: datacredit.memory's default for the queries' device, looked up once
+    asked = []
+    monkeypatch.setattr(querygram, "memory_budget", lambda device: asked.append(torch.device(device)) or 0)
+    default = QueryGram([(slice(0, 32), grads(32, 128, 256, 768))], 32)
+    assert default.routes["w"] == "pairwise" and default.budget == 0 and asked == [torch.device("cpu")]
