@@ -211,3 +211,18 @@ def test_non_finite_gradient_with_finite_loss_names_example_ids():
             spike = (out[1] - out[1].detach()).abs().sqrt().sum()
             losses = out.sum(1) + torch.stack([out.new_zeros(()), spike, out.new_zeros(())])
             example_grads(cap, losses, ids=[20, 21, 22])
+
+
+def test_finite_check_survives_an_overflowing_sum_and_names_the_bad_example():
+    """The check first sums the output gradient (one reduction); a sum that overflows in low precision while every
+    entry is finite must not raise, and a NaN must still be named by example."""
+    from datacredit.capture.engine import _check_finite
+
+    big = torch.full((4, 3), 6e4, dtype=torch.float16)
+    assert not torch.isfinite(big.sum())
+    _check_finite(big, [10, 11, 12, 13])
+    big[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"example ids \[12\]"):
+        _check_finite(big, [10, 11, 12, 13])
+    with pytest.raises(NonFiniteError, match=r"example ids \[1\]"):
+        _check_finite(torch.tensor([[1.0, 2.0], [float("inf"), float("-inf")]]), None)

@@ -400,6 +400,9 @@ def _example_ids(ids: Sequence[int] | None, n: int) -> np.ndarray:
 def _check_finite(grad_output: Tensor, ids: Sequence[int] | None) -> None:
     """A module's output gradient ``(N, ...)``: the factor through which a NaN/inf derivative enters every
     parameter gradient (inputs are activations of a finite loss)."""
+    if torch.isfinite(grad_output.sum()):  # one reduction: a NaN/inf anywhere makes the sum NaN/inf
+        return
+    # a non-finite entry, or a sum that overflowed (low precision): find the examples, if any
     bad = ~torch.isfinite(grad_output.reshape(grad_output.shape[0], -1)).all(1).cpu()
     if bad.any():
         raise NonFiniteError(f"NaN/inf gradients for example ids {_example_ids(ids, len(bad))[bad.numpy()].tolist()}")
