@@ -125,9 +125,9 @@ def classification_only(case: Case) -> str | None:
 
 
 # -- ours -----------------------------------------------------------------------------------------------------------
-def _graddot(normalize: bool) -> tuple[Run, SelfValues | None]:
-    def make(ctx: Context) -> GradDot:
-        return GradDot(ctx.model(), ctx.task, normalize=normalize, batch_size=BATCH, progress=False)
+def _verbs(make: Callable[[Context], Any]) -> tuple[Run, SelfValues]:
+    """A post-hoc method's two benchmarked calls from its constructor: ``fit(train).score(queries)`` and
+    ``fit(train).self_scores()`` (high = suspect)."""
 
     def run(ctx: Context) -> Scores:
         return make(ctx).fit(ctx.train).score(ctx.queries)
@@ -135,6 +135,14 @@ def _graddot(normalize: bool) -> tuple[Run, SelfValues | None]:
     def self_values(ctx: Context) -> tuple[Scores, bool]:
         return make(ctx).fit(ctx.train).self_scores(), True
 
+    return run, self_values
+
+
+def _graddot(normalize: bool) -> tuple[Run, SelfValues | None]:
+    def make(ctx: Context) -> GradDot:
+        return GradDot(ctx.model(), ctx.task, normalize=normalize, batch_size=BATCH, progress=False)
+
+    run, self_values = _verbs(make)
     return run, (None if normalize else self_values)
 
 
@@ -146,13 +154,7 @@ def _influence(curvature: str) -> tuple[Run, SelfValues]:
         kwargs = {"damping": EXACT_DAMPING} if curvature == "explicit" else {}
         return Influence(ctx.model(), ctx.task, curvature=curvature, batch_size=BATCH, progress=False, **kwargs)
 
-    def run(ctx: Context) -> Scores:
-        return make(ctx).fit(ctx.train).score(ctx.queries)
-
-    def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).fit(ctx.train).self_scores(), True
-
-    return run, self_values
+    return _verbs(make)
 
 
 def _trak() -> tuple[Run, SelfValues]:
@@ -162,13 +164,7 @@ def _trak() -> tuple[Run, SelfValues]:
         return TRAK(ctx.model(), ClassificationTask(measurement="margin"), projection=ctx.case.spec.trak_dim,
                     projection_kind="gaussian", batch_size=BATCH, progress=False)
 
-    def run(ctx: Context) -> Scores:
-        return make(ctx).fit(ctx.train).score(ctx.queries)
-
-    def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).fit(ctx.train).self_scores(), True
-
-    return run, self_values
+    return _verbs(make)
 
 
 def _tracin() -> tuple[Run, SelfValues]:
@@ -177,13 +173,7 @@ def _tracin() -> tuple[Run, SelfValues]:
     def make(ctx: Context) -> TracIn:
         return TracIn(ctx.model(), ctx.task, str(ctx.trajectory), batch_size=BATCH, progress=False)
 
-    def run(ctx: Context) -> Scores:
-        return make(ctx).fit(ctx.train).score(ctx.queries)
-
-    def self_values(ctx: Context) -> tuple[Scores, bool]:
-        return make(ctx).fit(ctx.train).self_scores(), True
-
-    return run, self_values
+    return _verbs(make)
 
 
 def _inrun(order: int) -> tuple[Run, SelfValues]:
