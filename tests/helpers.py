@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -72,3 +73,13 @@ def trained_relu_mlp(n: int, *, blank_inputs: int = 0, steps: int = 50):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return model, x, y
+
+
+def slow_influence(inf, model, task, train, test, damping) -> np.ndarray:
+    """The slow twin of a fitted ``Influence``'s scores, ``(n_train, n_query)``: torch.func training gradients times
+    the curvature's own ``apply_inverse`` of the torch.func query gradients (``train``/``test``: ArrayDatasets)."""
+    names = list(inf.params)
+    g_train = flat(torch_func_grads(model, task, train.tensors), names)
+    q = torch_func_grads(model, task, test.tensors, measurement=True)
+    pre = inf.curvature.apply_inverse({k: q[k] for k in names}, damping)
+    return (g_train @ flat(pre, names).T).numpy()

@@ -18,7 +18,7 @@ from datacredit.methods.prepared import QueryPreparer
 from datacredit.models import TinyGPT
 from datacredit.task import LanguageModelingTask
 
-from .helpers import flat, torch_func_grads, trained_relu_mlp
+from .helpers import flat, slow_influence, trained_relu_mlp
 
 DAMPING = Damping(absolute=0.5, relative=0.1)
 
@@ -70,10 +70,7 @@ def test_sub_groups_and_rounds_give_the_slow_twins_scores(relu_problem, curvatur
         results[key] = run(model, task, train, test, curvature, monkeypatch, **kw)
     # the slow twin: torch.func gradients and the curvature's own apply_inverse
     inf = results["many rounds"][0]
-    names = list(inf.params)
-    g_train = flat(torch_func_grads(model, task, train.tensors), names)
-    q = torch_func_grads(model, task, test.tensors, measurement=True)
-    slow = (g_train @ flat(inf.curvature.apply_inverse({k: q[k] for k in names}, DAMPING), names).T).numpy()
+    slow = slow_influence(inf, model, task, train, test, DAMPING)
     for key, (_, values, top, _) in results.items():
         np.testing.assert_allclose(values, slow, rtol=1e-9, atol=1e-12, err_msg=key)
         order = np.argsort(-slow, axis=0, kind="stable")[:3].T  # (n_query, 3); train ids are 0..29
