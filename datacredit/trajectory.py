@@ -92,7 +92,7 @@ def _state_of(obj: Mapping[str, Tensor] | nn.Module) -> dict[str, Tensor]:
 def state_digest(state: Mapping[str, Tensor]) -> str:
     """sha256 of weights by value (names, dtypes, shapes and bytes; :func:`~datacredit.digests.config_digest`), for
     cache metadata. Cheap statistics (sums, norms) are not enough: a permutation of rows keeps them. Cost: one read."""
-    return config_digest({key: state[key] for key in sorted(state)})
+    return config_digest(dict(state))  # hash_tree orders the keys
 
 
 class Trajectory:
