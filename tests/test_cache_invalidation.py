@@ -156,3 +156,17 @@ def test_influence_cache_follows_a_changed_frozen_layer(setup, tmp_path):
     plain = Influence(model, task, **kw).fit(train).score(test).values
     np.testing.assert_allclose(cached, plain, rtol=1e-9, atol=1e-12)
     assert not np.allclose(cached, first)
+
+
+def test_influence_without_a_store_hashes_nothing(setup, monkeypatch):
+    """Digests key stored results only: without a store, fit and score never read the data or weights to hash them."""
+    from datacredit.methods import influence as influence_module
+
+    model, _, train, test = setup
+
+    def refuse(*_):
+        raise AssertionError("hashed without a store")
+
+    for name in ("data_digest", "model_digest", "ids_digest"):
+        monkeypatch.setattr(influence_module, name, refuse)
+    Influence(model, ClassificationTask(), curvature="kfac", batch_size=8, progress=False).fit(train).score(test)

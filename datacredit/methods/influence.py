@@ -213,9 +213,11 @@ class Influence(GradientMethod):
             return self._fit_store(train)
         _, ids = as_loader(train, self.batch_size)
         self._train, self.train_ids = train, ids
-        # the data's content, not only its ids: the same ids with corrected labels must not reuse the old curvature
-        meta = {"n_train": len(ids), "train_ids_sha256": ids_digest(ids), "data_sha256": data_digest(train),
-                "fisher": self.config.fisher, "seed": self.config.seed, "model_sha256": model_digest(self.model)}
+        # what a stored curvature is keyed by (hashed only when there is a store): the data's content, not only its
+        # ids (the same ids with corrected labels must not reuse the old curvature), and the whole model
+        meta = {} if self.store is None else {
+            "n_train": len(ids), "train_ids_sha256": ids_digest(ids), "data_sha256": data_digest(train),
+            "fisher": self.config.fisher, "seed": self.config.seed, "model_sha256": model_digest(self.model)}
         self._fit_meta = meta
         curvature = self._cached_curvature(meta) or self._new_curvature()
         if curvature.source == "data":
@@ -365,7 +367,7 @@ class Influence(GradientMethod):
         n_query_batches = len(as_loader(queries, self.batch_size)[0])
         per_round = max(1, round_size // self.batch_size)
         n_rounds = -(-n_query_batches // per_round)
-        out = self._output(query_ids, data_digest(queries), n_rounds * n_train_batches, round_size)
+        out = self._output(query_ids, queries, n_rounds * n_train_batches, round_size)
         array = out.array if isinstance(out, ChunkedArray) else out
         if isinstance(out, ChunkedArray) and out.complete:
             return self._scores(np.asarray(array), query_ids)
@@ -466,14 +468,15 @@ class Influence(GradientMethod):
                     "batch_size": self.batch_size}
         return query_ids, block, meta
 
-    def _output(self, query_ids: np.ndarray, queries_sha: str, n_chunks: int, round_size: int
+    def _output(self, query_ids: np.ndarray, queries: Data, n_chunks: int, round_size: int
                 ) -> np.ndarray | ChunkedArray:
         shape = (len(self.train_ids), len(query_ids))
-        if self.store is None:
+        if self.store is None:  # nothing to key: the queries' contents are hashed only for a store
             return np.zeros(shape)
         name = f"scores-{ids_digest(query_ids)[:16]}"
         meta = {"config": asdict(self.config), "curvature": self._fit_meta,
-                "query_ids_sha256": ids_digest(query_ids), "queries_sha256": queries_sha, "batch_size": self.batch_size,
+                "query_ids_sha256": ids_digest(query_ids), "queries_sha256": data_digest(queries),
+                "batch_size": self.batch_size,
                 "round_size": round_size}
         try:
             return self.store.chunked(name, shape, np.float64, n_chunks, meta=meta)
