@@ -12,6 +12,8 @@ The measured value of source s for query q is ``loss_without_s(q) − loss_full(
 averaged over seeds. Every subset is trained with the same seeds (common random numbers: seed k fixes the
 initialisation and the shuffling stream of every subset, so seed effects shared by the subsets cancel in their
 difference). Methods attribute the seed-0 full model; their source value is the sum of members' scores.
+``--seed-offset S`` moves every seed by S (retraining seeds S..S+seeds-1, methods' models S..); ``--halves-seed H``
+draws other halves (default 1, the earlier draw); both enter the ground-truth store's key only when not default.
 
 A less noisy text case, ``--case text-styles`` (``benchmarks/text_styles.py``): the sample rewritten in 9 styles
 (case × letter order), one source per style plus a planted source of random characters; 54 held-out queries, 6
@@ -28,7 +30,7 @@ the second half, with a bootstrap interval over queries; and one seed against th
 checks (the expected source ranks first for its queries; the random source gets ≤ 0 credit). Usage::
 
     .venv/bin/python benchmarks/source_credit.py [--case text-documents|text-styles|digits-classes] [--seeds 3] \
-        [--halves 24]
+        [--halves 24] [--model-seeds 1] [--seed-offset 0] [--halves-seed 1] [--results PATH]
 """
 
 from __future__ import annotations
@@ -128,15 +130,34 @@ def make_text_styles(seed: int = 0) -> Case:
 CASES = {"text-documents": make_text, "text-styles": make_text_styles, "digits-classes": make_digits}
 
 
+def plan(keys: np.ndarray, seeds: int, halves: int, seed_offset: int = 0, halves_seed: int = 1):
+    """The retraining jobs: ``(subsets, half_masks, jobs, meta)``.
+
+    subsets: boolean ``(1 + n_source + halves, n_train)`` masks (full set, each LOSO set, each half); half_masks:
+    ``(halves, n_source)`` over the sorted source names, drawn with ``default_rng(halves_seed)``; jobs: ``(positions,
+    seed)`` for every subset and every seed ``seed_offset .. seed_offset + seeds - 1`` (subset-major); meta: the
+    store's key. The defaults (offset 0, halves seed 1) give the jobs and the store key of the runs before these options
+    existed, so their caches resume; a non-default offset or halves seed enters the key.
+    """
+    names = np.unique(keys)
+    rng = np.random.default_rng(halves_seed)
+    half_masks = np.stack([rng.permutation(len(names)) < len(names) // 2 for _ in range(halves)])
+    subsets = [np.ones(len(keys), bool)] + [keys != n for n in names] + [np.isin(keys, names[h]) for h in half_masks]
+    jobs = [(np.flatnonzero(mask), seed) for mask in subsets for seed in range(seed_offset, seed_offset + seeds)]
+    meta: dict[str, Any] = {"seeds": seeds, "halves": halves}
+    if seed_offset:
+        meta["seed_offset"] = seed_offset
+    if halves_seed != 1:
+        meta["halves_seed"] = halves_seed
+    return np.stack(subsets), half_masks, jobs, meta
+
+
 def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarray]:
     """Retrain the full set, each LOSO set and each half; resumable (one chunk per job in a Store)."""
     keys = sources.levels["source"]
     names = np.unique(keys)
-    rng = np.random.default_rng(1)
-    halves = np.stack([rng.permutation(len(names)) < len(names) // 2 for _ in range(args.halves)])
-    subsets = [np.ones(len(keys), bool)] + [keys != n for n in names] + [np.isin(keys, names[h]) for h in halves]
-    jobs = [(np.flatnonzero(mask), seed) for mask in subsets for seed in range(args.seeds)]
-    config = {"seeds": args.seeds, "halves": args.halves, "recipe": str(recipe), "n_train": len(keys)}
+    subsets, halves, jobs, meta = plan(keys, args.seeds, args.halves, args.seed_offset, args.halves_seed)
+    config = {**meta, "recipe": str(recipe), "n_train": len(keys)}
     store = Store(Path(args.out) / args.case / "gt")
     outputs = store.chunked("loss", (len(jobs), len(queries)), np.float64, len(jobs), meta=config)
     todo = outputs.pending()
@@ -152,11 +173,12 @@ def groundtruth(recipe, train_set, queries, sources, args) -> dict[str, np.ndarr
 METHODS = ("inrun-1", "inrun-2", "grad-dot", "influence-ekfac", "trak", "tracin", "source")
 
 
-def attribute(case: Case, out: Path, methods: tuple[str, ...] = METHODS, model_seeds: int = 1) -> dict[str, tuple]:
-    """Scores of ``methods`` for the full model of seed 0 (``model_seeds=1``), or their mean over the full models of
-    seeds ``0..model_seeds-1`` (an ensemble over training seeds, as the ground truth averages over seeds), with the
-    summed wall time."""
-    runs = [attribute_seed(case, out, methods, seed) for seed in range(model_seeds)]
+def attribute(case: Case, out: Path, methods: tuple[str, ...] = METHODS, model_seeds: int = 1,
+              seed_offset: int = 0) -> dict[str, tuple]:
+    """Scores of ``methods`` for the full model of seed ``seed_offset`` (``model_seeds=1``), or their mean over the
+    full models of seeds ``seed_offset .. seed_offset + model_seeds - 1`` (an ensemble over training seeds, as the
+    ground truth averages over seeds), with the summed wall time."""
+    runs = [attribute_seed(case, out, methods, seed) for seed in range(seed_offset, seed_offset + model_seeds)]
     if model_seeds == 1:
         return runs[0]
     results = {}
@@ -280,11 +302,16 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--model-seeds", type=int, default=1,
                         help="attribute the full models of this many seeds and average the scores (default 1: seed 0)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="retraining seeds are S..S+seeds-1; the methods read the full models of the first "
+                             "--model-seeds of them (default 0)")
+    parser.add_argument("--halves-seed", type=int, default=1,
+                        help="seed of the random draw of the source halves (default 1, the draw of earlier runs)")
     parser.add_argument("--gt-only", action="store_true", help="retrain (resumable) and stop before the methods")
     parser.add_argument("--results", default=None, help="default benchmarks/results/source-credit-<case>.json")
     args = parser.parse_args()
-    if args.seeds < 1 or args.halves < 4 or args.workers < 1 or args.model_seeds < 1:
-        parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1, --model-seeds >= 1")
+    if args.seeds < 1 or args.halves < 4 or args.workers < 1 or args.model_seeds < 1 or args.seed_offset < 0:
+        parser.error("need --seeds >= 1, --halves >= 4, --workers >= 1, --model-seeds >= 1, --seed-offset >= 0")
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods: choose from {','.join(METHODS)}, got {args.methods!r}")
@@ -294,7 +321,7 @@ def main() -> None:
     gt = groundtruth(case.recipe, case.train, case.queries, case.sources, args)
     if args.gt_only:
         return
-    results = attribute(case, Path(args.out) / args.case, methods, args.model_seeds)
+    results = attribute(case, Path(args.out) / args.case, methods, args.model_seeds, args.seed_offset)
     rows, ceil, arrays = evaluate(results, gt, case.sources, case.expected)
     suffix = "" if args.model_seeds == 1 else f"-{args.model_seeds}seeds"
     np.savez(Path(args.out) / args.case / f"values{suffix}.npz", **arrays)
