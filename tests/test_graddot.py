@@ -198,3 +198,129 @@ def test_a_changed_model_data_or_config_refits_the_cache(setup, tmp_path):
     b = GradDot(moved, task, store=store, progress=False).fit(train).score(test).values
     np.testing.assert_allclose(b, GradDot(moved, task, progress=False).fit(train).score(test).values, rtol=1e-9)
     assert not np.allclose(a, b)
+
+
+# -- exact Grad-Dot in query rounds past the memory budget -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt():
+    """A tied TinyGPT in float64 whose layers are wide enough against T = 16 positions that materializing beats ghost
+    dots; 12 training and 16 query sequences, batches of 2 (8 query batches: pairwise would materialize every training
+    batch 8 times). ``per_query``: bytes of one query's gradient, all parameters materialized."""
+    from datacredit.models import TinyGPT
+    from datacredit.task import LanguageModelingTask
+
+    torch.manual_seed(0)
+    model = TinyGPT(11, d=16, n_layers=1, n_heads=2, max_len=16, tied=True).double()
+    gen = torch.Generator().manual_seed(1)
+    train = ArrayDataset(torch.randint(0, 11, (12, 17), generator=gen), ids=np.arange(200, 212))
+    queries = ArrayDataset(torch.randint(0, 11, (16, 17), generator=gen))
+    return model, LanguageModelingTask(), train, queries, 8 * sum(p.numel() for p in model.parameters())
+
+
+def _budget(monkeypatch, nbytes):
+    from datacredit.methods import querygram
+
+    monkeypatch.setattr(querygram, "memory_budget", lambda device: nbytes)
+
+
+def _counted(monkeypatch):
+    """Count GradDot's passes over the training set, query batches whose gradients are computed, QueryGrams built
+    (one per round) and their gram calls (one per training batch scored)."""
+    from datacredit.methods.querygram import QueryGram
+
+    counts = {"train": 0, "query_batches": 0, "rounds": 0, "grams": 0, "prepared": set()}
+    stream, init, gram = GradDot.stream, QueryGram.__init__, QueryGram.gram
+
+    def counted_stream(self, data, *, measurement=False, **kw):
+        counts["train"] += not measurement
+        for item in stream(self, data, measurement=measurement, **kw):
+            counts["query_batches"] += measurement
+            yield item
+
+    def counted_init(self, *args, **kw):
+        counts["rounds"] += 1
+        init(self, *args, **kw)
+        counts["prepared"] |= set(self.prepared)
+
+    def counted_gram(self, g):
+        counts["grams"] += 1
+        return gram(self, g)
+
+    monkeypatch.setattr(GradDot, "stream", counted_stream)
+    monkeypatch.setattr(QueryGram, "__init__", counted_init)
+    monkeypatch.setattr(QueryGram, "gram", counted_gram)
+    return counts
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rounds_past_the_budget_equal_one_round_and_torch_func(gpt, monkeypatch, normalize):
+    """A budget of 5 queries' prepared side: at least 3 rounds, one pass over the training set each (each query batch
+    computed once), the same scores as without a budget and as the torch.func twin;
+    top-k the same as score's."""
+    model, task, train, queries, per_query = gpt
+    kw = {"normalize": normalize, "batch_size": 2, "progress": False}
+    _budget(monkeypatch, 2**40)
+    one = GradDot(model, task, **kw).fit(train).score(queries).values
+    _budget(monkeypatch, 5 * per_query)
+    method = GradDot(model, task, **kw).fit(train)  # Grad-Cos: one pass for the training norms, not counted
+    counts = _counted(monkeypatch)
+    rounds = method.score(queries).values
+    n_rounds = counts["rounds"]  # 3 by the cost model today (rounds of 6 queries, one layer pairwise) or 4
+    assert n_rounds == counts["train"] >= 3 and counts["query_batches"] == 8 and counts["grams"] == n_rounds * 6
+    np.testing.assert_allclose(rounds, one, rtol=1e-10, atol=1e-12)
+    names = [n for n, _ in model.named_parameters()]
+    g_train = flat(torch_func_grads(model, task, train.tensors[0]), names)
+    g_query = flat(torch_func_grads(model, task, queries.tensors[0], measurement=True), names)
+    want = g_train @ g_query.T
+    if normalize:
+        want = want / g_train.norm(dim=1)[:, None] / g_query.norm(dim=1)[None, :]
+    np.testing.assert_allclose(rounds, want.numpy(), rtol=1e-9, atol=1e-11)
+    top = method.topk(queries, 3)
+    assert counts["rounds"] == counts["train"] == 2 * n_rounds
+    for j in (0, 7, 15):
+        assert [r for r, _ in top.query(j)] == [r for r, _ in method.score(queries).topk(3, j)]
+
+
+def test_past_the_budget_wide_layers_take_rounds_not_pairwise(gpt, monkeypatch):
+    """The routing decision: with room for 9 of 16 queries, the layers where materializing is cheaper stay prepared
+    and the queries take 2 passes (the old code sent the overflow to the pairwise route in one pass)."""
+    model, task, train, queries, per_query = gpt
+    _budget(monkeypatch, 9 * per_query)
+    counts = _counted(monkeypatch)
+    GradDot(model, task, batch_size=2, progress=False).fit(train).score(queries)
+    assert counts["train"] == counts["rounds"] == 2
+    assert {"blocks.0.fc.weight", "blocks.0.out.weight", "blocks.0.qkv.weight"} <= counts["prepared"]
+
+
+def test_a_killed_score_in_its_second_round_resumes(gpt, tmp_path, monkeypatch):
+    """Store chunks are (query batch, row block): killed in round 2's second row block, a new run computes no
+    gradients of round 1's queries and no training batch of round 2's finished block; a complete run reads back."""
+    from datacredit.methods import base
+
+    model, task, train, queries, per_query = gpt
+    fresh = GradDot(model, task, batch_size=2, progress=False).fit(train).score(queries).values
+    monkeypatch.setattr(base, "SCORE_CHUNK_BYTES", 6 * 16 * 8)  # blocks of 6 rows (3 training batches): 2 blocks
+    _budget(monkeypatch, 8 * per_query)  # rounds of 4 query batches: 2 rounds
+    counts = _counted(monkeypatch)
+    from datacredit.methods.querygram import QueryGram
+
+    counted_gram = QueryGram.gram
+
+    def flaky(self, g):
+        if counts["grams"] == 6 + 3:  # round 1 (6 training batches) and round 2's first block are written
+            raise KeyboardInterrupt
+        return counted_gram(self, g)
+
+    monkeypatch.setattr(QueryGram, "gram", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        GradDot(model, task, batch_size=2, store=tmp_path / "gd", progress=False).fit(train).score(queries)
+    assert counts["rounds"] == 2
+    counts.update(train=0, query_batches=0, rounds=0, grams=0)
+    scores = GradDot(model, task, batch_size=2, store=tmp_path / "gd", progress=False).fit(train).score(queries)
+    assert counts == {**counts, "train": 1, "query_batches": 4, "rounds": 1, "grams": 3}
+    assert isinstance(scores.values, np.memmap)
+    np.testing.assert_allclose(scores.values, fresh, rtol=1e-12, atol=1e-14)
+    counts.update(train=0, query_batches=0, rounds=0, grams=0)
+    again = GradDot(model, task, batch_size=2, store=tmp_path / "gd", progress=False).fit(train).score(queries)
+    assert counts["train"] == counts["query_batches"] == counts["grams"] == 0
+    np.testing.assert_array_equal(again.values, scores.values)

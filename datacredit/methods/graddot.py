@@ -5,12 +5,15 @@ its loss) to first order, i.e. i helps q. Routes:
 
 * exact (``projection=None``): nothing is cached at ``fit`` but the training ids (and norms for Grad-Cos); ``score``
   computes query gradients once (:class:`~.querygram.QueryGram`: per parameter, materialized once where that is
-  cheaper, up to a memory budget, else kept factored for ghost dots), then streams training batches and takes the
-  products layer by layer — ``O(n_train)`` backward passes per ``score`` call, each training batch's gradients
-  materialized once (not once per query batch), no per-example ``d_in × d_out`` tensors where ghost dots are cheaper.
-  With a store the ``(n_train, n_query)`` scores are written to a chunked memmap there (rows in blocks of about
-  ``SCORE_CHUNK_BYTES``), so they need not fit in RAM and an interrupted ``score`` resumes at the first unfinished
-  block; without one they are float64 in memory.
+  cheaper, else kept factored for ghost dots), then streams training batches and takes the products layer by layer —
+  each training batch's gradients materialized once per round (not once per query batch), no per-example
+  ``d_in × d_out`` tensors where ghost dots are cheaper. Where the materialized queries would pass the memory budget
+  (:func:`datacredit.memory.memory_budget`) the queries go in rounds, one pass over the training set each
+  (``O(rounds · n_train)`` backward passes per ``score`` call), round count and routes chosen together by estimated
+  multiply-adds (:func:`~.querygram.plan`). With a store the ``(n_train, n_query)`` scores are written to a chunked
+  memmap there (one chunk per query batch and row block of about ``SCORE_CHUNK_BYTES``), so they need not fit in RAM
+  and an interrupted ``score`` resumes: no gradients of a finished query batch, no training batch of a finished
+  block are computed again; without one they are float64 in memory.
 * projected (``projection=k``): the route below on the method's own gradient store (:func:`~.base.own_store`:
   in ``store``'s directory when one is given, else a private temporary one), with the projection ``projection_kind``
   of dimension k (:func:`~.base.projection_featurizer`; the numbers of :class:`~datacredit.capture.projection.
@@ -29,23 +32,31 @@ or configuration are refitted (the stale artefact replaced), never silently reus
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from ..capture.grads import ExampleGrads
 from ..capture.projection import KINDS
+from ..digests import config_digest
 from ..gradstore import GradientStore
 from ..scores import Scores
 from ..store import Store
 from ..task import Task
 from .base import (
+    Batch,
     Data,
     GradientMethod,
+    TopK,
+    TopKAccumulator,
     as_loader,
     configure,
     data_digest,
@@ -55,11 +66,14 @@ from .base import (
     nbytes,
     own_store,
     projection_featurizer,
-    row_subset,
+    score_rows,
+    storage_dtype,
     store_meta,
     store_products,
 )
-from .querygram import QueryGram
+from .querygram import PREPARED, QueryGram, plan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,8 @@ class GradDotConfig:
 class GradDot(GradientMethod):
     """Grad-Dot / Grad-Cos attribution. ``GradDot(model, task).fit(train).score(queries) -> Scores``.
 
-    Cost: exact ``score`` = one backward over queries + one over the training set; projected ``fit`` = one backward
+    Cost: exact ``score`` = one backward over queries + one over the training set per query round (one round unless
+    the prepared queries pass the memory budget, module doc); projected ``fit`` = one backward
     over the training set, ``score`` = one over the queries + an ``(n_train × k) · (k × n_query)`` product.
 
     config: a :class:`GradDotConfig`, or its fields as keywords (``normalize=True``, ``projection=...``; not both).
@@ -169,50 +184,134 @@ class GradDot(GradientMethod):
 
     def score(self, queries: Data) -> Scores:
         """Scores ``(n_train, n_query)``; positive = the training example helps the query (see module doc)."""
-        values, query_ids = self._fill(queries)
+        if self._features_store() is not None:
+            values, query_ids = self._fill(queries)
+        else:
+            values, query_ids = self._exact(queries)
         return self._scores(values, query_ids)
 
-    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
-        """Query ids, ``block(rows) -> (len(rows), n_query)`` float64 scores of those training rows (the query side
-        prepared once, on the first call), and the metadata naming the stored scores."""
-        self._require_fit()
+    def topk(self, queries: Data, k: int, *, largest: bool = True) -> TopK:
+        """The ``k`` strongest training examples per query (:meth:`GradientMethod.topk`); exact route: merged training
+        batch by training batch in each query round, nothing written to the store."""
         if self._features_store() is not None:
-            return self._store_blocks(queries)
+            return super().topk(queries, k, largest=largest)
+        self._require_fit()
         query_ids = as_loader(queries, self.batch_size)[1]
-        n = len(self.train_ids)
-        prepared: list = []  # [QueryGram, query norms]: computed once, only if some block is still to compute
+        acc = TopKAccumulator(k, len(query_ids), largest)
+        n_batches = -(-len(query_ids) // _batch_size(queries, self.batch_size))
+        for _, cols, query_gram, q_norms in self._rounds(queries, list(range(n_batches))):
+            for _, batch, g, _ in self.stream(self._train, desc=f"{self.name} top-k"):
+                acc.add(batch.rows, cols, self._values(query_gram, g, batch, q_norms))
+        return acc.result(self.train_ids, query_ids, self.name)
 
-        def block(rows: slice) -> np.ndarray:
-            if not prepared:
-                _, it = self.grads(queries, measurement=True, desc=f"{self.name} queries")
-                norms: list[np.ndarray] = []
+    def _exact(self, queries: Data) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ``(values, query_ids)``: the queries in rounds (:func:`~.querygram.plan`), the training set streamed
+        once per round, each round's columns written training batch by training batch. With a store the scores are a
+        chunked memmap there of one chunk per (query batch, row block of about ``SCORE_CHUNK_BYTES``): an interrupted
+        ``score`` resumes, computing no gradients of a query batch whose chunks are all done and no training batch
+        whose row block is done for the whole round; the layout does not depend on the rounds (a run under another
+        memory budget resumes as well)."""
+        self._require_fit()
+        query_ids = as_loader(queries, self.batch_size)[1]
+        n, n_query = len(self.train_ids), len(query_ids)
+        n_batches = -(-n_query // _batch_size(queries, self.batch_size))
+        train_size = _batch_size(self._train, self.batch_size)
+        blocks = score_rows(n, n_query, train_size)  # each a whole number of training batches
+        step = blocks[0].stop - blocks[0].start if blocks else 1
+        out, name = self._output(queries, query_ids, n_batches * len(blocks))
+        array = out if name is None else out.array
 
-                def query_batches():  # one batch alive at a time: QueryGram keeps what it needs of each
-                    for b, g in it:
-                        if self.config.normalize:
-                            norms.append(_np(g.sq_norms().sqrt()))
-                        yield b.rows, g
+        def done(k: int, b: int) -> bool:  # chunk of query batch k and row block b already in the store
+            return name is not None and out.done(k * len(blocks) + b)
 
-                query_gram = QueryGram(query_batches(), len(query_ids))
-                prepared.extend([query_gram, np.concatenate(norms) if norms else None])
-            query_gram, q_norms = prepared
-            out = np.zeros((rows.stop - rows.start, len(query_ids)))
-            _, train_it = self.grads(row_subset(self._train, rows, n), desc=f"{self.name} score")
-            for batch, g in train_it:
-                out[batch.rows] = _np(query_gram.gram(g))
-            if self.config.normalize:
-                out /= _safe(self.train_norms[rows])[:, None] * _safe(q_norms)[None, :]
-            return out
+        pending = [k for k in range(n_batches) if not all(done(k, b) for b in range(len(blocks)))]
+        for ks, cols, query_gram, q_norms in self._rounds(queries, pending):
+            def finished(t: int, ks: list[int] = ks) -> bool:  # training batch t's row block, done for the round
+                return all(done(k, t * train_size // step) for k in ks)
 
-        meta = None
-        if self.store is not None:
-            meta = {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(self.model),
-                    "data_sha256": data_digest(self._train), "train_ids": ids_digest(self.train_ids),
-                    "queries_sha256": data_digest(queries), "query_ids": ids_digest(query_ids),
-                    "batch_size": self.batch_size}
-        return query_ids, block, meta
+            for _, batch, g, _ in self.stream(self._train, skip=finished, desc=f"{self.name} score"):
+                array[batch.rows, cols] = self._values(query_gram, g, batch, q_norms)
+                b = batch.rows.start // step
+                if name is not None and batch.rows.stop == blocks[b].stop:
+                    for k in ks:
+                        if not done(k, b):
+                            out.mark_done(k * len(blocks) + b)
+        if name is None:
+            return array, query_ids
+        array.flush()
+        return self.store.load_array(name, mmap=True), query_ids
 
-    def _store_blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
+    def _values(self, query_gram: QueryGram, g: ExampleGrads, batch: Batch, q_norms: np.ndarray | None
+                ) -> np.ndarray:
+        """One training batch's float64 scores against one round's queries (Grad-Cos: divided by both norms)."""
+        values = _np(query_gram.gram(g))
+        if self.config.normalize:
+            values /= _safe(self.train_norms[batch.rows])[:, None] * _safe(q_norms)[None, :]
+        return values
+
+    def _rounds(self, queries: Data, pending: list[int]
+                ) -> Iterator[tuple[list[int], slice | np.ndarray, QueryGram, np.ndarray | None]]:
+        """The query batches ``pending`` (indices into the query loader, increasing) in rounds: per round its batch
+        indices, its columns of the score matrix (a slice where contiguous), its query side (:class:`QueryGram`) and,
+        for Grad-Cos, its queries' norms. Routes and round size are :func:`~.querygram.plan`'s, on the first pending
+        batch. Every pending batch's gradients are computed once (one pass over them in all), the others skipped;
+        each round must be used before the next is asked for."""
+        if not pending:
+            return
+        size = _batch_size(queries, self.batch_size)
+        n_query = len(as_loader(queries, self.batch_size)[1])
+        wanted = frozenset(pending)
+        stream = self.stream(queries, measurement=True, skip=lambda k: k not in wanted, desc=f"{self.name} queries")
+        first = next(stream)
+        count = sum(min(n_query, (k + 1) * size) - k * size for k in pending)
+        p = plan(first[2], count, size)
+        logger.info("%s: %d queries in %d round(s) of %d batches; prepared %s", self.name, count, p.n_rounds,
+                    p.per_round, sorted(n for n, r in p.routes.items() if r == PREPARED))
+        held = [first]
+        for r in range(0, len(pending), p.per_round):
+            ks = pending[r:r + p.per_round]
+            rows = [slice(k * size, min(n_query, (k + 1) * size)) for k in ks]
+            width = sum(s.stop - s.start for s in rows)
+            contiguous = all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+            cols = slice(rows[0].start, rows[-1].stop) if contiguous else np.concatenate(
+                [np.arange(s.start, s.stop) for s in rows])
+            norms: list[np.ndarray] = []
+
+            def batches(ks: list[int] = ks, rows: list[slice] = rows, norms: list[np.ndarray] = norms):
+                offset = 0
+                for k, want in zip(ks, rows):
+                    got, batch, g, _ = held.pop() if held else next(stream)
+                    if got != k or batch.rows != want:
+                        raise RuntimeError(f"query batch {got} (rows {batch.rows}) where batch {k} ({want}) was due")
+                    if self.config.normalize:
+                        norms.append(_np(g.sq_norms().sqrt()))
+                    yield slice(offset, offset + g.n), g
+                    offset += g.n
+                    del g  # one batch alive at a time: the QueryGram keeps what it needs of it
+
+            query_gram = QueryGram(batches(), width, routes=p.routes)
+            yield ks, cols, query_gram, np.concatenate(norms) if norms else None
+            del query_gram
+        stream.close()  # the remaining batches are not pending: leave the query capture now
+
+    def _output(self, queries: Data, query_ids: np.ndarray, n_chunks: int) -> tuple[Any, str | None]:
+        """Where the exact scores go: ``(float64 array, None)`` in memory, or ``(ChunkedArray, its name)`` in the
+        store, named after the model, data, queries and configuration (a stale one is replaced)."""
+        shape = (len(self.train_ids), len(query_ids))
+        if self.store is None:
+            return np.zeros(shape), None
+        meta = {"method": self.name, "config": asdict(self.config), "model_sha256": model_digest(self.model),
+                "data_sha256": data_digest(self._train), "train_ids": ids_digest(self.train_ids),
+                "queries_sha256": data_digest(queries), "query_ids": ids_digest(query_ids),
+                "batch_size": self.batch_size, "chunks": "query batch x row block"}
+        meta = json.loads(json.dumps(meta))
+        name = f"scores-{config_digest(meta)[:16]}"
+        stale = self.store.has(name) and self.store.info(name).get("meta") != meta
+        chunked = self.store.chunked(name, shape, storage_dtype(self.model), max(n_chunks, 1), meta=meta,
+                                     overwrite=stale)
+        return chunked, name
+
+    def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
         """The projected routes on a gradient store: queries featurized once (lazily), rows read per block, products
         in float64 (the float32 features as the float64 numbers they are)."""
         gs = self._features_store()
@@ -256,6 +355,11 @@ class GradDot(GradientMethod):
             config["features"] = {"root": str(gs.root), "projection": gs.projection.describe(), "dtype": gs.dtype,
                                   "dim": gs.dim}
         return Scores(values, self.train_ids, query_ids, self.name, config)
+
+
+def _batch_size(data: Data, default: int) -> int:
+    """Examples per batch of ``data``'s loader (:func:`~.base.as_loader`): a DataLoader's own, else ``default``."""
+    return data.batch_size if isinstance(data, DataLoader) else default
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
