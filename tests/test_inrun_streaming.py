@@ -217,3 +217,75 @@ def test_layernorm_rule_reads_autograd_statistics_and_falls_back_to_recomputing(
     recomputed = rule.pieces(ln, (x.detach(),), b)
     torch.testing.assert_close(with_saved["weight"].g, recomputed["weight"].g, rtol=1e-12, atol=1e-12)
     assert rule.saved(ln, (x.detach(),), y * 2) is None  # not the norm's own node: recompute
+
+
+def test_subnormals_are_flushed_in_our_dots_only_and_the_threads_mode_is_restored(monkeypatch):
+    """Our per-layer dots run with subnormal floats flushed to zero (capture/subnormals.py); the user's forward and
+    backward never do, and after every step the thread's mode is what the user set (off, or on)."""
+    from datacredit.capture.subnormals import flushing
+
+    seen: dict[str, list[bool]] = {"dots": [], "user": []}
+    user = [False]  # inside the user's own forward/backward (the validation pass runs the model's hooks too)
+
+    def note() -> None:  # a hook of the user's: returns None (leaves the output alone)
+        if user[0]:
+            seen["user"].append(flushing())
+
+    real_ghost, real_dot = inrun.ghost_total, inrun.piece_dot
+    monkeypatch.setattr(inrun, "ghost_total", lambda *a: seen["dots"].append(flushing()) or real_ghost(*a))
+    monkeypatch.setattr(inrun, "piece_dot", lambda *a: seen["dots"].append(flushing()) or real_dot(*a))
+    for user_mode in (False, True):
+        torch.set_flush_denormal(user_mode)
+        try:
+            model, task, batches, val = problem("gpt")
+            model.blocks[0].fc.register_forward_hook(lambda *a: note())
+            model.blocks[0].fc.register_full_backward_hook(lambda *a: note())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            shapley = InRunShapley(model, task, validation=val, optimizer=opt)
+            for step, batch in enumerate(batches):
+                with shapley.step(np.arange(6) + 6 * step):
+                    user[0] = True
+                    task.loss(model, batch).mean().backward()
+                    user[0] = False
+                opt.step()
+                opt.zero_grad()
+                assert flushing() == user_mode
+            if not torch.set_flush_denormal(True):
+                pytest.skip("this CPU cannot flush subnormals")
+        finally:
+            torch.set_flush_denormal(False)
+        assert seen["dots"] and all(seen["dots"])
+        assert len(seen["user"]) == 6 and all(flag == user_mode for flag in seen["user"])
+        seen = {"dots": [], "user": []}
+
+
+def test_flushing_subnormals_leaves_float32_values_unchanged(monkeypatch):
+    """A language model whose output gradient holds subnormals (very confident logits): the streamed values with
+    subnormals flushed equal those computed without flushing, to float32 rounding."""
+    import datacredit.capture.subnormals as subnormals
+
+    def run():
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        model = TinyGPT(vocab=7, d=8, n_layers=1, n_heads=2, max_len=8).float()  # float32: subnormals < 1e-38
+        with torch.no_grad():
+            model.tok.weight.mul_(12.0)  # tied head: logits of a few hundred, probabilities down to e^-100
+        task = LanguageModelingTask()
+        batches = [torch.randint(0, 7, (6, 7), generator=g) for _ in range(3)]
+        val = torch.randint(0, 7, (3, 7), generator=g)
+        probs = model(batches[1][:, :-1]).float().softmax(-1)
+        tiny = torch.finfo(torch.float32).tiny
+        assert bool(((probs > 0) & (probs < tiny)).any())  # subnormals do occur here
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        shapley = InRunShapley(model, task, validation=val, optimizer=opt)
+        for step, batch in enumerate(batches):
+            with shapley.step(np.arange(6) + 6 * step):
+                task.loss(model, batch).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return shapley.values().values[:, 0]
+
+    flushed = run()
+    monkeypatch.setattr(inrun, "Flushed", lambda on: subnormals.Flushed(False))
+    plain = run()
+    np.testing.assert_allclose(flushed, plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())

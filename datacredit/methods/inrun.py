@@ -83,6 +83,7 @@ from ..capture.pieces import (
     piece_dot,
     piece_gram,
 )
+from ..capture.subnormals import Flushed, flushing
 from ..dataset import example_ids
 from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
@@ -205,6 +206,7 @@ class InRunShapley:
         self._generator = torch.Generator().manual_seed(seed)
         self._choice: Tensor | None = None  # this step's validation sample (validation_subsample)
         self._val_state: _Validation | None = None  # this step's validation side at θ_t (streaming)
+        self._ftz = False  # this step flushes subnormals in our own products (capture/subnormals.py)
         self._acc: dict[str, Tensor] | None = None  # streamed per-parameter dots of the open micro-batch
         # the route each parameter's dots took in the last streamed micro-batch ("ghost" / "val-first"): the next
         # validation pass skips what no route needs (validation pieces, or weight gradients of ghost layers)
@@ -271,7 +273,8 @@ class InRunShapley:
             if self._val_state is None:
                 routes = self._routes or {}
                 ghost = {name for name, r in routes.items() if r == "ghost"}
-                with torch.enable_grad(), self._eval():
+                self._ftz = not flushing()  # subnormals flushed in our own work only (capture/subnormals.py)
+                with torch.enable_grad(), self._eval(), Flushed(self._ftz):
                     self._val_state = self._validation(with_pieces=self._routes is None or bool(ghost), skip=ghost)
             self._acc = {}
             self.capture.consumer = self._consume
@@ -309,26 +312,27 @@ class InRunShapley:
         val, acc, n = self._val_state, self._acc, len(self._open)
         routes = self._routes = self._routes if self._routes is not None else {}
         memo: dict = {}  # u·u' products of this call's pieces (ghost_total), shared by a weight and its bias
-        for name, a in found:
-            if a.n_examples != n:
-                _check_batch_dims({path: a.n_examples}, n, f" (step got {n} ids)")
-            if not val.has(name):  # the validation loss does not depend on it
-                continue
-            val_pieces = val.pieces.get(name)
-            factors = None  # stacked only for layers that take the ghost route
-            if val_pieces and isinstance(a, Outer) and (_ghost_is_cheaper(a, val_pieces)
-                                                        or (a.unit and memo and _memoized(a, val.ghost(name), memo))):
-                factors = val.ghost(name)
-            if factors is not None:
-                d = ghost_total(a, factors, memo)
-                routes.setdefault(name, "ghost")
-            elif self._sketches(a):
-                d = ghost_total(a, val.sketch(name, a, self.validation_rank, self._generator))
-                routes[name] = "val-first"
-            else:
-                d = piece_dot(a, val.flat(name, a)).reshape(-1)
-                routes[name] = "val-first"  # one val-first piece is enough to need the weight gradient
-            acc[name] = d if name not in acc else acc[name] + d
+        with Flushed(self._ftz):  # a language model's output gradients are full of subnormals
+            for name, a in found:
+                if a.n_examples != n:
+                    _check_batch_dims({path: a.n_examples}, n, f" (step got {n} ids)")
+                if not val.has(name):  # the validation loss does not depend on it
+                    continue
+                val_pieces = val.pieces.get(name)
+                factors = None  # stacked only for layers that take the ghost route
+                if val_pieces and isinstance(a, Outer) and (
+                        _ghost_is_cheaper(a, val_pieces) or (a.unit and memo and _memoized(a, val.ghost(name), memo))):
+                    factors = val.ghost(name)
+                if factors is not None:
+                    d = ghost_total(a, factors, memo)
+                    routes.setdefault(name, "ghost")
+                elif self._sketches(a):
+                    d = ghost_total(a, val.sketch(name, a, self.validation_rank, self._generator))
+                    routes[name] = "val-first"
+                else:
+                    d = piece_dot(a, val.flat(name, a)).reshape(-1)
+                    routes[name] = "val-first"  # one val-first piece is enough to need the weight gradient
+                acc[name] = d if name not in acc else acc[name] + d
 
     def finish(self) -> None:
         """Stop recording and keep the micro-batch's per-example gradients for the next ``optimizer.step()``."""
@@ -402,7 +406,8 @@ class InRunShapley:
         # over every module, twice)
         streamed = self.order == 1 and not self.targeted and all(m.dots is not None for m in pending)
         try:
-            with torch.enable_grad(), contextlib.nullcontext() if streamed else self._eval():
+            with (torch.enable_grad(), contextlib.nullcontext() if streamed else self._eval(),
+                  Flushed(not flushing())):
                 values = self._step_values(pending, clip)
         finally:
             self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
