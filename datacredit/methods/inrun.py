@@ -97,7 +97,8 @@ from .inrun_batched import DeferredSteps, PendingStep
 class InRunConfig:
     """The settings of :class:`InRunShapley` (each described there): order (1 or 2), targeted, keep_history,
     validation_batch_size, unexplained_gradient (``"raise"`` or ``"baseline"``), validation_subsample (None or k ≥ 1),
-    seed, validation_rank (None or r ≥ 1; first order, untargeted), streaming, defer_steps (None or K ≥ 1)."""
+    seed, validation_rank (None or r ≥ 1; first order, untargeted), streaming, defer_steps (None or K ≥ 1), replay
+    (None, ``"mean"`` or ``"sum"``; with defer_steps)."""
 
     order: int = 1
     targeted: bool = False
@@ -109,6 +110,7 @@ class InRunConfig:
     validation_rank: int | None = None
     streaming: bool = True
     defer_steps: int | None = None
+    replay: str | None = None
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2):
@@ -122,12 +124,16 @@ class InRunConfig:
                              f"untargeted values and must be ≥ 1; got {self.validation_rank} with order={self.order}, "
                              f"targeted={self.targeted}")
         if self.defer_steps is not None and (int(self.defer_steps) < 1 or self.order != 1 or self.targeted
-                                             or self.validation_subsample is not None
                                              or self.validation_rank is not None):
-            raise ValueError("defer_steps (values of K steps computed together) is for exact first-order, untargeted "
+            raise ValueError("defer_steps (values of K steps computed together) is for first-order, untargeted "
                              f"values and must be ≥ 1; got {self.defer_steps} with order={self.order}, targeted="
-                             f"{self.targeted}, validation_subsample={self.validation_subsample}, validation_rank="
-                             f"{self.validation_rank}")
+                             f"{self.targeted}, validation_rank={self.validation_rank}")
+        if self.replay is not None and (self.defer_steps is None or self.replay not in ("mean", "sum")
+                                        or self.unexplained_gradient != "raise"):
+            raise ValueError("replay (recompute the dots of deferred steps from θ_t and the batch) needs defer_steps, "
+                             "unexplained_gradient='raise', and 'mean' or 'sum' (how the training loss reduces "
+                             f"task.loss over the batch); got replay={self.replay!r}, defer_steps={self.defer_steps}, "
+                             f"unexplained_gradient={self.unexplained_gradient!r}")
         if self.validation_subsample is not None and self.targeted:
             raise ValueError("validation_subsample estimates the summed validation value; not with targeted=True")
 
@@ -168,8 +174,15 @@ class InRunShapley:
     gradient over K parameter snapshots, one batched dot per parameter), exact, with the per-step Python and
     dispatch cost shared by K steps; memory K snapshots of the model and K steps of layer inputs and output
     gradients. :meth:`values` and :meth:`close` compute what is pending. Other optimizers take the per-step route.
-    config: an :class:`InRunConfig`, or its fields as keywords (not both); ``validation``, ``optimizer`` and
-    ``scaler`` are the run's objects, not settings.
+    With ``validation_subsample`` every deferred step gets its own uniform sample (drawn K at a time: unbiased, as
+    on the per-step route, but other draws). replay: ``None``
+    (default: the deferred steps keep captured factors) or ``"mean"`` / ``"sum"``, how the training loss reduces
+    ``task.loss`` over the batch: nothing is captured during training, and the dots are recomputed at the flush
+    from ``θ_t`` and the batch (:mod:`.inrun_replay`), each step checked against its real ``p.grad`` (a mismatch
+    raises); one micro-batch per step, deterministic forward, no GradScaler. data: the training examples by id
+    (an ArrayDataset or any dataset with ids), for replay when ``step`` gets no batch.
+    config: an :class:`InRunConfig`, or its fields as keywords (not both); ``validation``, ``optimizer``,
+    ``scaler`` and ``data`` are the run's objects, not settings.
 
     Cost per step (first order, SGD, streaming): one validation forward/backward (``k/n_val`` of it with a budget),
     and per tracked layer ``min(N·T·P·(m+n), N·T·m·n)`` multiply-adds (ghost dots with the ``P`` validation tokens, or
@@ -178,7 +191,8 @@ class InRunShapley:
     """
 
     def __init__(self, model: nn.Module, task: Task, validation: Any, optimizer: torch.optim.Optimizer, *,
-                 config: InRunConfig | None = None, scaler: torch.amp.GradScaler | None = None, **settings: Any):
+                 config: InRunConfig | None = None, scaler: torch.amp.GradScaler | None = None, data: Any = None,
+                 **settings: Any):
         self.config = config = configure(InRunConfig, config, settings)
         order, targeted, keep_history = config.order, config.targeted, config.keep_history
         validation_batch_size, unexplained_gradient = config.validation_batch_size, config.unexplained_gradient
@@ -224,9 +238,15 @@ class InRunShapley:
         self._checked = False  # set once a step has compared p.grad with the examples' summed gradients
         self._scales: dict[str, float] = {}  # rounding floors of that check, summed over the step's micro-batches
         self._explained = False  # set once a step shows that p.grad is exactly the examples' summed gradients
-        self._deferred = (DeferredSteps(inner, task, self._val_batches, list(self.capture.params), self._eval)
+        if config.replay is not None and scaler is not None:
+            raise ValueError("replay cannot check steps under a GradScaler; use defer_steps without replay")
+        self._deferred = (DeferredSteps(inner, task, self._val_batches, list(self.capture.params), self._eval,
+                                        int(config.defer_steps),
+                                        validation=validation if validation_subsample is not None else None,
+                                        subsample=validation_subsample, generator=self._generator,
+                                        replay=config.replay, data=data)
                           if config.defer_steps is not None else None)
-        self._snap: tuple | None = None  # (parameters, buffers) at the start of the open step (defer_steps)
+        self._snap: int | None = None  # snapshot slot of θ_t of the open step (defer_steps)
         self._scalar_s: bool | None = None  # s is one number per group (SGD): see _scalar (asked once, at a step)
         self._hook = optimizer.register_step_pre_hook(self._on_step)
         self.scaler = scaler
@@ -245,10 +265,10 @@ class InRunShapley:
     @contextlib.contextmanager
     def step(self, ids: Sequence[int] | Tensor | np.ndarray, batch: Any = None) -> Iterator[None]:
         """Record the per-example gradients of the forward + backward run inside the block. ``ids`` are the batch's
-        stable example ids, ``(B,)``; ``batch`` (optional) is only checked to hold ``B`` examples."""
+        stable example ids, ``(B,)``; ``batch`` (optional) is checked to hold ``B`` examples (``replay`` keeps it)."""
         if batch is not None and batch_size(batch) != len(ids):
             raise DataError(f"step got {len(ids)} ids for a batch of {batch_size(batch)} examples")
-        self.begin(ids)
+        self.begin(ids, batch)
         try:
             yield
         except BaseException:
@@ -258,7 +278,7 @@ class InRunShapley:
             raise
         self.finish()
 
-    def begin(self, ids: Sequence[int] | Tensor | np.ndarray) -> None:
+    def begin(self, ids: Sequence[int] | Tensor | np.ndarray, batch: Any = None) -> None:
         """Start recording a micro-batch (the forward + backward that follow). :meth:`step` wraps begin/finish.
 
         On the streaming route the step's validation forward/backward runs here (once per optimizer step), at the
@@ -269,6 +289,9 @@ class InRunShapley:
         if self._defers():
             if self._snap is None:  # θ_t: what this step's training forward uses
                 self._snap = self._deferred.snapshot()
+            if self._deferred.replay is not None:  # nothing captured: the step is recomputed at the flush
+                self._deferred.replay.open(ids, batch)
+                return
         elif self._streams():
             if self._val_state is None:
                 routes = self._routes or {}
@@ -395,6 +418,10 @@ class InRunShapley:
     # -- the value of one step ---------------------------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.finish()  # a micro-batch still open (integrations that record without a with-block)
+        if self._snap is not None and self._deferred.replay is not None:
+            clip, self._clip = self._clip, 1.0
+            self._defer([], clip)
+            return
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -426,10 +453,9 @@ class InRunShapley:
 
     def _defer(self, pending: list[_Micro], clip: float) -> None:
         """Keep this step for the batched route; compute the pending steps' values once there are K of them."""
-        (params, buffers), self._snap = self._snap, None
+        slot, self._snap = self._snap, None
         shares = {self._names[p]: s * clip for p, s in step_scale(self.optimizer).items() if p in self._names}
-        self._deferred.pending.append(PendingStep(self.steps, [(m.ids, m.grads) for m in pending], params, buffers,
-                                                  shares))
+        self._deferred.add(PendingStep(self.steps, [(m.ids, m.grads) for m in pending], slot, shares, clip))
         self.steps += 1
         if len(self._deferred.pending) >= int(self.config.defer_steps):
             self._flush()
