@@ -216,6 +216,12 @@ def test_layernorm_rule_reads_autograd_statistics_and_falls_back_to_recomputing(
     with_saved = rule.pieces(ln, (x.detach(),), b, saved=saved)
     recomputed = rule.pieces(ln, (x.detach(),), b)
     torch.testing.assert_close(with_saved["weight"].g, recomputed["weight"].g, rtol=1e-12, atol=1e-12)
+    # the streamed dot, from the factors (g not formed), equals the dot with the formed g
+    w = torch.randn(3, 12)
+    fresh = rule.pieces(ln, (x.detach(),), b, saved=saved)["weight"]
+    dots = fresh.dot(w)
+    assert "g" not in vars(fresh)
+    torch.testing.assert_close(dots, recomputed["weight"].g @ w.T, rtol=1e-12, atol=1e-12)
     assert rule.saved(ln, (x.detach(),), y * 2) is None  # not the norm's own node: recompute
 
 

@@ -33,7 +33,7 @@ from torch.autograd.graph import get_gradient_edge
 from ..errors import DataError, NonFiniteError, UnsupportedModuleError
 from . import conv1d, conv2d, embedding, layernorm, linear  # noqa: F401  (registers the rules)
 from .grads import ExampleGrads
-from .pieces import Piece
+from .pieces import LazyDense, Piece
 from .registry import LayerRule, rule_for, rule_mismatch
 
 
@@ -328,6 +328,8 @@ class Capture:
             inputs, grad = _common_dtype(call.module, call.inputs, call.grad)
             for attr, piece in call.pieces(inputs, grad).items():
                 name = self._names[id(getattr(call.module, attr))]
+                if isinstance(piece, LazyDense):  # kept past the backward: g alone, not activation-sized factors
+                    piece = piece.kept()
                 found.append((call.path, name, piece))
                 if self.measure:
                     self.scales[name] = self.scales.get(name, 0.0) + _call_scale(inputs, grad)

@@ -120,4 +120,4 @@ class ExampleGrads:
 
 
 def _dtype(p: Piece) -> torch.dtype:
-    return p.v.dtype if isinstance(p, Outer) else p.g.dtype
+    return p.dtype

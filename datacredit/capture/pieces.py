@@ -20,6 +20,7 @@ Pieces of the same parameter from different modules (tied weights) are summed, s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -55,6 +56,10 @@ class Outer:
     @property
     def indexed(self) -> bool:
         return self.u.dim() == 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.v.dtype
 
     def dense_u(self) -> Tensor:
         """``u`` as a dense ``(N, T, m)`` tensor (one-hot rows for an indexed piece)."""
@@ -103,8 +108,16 @@ class Dense:
     def n_examples(self) -> int:
         return self.g.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.g.dtype
+
     def materialize(self) -> Tensor:
         return self.g
+
+    def dot(self, weights: Tensor) -> Tensor:
+        """``⟨g_i, V_q⟩`` for ``weights`` ``(Q, numel)``; returns ``(N, Q)``."""
+        return self.g @ weights.T
 
     def select(self, index: Tensor | slice) -> Dense:
         return Dense(self.g[index])
@@ -113,6 +126,41 @@ class Dense:
         """``Σ_i r_i g_i`` (or ``Σ_i |r_i g_i|``), ``(numel,)``; see :meth:`Outer.total`."""
         g = self.g if weights is None else self.g * weights.to(self.g.dtype).reshape(-1, 1)
         return (g.abs() if absolute else g).sum(0)
+
+
+class LazyDense(Dense):
+    """A :class:`Dense` piece kept as the factors it is formed from (a rule's own), ``g`` formed on first use.
+
+    For a streamed dot (one layer's ``⟨g_i, V⟩`` inside the backward, its factors released right after) a subclass's
+    :meth:`dot` costs fewer passes over the activations than forming ``g``. Anything else reads ``g`` and gets the
+    materialized piece. :meth:`kept` is what a caller that keeps pieces past the backward stores (``g`` alone: the
+    factors are activation-sized).
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype):
+        self._n, self._dtype = n, dtype
+
+    @property
+    def n_examples(self) -> int:
+        return self._n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @cached_property
+    def g(self) -> Tensor:  # noqa: D102  (the dataclass field of Dense, formed here on first use)
+        return self.form()
+
+    def form(self) -> Tensor:
+        """``g`` ``(N, numel)`` from the factors."""
+        raise NotImplementedError
+
+    def kept(self) -> Dense:
+        return Dense(self.g)
+
+    def __repr__(self) -> str:  # the dataclass's would form g
+        return f"{type(self).__name__}(n={self._n}, dtype={self._dtype})"
 
 
 Piece = Outer | Dense
@@ -289,7 +337,7 @@ def piece_dot(a: Piece, weights: Tensor) -> Tensor:
     """``⟨g_i, V_q⟩`` for ``weights`` ``(Q, numel)`` in the parameter's row-major layout; returns ``(N, Q)``."""
     if isinstance(a, Outer):
         return val_first_dot(a, weights.reshape(-1, a.m, a.n))
-    return a.g @ weights.T
+    return a.dot(weights)
 
 
 def piece_sq_norms(a: Piece) -> Tensor:

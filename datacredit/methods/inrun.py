@@ -841,7 +841,7 @@ class _Validation:
 
     def flat(self, name: str, like: Outer | Dense) -> Tensor:
         """``g_val`` of ``name`` as ``(1, numel)`` in the dtype of the training piece ``like``."""
-        dtype = like.v.dtype if isinstance(like, Outer) else like.g.dtype
+        dtype = like.dtype  # a LayerNorm's lazy piece (capture/layernorm.py) is not formed for this
         key = (name, dtype)
         if key not in self._flat:
             self._flat[key] = self.grad(name).reshape(1, -1).to(dtype)
