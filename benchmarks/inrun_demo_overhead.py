@@ -1,56 +1,116 @@
-"""In-Run recording cost in the demo's own training run (digits MLP 64-64-10, batch 64, 30 epochs = 690 steps,
-329 validation images): CPU seconds of plain training vs training with first-order In-Run recording, interleaved,
-3 repeats each, for the full validation set (per-step route, and ``defer_steps=64`` as the demo records: the same
-values computed 64 steps at a time) and validation budgets of 64 and 16 images.
+"""In-Run recording cost in the demo's own training run (digits MLP 64-64-10, batch 64, SGD + momentum, 30 epochs =
+690 steps, 329 validation images), and what each validation choice costs in fidelity.
 
-    .venv/bin/python benchmarks/inrun_demo_overhead.py
+For every row: total CPU seconds of the 690 training steps with first-order In-Run recording against plain training,
+interleaved (plain, then every row, three rounds; medians), one torch thread; then the mislabel-detection AUROC of
+the recorded values (seed 0, the timed run, and seed 1, one more run) and their relative error and Spearman
+correlation against the exact values of the same seed. Rows: the exact value against all 329 images by the per-step
+route, the batched capture route (``defer_steps=64``) and the replay route (``defer_steps=64, replay="mean"``,
+nothing captured during training); a per-step random validation subsample of k images (unbiased estimate of the
+exact value, ``validation_subsample=k``) on the replay route; a fixed random subset of k images (the exact value
+for a smaller validation set, not an estimate of the full one).
+
+    .venv/bin/python benchmarks/inrun_demo_overhead.py        # -> results/inrun_demo_overhead.json (~2 min)
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from datacredit import ClassificationTask
 from datacredit.data import flip_labels, load_digits
-from datacredit.evaluate import ClassifierRecipe
+from datacredit.evaluate import ClassifierRecipe, mislabel_detection
+from datacredit.store import atomic_write_json
 from datacredit.training import InRunCallback, train_classifier
+
+OUT = Path(__file__).parent / "results" / "inrun_demo_overhead.json"
+REPLAY = {"defer_steps": 64, "replay": "mean"}
+ROWS = {  # label -> (validation images: None = all 329, or a fixed subset of k; InRunShapley options)
+    "329 images, exact, per-step route": (None, {}),
+    "329 images, exact, defer_steps=64 (capture)": (None, {"defer_steps": 64}),
+    "329 images, exact, defer_steps=64, replay": (None, REPLAY),
+    "subsample 64 per step (unbiased), replay": (None, {**REPLAY, "validation_subsample": 64}),
+    "subsample 32 per step (unbiased), replay": (None, {**REPLAY, "validation_subsample": 32}),
+    "subsample 16 per step (unbiased), replay": (None, {**REPLAY, "validation_subsample": 16}),
+    "fixed subset of 64 (exact for it), replay": (64, REPLAY),
+    "fixed subset of 32 (exact for it), replay": (32, REPLAY),
+}
+
+
+def setup(seed: int):
+    """The demo's data for ``seed``: training set (10 % labels flipped), flipped ids, validation tensors."""
+    clean, test = load_digits(seed=seed)
+    train, flipped = flip_labels(clean, 0.1, seed, 10)
+    order = np.random.default_rng(seed).permutation(len(test))
+    validation = test.subset(np.sort(order[30:]))  # the demo's split: 30 queries, the rest validation
+    return train, flipped, validation.tensors
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    clean, test = load_digits(seed=0)
-    train, _ = flip_labels(clean, 0.1, 0, 10)
-    order = np.random.default_rng(0).permutation(len(test))
-    validation = test.subset(np.sort(order[30:]))  # the demo's split: 30 queries, the rest validation
     recipe, task = ClassifierRecipe(64, 10, hidden=(64,)), ClassificationTask()
+    data = {seed: setup(seed) for seed in (0, 1)}
 
-    def run(budget: int | None, record: bool, defer: int | None = None) -> float:
-        torch.manual_seed(0)
+    def run(seed: int, row: str | None) -> tuple[float, object]:
+        """CPU s of the 690 steps, and the recorded values (None for plain training)."""
+        train, _, val = data[seed]
+        size, options = ROWS[row] if row is not None else (None, {})
+        if size is not None:  # a fixed random subset (seeded, the same in every run)
+            pick = torch.randperm(len(val[0]), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+            val = tuple(t[pick] for t in val)
+        if options.get("replay"):
+            options = {**options, "data": train}
+        recorder = InRunCallback(task, val, order=1, targeted=False, keep_history=True, **options)
+        torch.manual_seed(seed)
         model = recipe.build()
-        extra = {} if budget is None else {"validation_subsample": budget}
-        if defer is not None:
-            extra["defer_steps"] = defer
-        recorder = InRunCallback(task, validation.tensors, order=1, targeted=False, keep_history=True, **extra)
-        callbacks = [recorder] if record else []
         start = time.process_time()
-        train_classifier(model, train, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=0,
-                         callbacks=callbacks)
-        return time.process_time() - start
+        train_classifier(model, train, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed,
+                         callbacks=[recorder] if row is not None else [])
+        seconds = time.process_time() - start
+        return seconds, recorder.values() if row is not None else None
 
-    run(None, False)  # warm-up
-    print("| validation | plain CPU s | recorded CPU s | recorded / plain |\n|---|---|---|---|")
-    for budget, defer in ((None, None), (None, 64), (64, None), (16, None)):
-        plain, recorded = [], []
-        for _ in range(3):
-            plain.append(run(budget, False))
-            recorded.append(run(budget, True, defer))
-        label = f"{len(validation)} images (exact)" if budget is None else f"subsample {budget}"
-        label += f", defer_steps={defer}" if defer else ""
-        print(f"| {label} | {np.median(plain):.2f} | {np.median(recorded):.2f} | "
-              f"{np.median(recorded) / np.median(plain):.2f}× |")
+    run(0, None)
+    for row in ROWS:  # warm-up: first use of torch.func / forward-mode AD in the process costs a one-off
+        run(0, row)
+    plain, cpu, values = [], {row: [] for row in ROWS}, {}
+    loads = [os.getloadavg()[0]]
+    for _ in range(3):
+        plain.append(run(0, None)[0])
+        for row in ROWS:
+            seconds, v = run(0, row)
+            cpu[row].append(seconds)
+            values.setdefault((0, row), v)
+        loads.append(os.getloadavg()[0])
+    for row in ROWS:
+        values[(1, row)] = run(1, row)[1]
+    exact = {seed: values[(seed, "329 images, exact, defer_steps=64 (capture)")] for seed in (0, 1)}
+    p = float(np.median(plain))
+    results = {"plain_cpu_s": plain, "load_average_1min": loads, "rows": []}
+    print(f"plain training: median {p:.3f} CPU s of {plain} (load average {min(loads):.1f}-{max(loads):.1f})\n")
+    print("| validation | recorded CPU s | recorded / plain | AUROC seed 0 | AUROC seed 1 | rel. error vs exact "
+          "(seeds 0, 1) | Spearman vs exact |\n|---|---|---|---|---|---|---|")
+    for row in ROWS:
+        entry = {"row": row, "recorded_cpu_s": cpu[row], "ratio": float(np.median(cpu[row])) / p}
+        for seed in (0, 1):
+            v, ref = values[(seed, row)], exact[seed]
+            if not np.array_equal(v.train_ids, ref.train_ids):
+                raise RuntimeError(f"{row}: values for other training ids than the exact ones")
+            a, b = v.values[:, 0], ref.values[:, 0]
+            entry[f"auroc_seed{seed}"] = mislabel_detection(v, data[seed][1], higher_is_suspicious=False)["auroc"]
+            entry[f"rel_error_seed{seed}"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            entry[f"spearman_seed{seed}"] = float(spearmanr(a, b).statistic)
+        results["rows"].append(entry)
+        print(f"| {row} | {np.median(cpu[row]):.3f} | {entry['ratio']:.2f}× | {entry['auroc_seed0']:.3f} | "
+              f"{entry['auroc_seed1']:.3f} | {entry['rel_error_seed0']:.2g}, {entry['rel_error_seed1']:.2g} | "
+              f"{entry['spearman_seed0']:.3f}, {entry['spearman_seed1']:.3f} |")
+    atomic_write_json(OUT, results)
+    print(f"\n-> {OUT}")
 
 
 if __name__ == "__main__":

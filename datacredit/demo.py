@@ -23,6 +23,11 @@ from .training import InRunCallback
 
 SHADES = " .:-=+*#%@"
 DEFER_STEPS = 64  # In-Run values of this many steps computed together (InRunShapley defer_steps): same values
+# recorded / plain training CPU time of the demo's run and the nearest cheaper choice, from
+# benchmarks/inrun_demo_overhead.py (benchmarks/INRUN.md, "Issue 16, third pass"): printed as context
+RECORDING_COST = "about 2.7x"
+SUBSAMPLE_NOTE = ("a per-step random subsample of 64 validation images would cost about 2.2x at a relative error of "
+                  "0.3 (AUROC 0.696 instead of 0.711)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +96,12 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
 
     recipe = ClassifierRecipe(64, 10, hidden=(64,))
     task = ClassificationTask()
-    # exact first-order values against the whole validation set; on a model this small a step's validation pass
-    # is mostly per-call overhead, so the values of DEFER_STEPS steps are computed together (same values)
+    # exact first-order values against the whole validation set. On a model this small a step's validation pass
+    # and per-layer dots are mostly per-call overhead, so nothing is captured while training (replay): the values of
+    # DEFER_STEPS steps are recomputed together from their parameters and batches (looked up by id in `train`),
+    # every step checked against the gradient the optimizer received (the loss is task.loss(...).mean())
     recorder = InRunCallback(task, validation.tensors, order=1, targeted=False, keep_history=True,
-                             defer_steps=DEFER_STEPS)
+                             defer_steps=DEFER_STEPS, replay="mean", data=train)
     start = time.perf_counter()
     # the recipe's seed-`seed` model (what the ground truth retrains), with In-Run values recorded as it trains
     model = recipe.train(train, seed, callbacks=[recorder], progress=progress)
@@ -104,9 +111,10 @@ def run_demo(out: str | Path = "runs/demo", n_queries: int = 30, m: int = 40, wo
     print(f"MLP 64-64-10 trained with In-Run Shapley recording in {time.perf_counter() - start:.1f} s: "
           f"test accuracy {accuracy:.3f}")
     print(f"In-Run values: exact first order, each step's contribution to the loss on all {len(validation)} "
-          f"validation images (batch {recipe.batch_size}), computed {DEFER_STEPS} steps at a time; the validation "
-          "pass is about 5x a training batch, so recording costs several times plain training on this tiny model "
-          "(benchmarks/INRUN.md)")
+          f"validation images (batch {recipe.batch_size}), replayed {DEFER_STEPS} steps at a time from the saved "
+          "parameters and batches, each step checked against the optimizer's gradient. Recording costs "
+          f"{RECORDING_COST} plain training CPU time on this tiny model (the validation pass is 5x a training "
+          f"batch); {SUBSAMPLE_NOTE} (benchmarks/INRUN.md)")
 
     methods = {
         "grad-dot": GradDot(model, task, progress=progress),

@@ -88,7 +88,10 @@ class Snapshots:
                 torch._foreach_copy_(self._views[slot], tensors)
 
     def rows(self, slots: list[int]) -> dict[str, Tensor]:
-        """``{name: (len(slots), *shape)}``: a view when the slots are 0..n-1, else a gathered copy."""
+        """``{name: (len(slots), *shape)}``: the buffers themselves when the slots are all of them (not a view:
+        forward-mode AD copies a view's whole base), a view when they are 0..n-1, else a gathered copy."""
+        if len(slots) == self.capacity and slots == list(range(self.capacity)):
+            return dict(self.data)
         if slots == list(range(len(slots))):
             return {k: v[: len(slots)] for k, v in self.data.items()}
         index = torch.tensor(slots)

@@ -121,30 +121,29 @@ class Replay:
 
     def values(self, steps: list[PendingStep], grads: dict[str, Tensor]) -> list[Tensor]:
         """``values_z`` ``(N,)`` float64 of every step (module docstring), each step checked against its
-        ``p.grad``; ``grads`` ``{name: (K, *shape)}`` the validation gradients of the steps."""
-        groups: dict[tuple, list[int]] = {}
-        for k, st in enumerate(steps):
-            groups.setdefault((len(st.micro[0][0]), st.batch is None), []).append(k)
-        out: list[Tensor | None] = [None] * len(steps)
-        for members in groups.values():
-            group = [steps[k] for k in members]
-            index = torch.tensor(members)
-            tangent = {}
-            for name in self.deferred.names:
-                s = torch.tensor([st.shares.get(name, 0.0) for st in group], dtype=grads[name].dtype)
-                g = grads[name][index.to(grads[name].device)]
-                tangent[name] = g * s.to(g.device).reshape(-1, *([1] * (g.dim() - 1)))  # s ⊙ g_val per step
-            found = self._dots(group, tangent)
-            self._check(group, tangent, found)
-            for row, k in enumerate(members):
-                out[k] = found[row].to(torch.float64)
-        return out
+        ``p.grad``; ``grads`` ``{name: (K, *shape)}`` the validation gradients of the steps. All K steps go through
+        one vmapped call: a smaller batch (an epoch's last) is padded with copies of its last example, whose
+        values are dropped (per-example losses do not see each other: the check fails where they do)."""
+        sizes = [len(st.micro[0][0]) for st in steps]
+        n = max(sizes)
+        shape = (len(steps),)
+        tangent = {}
+        for name in self.deferred.names:
+            s = torch.tensor([st.shares.get(name, 0.0) for st in steps], dtype=grads[name].dtype)
+            g = grads[name]
+            tangent[name] = g * s.to(g.device).reshape(*shape, *([1] * (g.dim() - 1)))  # s ⊙ g_val per step
+        found = self._dots(steps, tangent, n)  # (K, N): ⟨∇ℓ_z, s ⊙ g_val⟩, padded rows included
+        real = torch.arange(n, device=found.device) < torch.tensor(sizes, device=found.device)[:, None]
+        per = torch.tensor(sizes, dtype=found.dtype, device=found.device)[:, None]
+        found = torch.where(real, found / per if self.reduction == "mean" else found, 0)
+        self._check(steps, tangent, found)
+        return [found[k, : sizes[k]].to(torch.float64) for k in range(len(steps))]
 
-    def _dots(self, group: list[PendingStep], tangent: dict[str, Tensor]) -> Tensor:
-        """``α · ⟨∇ℓ_z(θ_t), tangent_t⟩`` ``(G, N)`` for the steps of one group (same batch size): the per-example
-        losses of the vmapped forward, with the stacked snapshots as forward-mode duals along the tangents."""
-        tracked, fixed = self.deferred.stacked([st.slot for st in group])
-        batch = self._batch(group)
+    def _dots(self, steps: list[PendingStep], tangent: dict[str, Tensor], n: int) -> Tensor:
+        """``⟨∇ℓ_z(θ_t), tangent_t⟩`` ``(K, n)`` for every step's batch padded to n examples: the per-example losses
+        of the vmapped forward, with the stacked snapshots as forward-mode duals along the tangents."""
+        tracked, fixed = self.deferred.stacked([st.slot for st in steps])
+        batch = self._batch(steps, n)
 
         def losses(params, rest, data):
             state = {f"inner.{k}": v for k, v in {**rest, **params}.items()}
@@ -158,32 +157,34 @@ class Replay:
                 except Exception:  # noqa: BLE001  (an op without a batching rule, data-dependent control flow)
                     self.deferred.vmap_ok = False
             if not self.deferred.vmap_ok:
-                out = torch.stack([losses(*(_row(x, i) for x in (duals, fixed, batch))) for i in range(len(group))])
+                out = torch.stack([losses(*(_row(x, i) for x in (duals, fixed, batch))) for i in range(len(steps))])
             found = fwAD.unpack_dual(out).tangent
-        n = len(group[0].micro[0][0])
-        if found is None or found.shape != (len(group), n):
+        if found is None or found.shape != (len(steps), n):
             shape = None if found is None else tuple(found.shape[1:])
             raise DataError(f"replay: task.loss gave per-example derivatives of shape {shape} for a batch of {n} "
                             "examples; it must return the per-example losses (N,) of the tracked parameters")
-        return found / n if self.reduction == "mean" else found
+        return found
 
-    def _check(self, group: list[PendingStep], tangent: dict[str, Tensor], found: Tensor) -> None:
-        """``Σ_z value_z`` against ``⟨p.grad, s ⊙ g_val⟩ / clip`` per step (module docstring); raises on mismatch."""
-        recorded = self.grads.rows([st.slot for st in group])
-        k = len(group)
-        g = torch.cat([recorded[name].reshape(k, -1) for name in tangent], 1)
-        t = torch.cat([v.reshape(k, -1) for v in tangent.values()], 1).to(g.dtype)
-        clip = torch.tensor([st.clip for st in group], dtype=torch.float64)
-        prod = g * t
-        rhs = prod.sum(1).to(torch.float64).cpu() / clip
-        scale = prod.abs_().sum(1).to(torch.float64).cpu() / clip + found.abs().sum(1).to(torch.float64).cpu()
+    def _check(self, steps: list[PendingStep], tangent: dict[str, Tensor], found: Tensor) -> None:
+        """``Σ_z value_z`` against ``⟨p.grad, s ⊙ g_val⟩ / clip`` per step (module docstring); raises on mismatch.
+        ``found`` ``(K, N)``: the values, zero in padded rows."""
+        recorded = self.grads.rows([st.slot for st in steps])
+        k = len(steps)
+        dot = size = None
+        for name, t in tangent.items():
+            prod = recorded[name].reshape(k, -1) * t.reshape(k, -1).to(recorded[name].dtype)
+            d, a = prod.sum(1), prod.abs_().sum(1)
+            dot, size = (d, a) if dot is None else (dot + d, size + a)
+        clip = torch.tensor([st.clip for st in steps], dtype=torch.float64)
+        rhs = dot.to(torch.float64).cpu() / clip
+        scale = size.to(torch.float64).cpu() / clip + found.abs().sum(1).to(torch.float64).cpu()
         lhs = found.sum(1).to(torch.float64).cpu()
         tol = TOLERANCE_EPS * torch.finfo(found.dtype).eps
         bad = ((lhs - rhs).abs() > tol * scale + torch.finfo(found.dtype).tiny).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
             raise DataCreditError(
-                f"replay: at step {group[i].step} the replayed per-example losses do not explain the gradient the "
+                f"replay: at step {steps[i].step} the replayed per-example losses do not explain the gradient the "
                 f"optimizer received: Σ_z value_z = {float(lhs[i]):.6g} but ⟨p.grad, s ⊙ g_val⟩ = "
                 f"{float(rhs[i]):.6g} (tolerance {float(tol * scale[i]):.3g}; {len(bad)} of {k} steps of this "
                 f"window differ). The loss backpropagated must be task.loss(model, batch).{self.reduction}() of a "
@@ -191,11 +192,11 @@ class Replay:
                 "untouched before optimizer.step() (clip with InRunShapley.clip_grad_norm_). Use defer_steps "
                 "without replay (the capture route) otherwise.")
 
-    def _batch(self, group: list[PendingStep]) -> Any:
-        """The group's batches stacked over steps, every tensor ``(G, N, ...)``."""
-        if group[0].batch is not None:
-            return _stack([st.batch for st in group])
-        ids = np.stack([np.asarray(st.micro[0][0], dtype=np.int64) for st in group])  # (G, N)
+    def _batch(self, steps: list[PendingStep], n: int) -> Any:
+        """The steps' batches padded to n examples and stacked, every tensor ``(K, n, ...)``."""
+        if steps[0].batch is not None:
+            return _stack([_pad(st.batch, n) for st in steps])
+        ids = np.stack([_pad_ids(np.asarray(st.micro[0][0], dtype=np.int64), n) for st in steps])  # (K, n)
         rows = self._rows(ids)
         tensors = getattr(self.data, "tensors", None)
         if tensors is not None:
@@ -227,6 +228,23 @@ class Replay:
         finally:
             for m, flag in now:
                 object.__setattr__(m, "training", flag)
+
+
+def _pad_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """``ids`` ``(N,)`` padded to n with copies of the last."""
+    return ids if len(ids) == n else np.concatenate([ids, np.repeat(ids[-1:], n - len(ids))])
+
+
+def _pad(batch: Any, n: int) -> Any:
+    """Every tensor of a batch padded to n examples with copies of its last row."""
+    if isinstance(batch, Tensor):
+        return batch if len(batch) == n else torch.cat([batch, batch[-1:].expand(n - len(batch), *batch.shape[1:])])
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pad(x, n) for x in batch)
+    if isinstance(batch, dict):
+        return {k: _pad(v, n) for k, v in batch.items()}
+    raise ValueError(f"replay can stack batches of tensors (a tensor, tuple/list or dict of them), not "
+                     f"{type(batch).__name__}")
 
 
 def _stack(batches: list[Any]) -> Any:
