@@ -33,7 +33,7 @@ from torch.autograd.graph import get_gradient_edge
 from ..errors import DataError, NonFiniteError, UnsupportedModuleError
 from . import conv1d, conv2d, embedding, layernorm, linear  # noqa: F401  (registers the rules)
 from .grads import ExampleGrads
-from .pieces import LazyDense, Piece
+from .pieces import Piece
 from .registry import LayerRule, rule_for, rule_mismatch
 
 
@@ -192,6 +192,9 @@ class Capture:
                 if p.requires_grad:
                     params.setdefault(id(p), p)
         self.params = {self._names[i]: p for i, p in params.items()}  # tracked trainable parameters by name
+        # the tracked trainable parameters each module owns, by path (a tied parameter appears under each module)
+        self.names_of = {path: tuple(self._names[id(p)] for p in module.parameters(recurse=False) if p.requires_grad)
+                         for path, (module, _) in self.tracked.items()}
         self._calls: list[_Call] = []
         self._handles: list = []
         self.enabled = True
@@ -328,8 +331,6 @@ class Capture:
             inputs, grad = _common_dtype(call.module, call.inputs, call.grad)
             for attr, piece in call.pieces(inputs, grad).items():
                 name = self._names[id(getattr(call.module, attr))]
-                if isinstance(piece, LazyDense):  # kept past the backward: g alone, not activation-sized factors
-                    piece = piece.kept()
                 found.append((call.path, name, piece))
                 if self.measure:
                     self.scales[name] = self.scales.get(name, 0.0) + _call_scale(inputs, grad)

@@ -20,7 +20,6 @@ Pieces of the same parameter from different modules (tied weights) are summed, s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -126,41 +125,6 @@ class Dense:
         """``Σ_i r_i g_i`` (or ``Σ_i |r_i g_i|``), ``(numel,)``; see :meth:`Outer.total`."""
         g = self.g if weights is None else self.g * weights.to(self.g.dtype).reshape(-1, 1)
         return (g.abs() if absolute else g).sum(0)
-
-
-class LazyDense(Dense):
-    """A :class:`Dense` piece kept as the factors it is formed from (a rule's own), ``g`` formed on first use.
-
-    For a streamed dot (one layer's ``⟨g_i, V⟩`` inside the backward, its factors released right after) a subclass's
-    :meth:`dot` costs fewer passes over the activations than forming ``g``. Anything else reads ``g`` and gets the
-    materialized piece. :meth:`kept` is what a caller that keeps pieces past the backward stores (``g`` alone: the
-    factors are activation-sized).
-    """
-
-    def __init__(self, n: int, dtype: torch.dtype):
-        self._n, self._dtype = n, dtype
-
-    @property
-    def n_examples(self) -> int:
-        return self._n
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @cached_property
-    def g(self) -> Tensor:  # noqa: D102  (the dataclass field of Dense, formed here on first use)
-        return self.form()
-
-    def form(self) -> Tensor:
-        """``g`` ``(N, numel)`` from the factors."""
-        raise NotImplementedError
-
-    def kept(self) -> Dense:
-        return Dense(self.g)
-
-    def __repr__(self) -> str:  # the dataclass's would form g
-        return f"{type(self).__name__}(n={self._n}, dtype={self._dtype})"
 
 
 Piece = Outer | Dense

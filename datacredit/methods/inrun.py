@@ -298,7 +298,8 @@ class InRunShapley:
                 ghost = {name for name, r in routes.items() if r == "ghost"}
                 self._ftz = not flushing()  # subnormals flushed in our own work only (capture/subnormals.py)
                 with torch.enable_grad(), self._eval(), Flushed(self._ftz):
-                    self._val_state = self._validation(with_pieces=self._routes is None or bool(ghost), skip=ghost)
+                    self._val_state = self._validation(with_pieces=self._routes is None or bool(ghost), skip=ghost,
+                                                       only=None if self._routes is None else ghost)
             self._acc = {}
             self.capture.consumer = self._consume
         self._open = ids
@@ -621,7 +622,8 @@ class InRunShapley:
         val = [v.scale(shares) for v in val]
         return np.concatenate([_np(torch.cat([m.grads.gram(v) for v in val], dim=1)) for m in pending])
 
-    def _validation(self, with_pieces: bool, skip: set[str] = frozenset()) -> _Validation:
+    def _validation(self, with_pieces: bool, skip: set[str] = frozenset(),
+                    only: set[str] | None = None) -> _Validation:
         """The validation side of this step at the current parameters: the summed validation gradient of every
         tracked parameter and, with ``with_pieces``, the validation examples' pieces (for ghost dots); both times
         ``n_val/k`` under a validation budget. One forward and one backward per validation batch (the first batch
@@ -629,7 +631,9 @@ class InRunShapley:
         own precision.
 
         skip: parameters whose weight gradient the backward need not form (ghost-route layers: their pieces are
-        enough; should one be needed after all, :meth:`_Validation.grad` sums it from the pieces)."""
+        enough; should one be needed after all, :meth:`_Validation.grad` sums it from the pieces).
+        only: pieces only of the calls that use one of these parameters (the ghost-route ones; every parameter not
+        in it must then be outside ``skip``, so its validation gradient is autograd's); None: of every call."""
         names = [k for k in self.capture.params if not (with_pieces and k in skip)]
         params = [self.capture.params[k] for k in names]
         grads: dict[str, Tensor] = {}
@@ -647,7 +651,8 @@ class InRunShapley:
                             found = example_grads(cap, losses)
                             part, part_pieces = found.total(), found.pieces
                         else:
-                            part, part_pieces = self._validation_backward(cap, losses, names, params, with_pieces)
+                            part, part_pieces = self._validation_backward(cap, losses, names, params, with_pieces,
+                                                                          only)
                 for k, g in part.items():
                     grads[k] = grads[k] + g if k in grads else g
                 if with_pieces:
@@ -661,12 +666,15 @@ class InRunShapley:
 
     @staticmethod
     def _validation_backward(cap: Capture | None, losses: Tensor, names: list[str], params: list[Tensor],
-                             with_pieces: bool) -> tuple[dict[str, Tensor], dict[str, list[Piece]]]:
+                             with_pieces: bool, only: set[str] | None = None
+                             ) -> tuple[dict[str, Tensor], dict[str, list[Piece]]]:
         """One backward of ``Σ losses`` for the parameters' gradients and, in the same pass, the tracked calls'
         output gradients (the validation pieces): nothing is summed from pieces, autograd's own weight gradient is
-        ``Σ g_val``. ``cap`` None: no capture ran (gradients only)."""
+        ``Σ g_val``. ``cap`` None: no capture ran (gradients only). only: see :meth:`_validation` (the calls of
+        val-first layers, LayerNorms on the GPT, then form no pieces)."""
         check_per_example(losses)
-        calls = list(cap._calls) if with_pieces else []
+        calls = [c for c in cap._calls if only is None or not only.isdisjoint(cap.names_of[c.path])] if with_pieces \
+            else []
         out = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + params, allow_unused=True)
         for call, g in zip(calls, out):
             if g is not None:
