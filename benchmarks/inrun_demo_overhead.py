@@ -10,11 +10,14 @@ nothing captured during training); a per-step random validation subsample of k i
 exact value, ``validation_subsample=k``) on the replay route; a fixed random subset of k images (the exact value
 for a smaller validation set, not an estimate of the full one).
 
-    .venv/bin/python benchmarks/inrun_demo_overhead.py        # -> results/inrun_demo_overhead.json (~2 min)
+    .venv/bin/python benchmarks/inrun_demo_overhead.py            # -> results/inrun_demo_overhead.json (~2 min)
+    .venv/bin/python benchmarks/inrun_demo_overhead.py --profile  # where the replay route's time goes (no JSON)
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import os
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from scipy.stats import spearmanr
 from datacredit import ClassificationTask
 from datacredit.data import flip_labels, load_digits
 from datacredit.evaluate import ClassifierRecipe, mislabel_detection
+from datacredit.methods import inrun, inrun_batched, inrun_replay
 from datacredit.store import atomic_write_json
 from datacredit.training import InRunCallback, train_classifier
 
@@ -52,7 +56,30 @@ def setup(seed: int):
     return train, flipped, validation.tensors
 
 
+def timed(spent: collections.defaultdict, where: object, name: str, active: list[str]) -> None:
+    """Wrap ``where.name`` so that every call's CPU seconds are added to ``spent[name]`` and, for a call made while
+    ``_on_step`` runs, to ``spent[name + " in _on_step"]``."""
+    inner = getattr(where, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.process_time()
+        active.append(name)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            active.pop()
+            seconds = time.process_time() - start
+            spent[name] += seconds
+            if "_on_step" in active:
+                spent[name + " in _on_step"] += seconds
+
+    setattr(where, name, wrapper)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="CPU s per part of the replay route, then stop")
+    profile = parser.parse_args().profile
     torch.set_num_threads(1)
     recipe, task = ClassifierRecipe(64, 10, hidden=(64,)), ClassificationTask()
     data = {seed: setup(seed) for seed in (0, 1)}
@@ -75,6 +102,9 @@ def main() -> None:
         seconds = time.process_time() - start
         return seconds, recorder.values() if row is not None else None
 
+    if profile:
+        breakdown(run)
+        return
     run(0, None)
     for row in ROWS:  # warm-up: first use of torch.func / forward-mode AD in the process costs a one-off
         run(0, row)
@@ -111,6 +141,37 @@ def main() -> None:
               f"{entry['spearman_seed0']:.3f}, {entry['spearman_seed1']:.3f} |")
     atomic_write_json(OUT, results)
     print(f"\n-> {OUT}")
+
+
+def breakdown(run) -> None:
+    """CPU s of the replay rows' parts (3 runs each after a warm-up, medians): the flushes (validation gradients,
+    forward-mode dots, the gradient check) and the per-step hooks (``begin``: snapshot; ``_on_step`` outside the
+    flushes: p.grad copy, s, bookkeeping), against plain training."""
+    spent: collections.defaultdict = collections.defaultdict(float)
+    active: list[str] = []
+    for where, name in ((inrun.InRunShapley, "begin"), (inrun.InRunShapley, "_on_step"),
+                        (inrun.InRunShapley, "_flush"), (inrun_batched.DeferredSteps, "_validation_grads"),
+                        (inrun_replay.Replay, "_dots"), (inrun_replay.Replay, "_check")):
+        timed(spent, where, name, active)
+    rows = [row for row in ROWS if "replay" in row and "fixed" not in row]
+    run(0, None)
+    run(0, rows[0])
+    plain = float(np.median([run(0, None)[0] for _ in range(3)]))
+    print(f"plain training {plain:.3f} CPU s (load average {os.getloadavg()[0]:.1f})\n")
+    print("| validation | recorded (ratio) | flushes | of which validation gradients, dots, check | begin + pre-hook "
+          "outside flushes | rest |\n|---|---|---|---|---|---|")
+    for row in rows:
+        total, parts = [], collections.defaultdict(list)
+        for _ in range(3):
+            spent.clear()
+            total.append(run(0, row)[0])
+            for name, seconds in spent.items():
+                parts[name].append(seconds)
+        med = {name: float(np.median(v)) for name, v in parts.items()}
+        rec, flush = float(np.median(total)), med["_flush"]
+        hooks = med["begin"] + med["_on_step"] - med.get("_flush in _on_step", 0.0)
+        print(f"| {row} | {rec:.3f} ({rec / plain:.2f}×) | {flush:.3f} | {med['_validation_grads']:.3f}, "
+              f"{med['_dots']:.3f}, {med['_check']:.3f} | {hooks:.3f} | {rec - plain - flush - hooks:.3f} |")
 
 
 if __name__ == "__main__":
