@@ -225,11 +225,14 @@ def _budget(monkeypatch, nbytes):
 
 def _counted(monkeypatch):
     """Count GradDot's passes over the training set, query batches whose gradients are computed, QueryGrams built
-    (one per round) and their gram calls (one per training batch scored)."""
+    (one per round), their gram calls (one per training batch scored) and QueryGrams built while another was alive."""
+    import weakref
+
     from datacredit.methods.querygram import QueryGram
 
-    counts = {"train": 0, "query_batches": 0, "rounds": 0, "grams": 0, "prepared": set()}
+    counts = {"train": 0, "query_batches": 0, "rounds": 0, "grams": 0, "prepared": set(), "overlaps": 0}
     stream, init, gram = GradDot.stream, QueryGram.__init__, QueryGram.gram
+    alive = weakref.WeakSet()  # the rounds' query sides not yet freed
 
     def counted_stream(self, data, *, measurement=False, **kw):
         counts["train"] += not measurement
@@ -239,6 +242,8 @@ def _counted(monkeypatch):
 
     def counted_init(self, *args, **kw):
         counts["rounds"] += 1
+        counts["overlaps"] += len(alive)  # another round's query side still alive while this one is built
+        alive.add(self)
         init(self, *args, **kw)
         counts["prepared"] |= set(self.prepared)
 
@@ -254,10 +259,13 @@ def _counted(monkeypatch):
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_rounds_past_the_budget_equal_one_round_and_torch_func(gpt, monkeypatch, normalize):
-    """A budget of 5 queries' prepared side: at least 3 rounds, one pass over the training set each (each query batch
-    computed once), the same scores as without a budget and as the torch.func twin;
-    top-k the same as score's."""
+    """A budget of 5 queries' prepared side and passes costed at nothing (rounds wherever they hold more prepared
+    parameters): 4 rounds of 2 query batches, one pass over the training set each (each query batch computed once),
+    the same scores as without a budget and as the torch.func twin; top-k the same as score's."""
+    from datacredit.methods import querygram
+
     model, task, train, queries, per_query = gpt
+    monkeypatch.setattr(querygram, "PASS_MULTIPLY_ADDS", 0)
     kw = {"normalize": normalize, "batch_size": 2, "progress": False}
     _budget(monkeypatch, 2**40)
     one = GradDot(model, task, **kw).fit(train).score(queries).values
@@ -265,8 +273,9 @@ def test_rounds_past_the_budget_equal_one_round_and_torch_func(gpt, monkeypatch,
     method = GradDot(model, task, **kw).fit(train)  # Grad-Cos: one pass for the training norms, not counted
     counts = _counted(monkeypatch)
     rounds = method.score(queries).values
-    n_rounds = counts["rounds"]  # 3 by the cost model today (rounds of 6 queries, one layer pairwise) or 4
-    assert n_rounds == counts["train"] >= 3 and counts["query_batches"] == 8 and counts["grams"] == n_rounds * 6
+    n_rounds = counts["rounds"]
+    assert n_rounds == counts["train"] == 4 and counts["query_batches"] == 8 and counts["grams"] == n_rounds * 6
+    assert counts["overlaps"] == 0  # one round's prepared queries in memory at a time: the budget holds
     np.testing.assert_allclose(rounds, one, rtol=1e-10, atol=1e-12)
     names = [n for n, _ in model.named_parameters()]
     g_train = flat(torch_func_grads(model, task, train.tensors[0]), names)

@@ -202,6 +202,7 @@ class GradDot(GradientMethod):
         for _, cols, query_gram, q_norms in self._rounds(queries, list(range(n_batches))):
             for _, batch, g, _ in self.stream(self._train, desc=f"{self.name} top-k"):
                 acc.add(batch.rows, cols, self._values(query_gram, g, batch, q_norms))
+            del query_gram  # before the next round's is built: one round's query side alive at a time
         return acc.result(self.train_ids, query_ids, self.name)
 
     def _exact(self, queries: Data) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +237,7 @@ class GradDot(GradientMethod):
                     for k in ks:
                         if not done(k, b):
                             out.mark_done(k * len(blocks) + b)
+            del query_gram  # before the next round's is built: one round's query side alive at a time
         if name is None:
             return array, query_ids
         array.flush()
@@ -255,7 +257,8 @@ class GradDot(GradientMethod):
         indices, its columns of the score matrix (a slice where contiguous), its query side (:class:`QueryGram`) and,
         for Grad-Cos, its queries' norms. Routes and round size are :func:`~.querygram.plan`'s, on the first pending
         batch. Every pending batch's gradients are computed once (one pass over them in all), the others skipped;
-        each round must be used before the next is asked for."""
+        each round must be used, and dropped by the caller, before the next is asked for (two rounds' query sides
+        alive at once would pass the budget). Between rounds the suspended query stream holds its last batch."""
         if not pending:
             return
         size = _batch_size(queries, self.batch_size)
@@ -290,9 +293,10 @@ class GradDot(GradientMethod):
                     del g  # one batch alive at a time: the QueryGram keeps what it needs of it
 
             query_gram = QueryGram(batches(), width, routes=p.routes)
+            if r + p.per_round >= len(pending):
+                stream.close()  # the last round: release the stream's last batch and leave the query capture now
             yield ks, cols, query_gram, np.concatenate(norms) if norms else None
             del query_gram
-        stream.close()  # the remaining batches are not pending: leave the query capture now
 
     def _output(self, queries: Data, query_ids: np.ndarray, n_chunks: int) -> tuple[Any, str | None]:
         """Where the exact scores go: ``(float64 array, None)`` in memory, or ``(ChunkedArray, its name)`` in the

@@ -49,11 +49,12 @@ from ..memory import memory_budget
 from .base import VAL_FIRST_ADVANTAGE, gemm_cost, piece_products, val_first_cost
 
 TRAIN_CHUNK_ELEMENTS = 2**24  # training gradients materialized at once on the prepared route (64 MiB in float32)
-# A training pass (forward and backward with capture) in multiply-adds per N·T·m·n of the captured parameters: the
-# forward and the input-gradient products (2), plus attention, norms and capture. Calibrated in
-# benchmarks/QUERIES.md ("Grad-Dot past the budget"): on a TinyGPT (d = 128, T = 64) an extra round cost ~3.4 CPU s
-# where pairwise products ran ~11.5 G multiply-adds per CPU s, ~3.8 N·T·m·n, of which 1 is materializing.
-PASS_MULTIPLY_ADDS = 3
+# What one more round costs besides materializing the training gradients again (a forward and backward pass with
+# capture), in multiply-adds per N·T·m·n of all captured parameters: 2 by count (the forward and the input-gradient
+# products); 6 measured (benchmarks/QUERIES.md, "Grad-Dot past the budget": on a TinyGPT, d = 128, T = 64, each extra
+# round cost ~2.5 CPU s over 10 training batches where the pairwise products ran ~28 G multiply-adds per CPU s, about
+# 7.0 G per batch: 1.07 G materializing, 5.8 × 1.03 G of N·T·m·n).
+PASS_MULTIPLY_ADDS = 6
 
 Columns = slice | np.ndarray | Tensor
 PREPARED, PAIRWISE = "prepared", "pairwise"
