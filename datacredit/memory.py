@@ -4,8 +4,9 @@ Scoring many queries keeps a prepared query side in memory (Influence's precondi
 exact Grad-Dot's materialized query gradients, ``Q × numel``). By default each may take :data:`FRACTION` of the
 memory of the device it lives on: the accelerator's total memory, or on the CPU the machine's physical memory
 (4 GiB when the OS does not say). Past it, Influence splits the queries into rounds (one pass over the training
-set each) and Grad-Dot keeps the remaining parameters factored (pairwise products). Per call: ``Influence(...,
-query_batch=)``; for everything else, change :data:`FRACTION`.
+set each); Grad-Dot too where the extra passes cost less than keeping the overflow factored (pairwise products), else
+pairwise (:func:`datacredit.methods.querygram.plan`). Per call: ``Influence(..., query_batch=)``; for everything else,
+change :data:`FRACTION`.
 """
 
 from __future__ import annotations
