@@ -73,6 +73,34 @@ def test_replay_with_data_clipping_and_a_smaller_last_batch():
     same_history(got, ref)
 
 
+class ItemsOnly(torch.utils.data.Dataset):
+    """A map-style dataset with ids but no ``tensors``: replay collates its items."""
+
+    def __init__(self, inner: ArrayDataset):
+        self.inner, self.ids = inner, inner.ids
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]
+
+
+def test_replay_collates_the_items_of_a_dataset_without_tensors():
+    ref = run("convln", "groups", steps=6, sizes=(6, 5))
+    got = run("convln", "groups", steps=6, sizes=(6, 5), give_batch=False, defer_steps=3, replay="mean",
+              data=ItemsOnly(dataset("convln")))
+    close(got.values().values, ref.values().values)
+
+
+def test_an_id_missing_from_data_is_named():
+    from datacredit.errors import DataError
+
+    small = dataset("mlp").subset(np.arange(6))  # ids 0..5: the second batch's ids 6..11 are not there
+    with pytest.raises(DataError, match="example id 6 is not in data="):
+        run("mlp", "sgd", steps=3, give_batch=False, defer_steps=2, replay="mean", data=small).values()
+
+
 def test_replay_of_a_summed_loss_and_without_vmap(monkeypatch):
     ref = run("gpt", "sgd", loss_scale=1.0)
     monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no batching rule")))

@@ -198,11 +198,12 @@ class Replay:
             return _stack([_pad(st.batch, n) for st in steps])
         ids = np.stack([_pad_ids(np.asarray(st.micro[0][0], dtype=np.int64), n) for st in steps])  # (K, n)
         rows = self._rows(ids)
+        device = next(iter(self.deferred.params.data.values())).device  # the snapshots' (the model's)
         tensors = getattr(self.data, "tensors", None)
         if tensors is not None:
             index = torch.from_numpy(rows)
-            return tuple(t[index.to(t.device)] for t in tensors)
-        return _stack([default_collate([self.data[int(r)] for r in step_rows]) for step_rows in rows])
+            return tuple(t[index.to(t.device)].to(device) for t in tensors)
+        return _to(_stack([default_collate([self.data[int(r)] for r in step_rows]) for step_rows in rows]), device)
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``data`` holding ``ids`` (any shape); DataError naming an id ``data`` does not have."""
@@ -228,6 +229,17 @@ class Replay:
         finally:
             for m, flag in now:
                 object.__setattr__(m, "training", flag)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested) batch on ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(x, device) for x in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
 
 
 def _pad_ids(ids: np.ndarray, n: int) -> np.ndarray:
