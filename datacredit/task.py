@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import DataError
+
 
 class Task:
     """Subclass and implement :meth:`loss`; override :meth:`measurement` and :meth:`tracked_modules` as needed."""
@@ -54,7 +56,13 @@ class ClassificationTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         x, y = batch[0], batch[1]
-        return F.cross_entropy(_logits(model(x)), y, reduction="none")
+        logits = _logits(model(x))
+        if y.dtype != torch.long or y.shape != logits.shape[:1]:
+            raise DataError(f"ClassificationTask: labels must be int64 class indices of shape ({logits.shape[0]},), "
+                            f"got {y.dtype} of shape {tuple(y.shape)}")
+        # cross-entropy by hand: the same numbers as F.cross_entropy (nll_loss is this gather), but vmap and
+        # forward-mode AD (In-Run's replay route) run it as two kernels instead of nll_loss's Python decomposition
+        return -logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
         if self.kind == "loss":
