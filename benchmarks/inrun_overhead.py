@@ -144,10 +144,10 @@ def gpt_configs(quick: bool) -> list[Config]:
                           opts[o], o, ["plain", "new1", "old1", "new2", "old2", "new1 k=1", "new1 r=16"], warmup, steps,
                           ["new1", "new2"]))
     short = min(32, t)
-    for o in opts:
+    for o in opts:  # twice the steps: its ratios differ by a few percent, which 8 steps on a loaded machine blur
         out.append(Config(f"{head}, val {short} tokens", describe, make, LanguageModelingTask(), batches,
-                          (pool[4:5, : short + 1],), opts[o], o, ["plain", "new1", "old1", "new2"], warmup, steps,
-                          ["new1"]))
+                          (pool[4:5, : short + 1],), opts[o], o, ["plain", "new1", "old1", "new2"], warmup,
+                          2 * steps, ["new1"]))
     return out
 
 
@@ -202,6 +202,13 @@ def build(config: Config, old_cls: Any) -> dict[str, Plain]:
     return out
 
 
+def _paired(new: list[float], old: list[float]) -> dict:
+    """Per-round CPU ms ``new − old``: median, quartiles, and in how many rounds ``new`` was faster."""
+    d = 1000 * (np.asarray(new) - np.asarray(old))
+    return {"median": round(float(np.median(d)), 1), "q25": round(float(np.percentile(d, 25)), 1),
+            "q75": round(float(np.percentile(d, 75)), 1), "new_faster": f"{int((d < 0).sum())}/{len(d)}"}
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -229,6 +236,9 @@ def run_config(config: Config, old_cls: Any, profile_steps: int) -> dict:
     ratios = {k: med[k] / med["plain"] for k in names if k != "plain"}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     cpu_ratios = {k: med_cpu[k] / med_cpu["plain"] for k in names if k != "plain"}
+    # new minus old in the same round (they ran back to back, under the same load): less noisy than two medians
+    paired = {f"{k} - old{k[3:]}": _paired(cpu[k], cpu[f"old{k[3:]}"]) for k in names
+              if k in ("new1", "new2") and f"old{k[3:]}" in cpu}
     exact_ids, exact = variants["new1"].values()
     fidelity = {}
     for name in names:
@@ -246,7 +256,7 @@ def run_config(config: Config, old_cls: Any, profile_steps: int) -> dict:
     breakdown = {name: profile(config, variants[name], profile_steps) for name in config.profile}
     return {"name": config.name, "describe": config.describe, "optimizer": config.opt_name,
             "median_step_s": med, "ratios": ratios, "median_cpu_s": med_cpu, "cpu_ratios": cpu_ratios,
-            "all_step_s": times, "all_cpu_s": cpu, "fidelity": fidelity,
+            "all_step_s": times, "all_cpu_s": cpu, "paired_cpu_ms": paired, "fidelity": fidelity,
             "load_1min": [round(x, 2) for x in load], "breakdown": breakdown}
 
 
@@ -382,6 +392,9 @@ def print_tables(report: dict) -> None:
         agree = ", ".join(f"{k} rel. err {v['rel_err']:.1e}" for k, v in res["fidelity"].items()
                           if "k=" not in k and "r=" not in k)
         print(f"{res['name']} / {res['optimizer']}: {agree}")
+        for k, p in res.get("paired_cpu_ms", {}).items():
+            print(f"  {k}, CPU ms per round: median {p['median']} (quartiles {p['q25']}..{p['q75']}), new faster in "
+                  f"{p['new_faster']}")
         for name, b in res["breakdown"].items():
             parts = ", ".join(f"{k} {v:.1f}" for k, v in b["parts_ms"].items())
             print(f"  {name}: {b['step_ms']:.1f} ms/step = {parts}; rest {b['user forward+backward, update, hooks']}")

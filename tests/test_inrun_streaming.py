@@ -317,7 +317,7 @@ def test_layernorm_pieces_equal_torch_func_per_example_gradients(kernel, positio
     import datacredit.capture.layernorm as layernorm
     from datacredit.capture.layernorm import LayerNormRule
 
-    monkeypatch.setattr(layernorm, "KERNEL_POSITIONS", 1 if kernel else 10**9)
+    monkeypatch.setattr(layernorm, "KERNEL_ELEMENTS", 1 if kernel else 10**12)
     for with_bias in (True, False):
         ln = nn.LayerNorm(6, bias=with_bias)
         with torch.no_grad():

@@ -5,11 +5,11 @@ Per example ``G_γ = Σ_t b_t ⊙ x̂_t`` and ``G_β = Σ_t b_t``: elementwise, 
 (``NativeLayerNormBackward0``): no second pass over ``x`` for the variance. Where they are not available (another
 backend, a future torch) they are recomputed with one ``torch.var_mean``.
 
-With many positions per example (a sequence), each example's ``G_γ`` and ``G_β`` come from autograd's own fused
+With many activations per example (a sequence), each example's ``G_γ`` and ``G_β`` come from autograd's own fused
 kernel, ``native_layer_norm_backward`` asked for the parameter gradients only: one read of ``x`` and ``b`` per
 example, where forming ``b ⊙ x̂`` takes four passes over the activations (measured on the benchmark GPT's
-``(16, 128, 256)`` calls: 0.90 → 0.65 ms). With few positions (an MLP's one row per example) the ``N`` kernel calls
-would cost more than the passes, so the elementwise form is used.
+``(16, 128, 256)`` calls: 0.90 → 0.65 ms). With few (an MLP's one row per example, a short sequence) the ``N``
+kernel calls (about 7 µs each) would cost more than the passes, so the elementwise form is used.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from .pieces import Dense, Piece
 from .registry import LayerRule, register
 
-# Positions per example from which the per-example fused kernel is used (below: the elementwise form)
-KERNEL_POSITIONS = 16
+# Activations per example (positions × normalized width) from which the per-example fused kernel is used
+KERNEL_ELEMENTS = 2**14
 
 
 @register(nn.LayerNorm)
@@ -64,7 +64,7 @@ class LayerNormRule(LayerRule):
                 var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
                 rstd = torch.rsqrt(var + module.eps)
             mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
-            if b.shape[1] >= KERNEL_POSITIONS:
+            if b.shape[1] * width >= KERNEL_ELEMENTS:
                 out["weight"], g_bias = per_example_kernel(module, x, grad_output, mean, rstd, bias)
                 if g_bias is not None:
                     out["bias"] = g_bias
