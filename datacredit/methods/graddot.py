@@ -265,12 +265,11 @@ class GradDot(GradientMethod):
         n_query = len(as_loader(queries, self.batch_size)[1])
         wanted = frozenset(pending)
         stream = self.stream(queries, measurement=True, skip=lambda k: k not in wanted, desc=f"{self.name} queries")
-        first = next(stream)
+        held = [next(stream)]  # the first pending batch: the plan's stand-in, then round 1's first batch
         count = sum(min(n_query, (k + 1) * size) - k * size for k in pending)
-        p = plan(first[2], count, size)
+        p = plan(held[0][2], count, size)
         logger.info("%s: %d queries in %d round(s) of %d batches; prepared %s", self.name, count, p.n_rounds,
                     p.per_round, sorted(n for n, r in p.routes.items() if r == PREPARED))
-        held = [first]
         for r in range(0, len(pending), p.per_round):
             ks = pending[r:r + p.per_round]
             rows = [slice(k * size, min(n_query, (k + 1) * size)) for k in ks]
