@@ -10,16 +10,31 @@ Inputs (local files only, no network):
 * the model: ``--model DIR``, a local ``transformers`` causal LM directory (config + weights + tokenizer, read with
   ``local_files_only``), or, without ``--model``, a character-level TinyGPT trained here on the training windows.
 
-Writes into ``--out``: ``scores/`` (per completion token, a Scores), ``sources.json``, ``ledger.json`` and
-``ledger.csv``, ``credit.html``. Mistakes in the inputs raise DataError naming the file, line and field.
+Several models, the measured best practice (benchmarks/SOURCES.md Case 3b: EK-FAC averaged over 5 training seeds):
+``--seeds K`` trains K character models (seeds ``seed .. seed+K-1``), or ``--model DIR`` repeated names K local models
+(e.g. one recipe trained with K seeds) that must share one tokenizer. Every method attributes each model with the same
+settings and the credit is the plain mean of the K score matrices
+(:class:`~datacredit.ensembles.IndependentEnsemble`). Cost: K trainings (character models) and K fits + scorings per
+method. ``--seeds 1`` and one ``--model`` run the single-model path unchanged.
+
+Noise for the ledger's minimum-evidence rule, per source and output: ``sqrt(b² + s²/K)``, with ``b`` the bootstrap
+standard error over the completion's tokens of the averaged credit (the one-model rule) and ``s`` the standard
+deviation (ddof 1) of the K models' credits, so ``s/√K`` is the standard error of their mean: which tokens and which
+training seed are independent sources of error, so their variances add. With one model it is ``b``.
+
+Writes into ``--out``: ``scores/`` (per completion token, a Scores; the K-model mean), ``sources.json``,
+``ledger.json`` and ``ledger.csv``, ``credit.html``. Mistakes in the inputs raise DataError naming the file, line and
+field.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,16 +45,26 @@ from torch import nn
 
 from datacredit.dataset import ArrayDataset
 from datacredit.digests import data_digest, model_digest
+from datacredit.ensembles import IndependentEnsemble
 from datacredit.errors import DataError
-from datacredit.generation import CompletionTask, attribute_completions, completion_queries
+from datacredit.generation import (
+    CompletionCredit,
+    CompletionTask,
+    attribute_completions,
+    completion_credit,
+    completion_queries,
+)
 from datacredit.ledger import PayoutRule, compensation
 from datacredit.models import TinyGPT
+from datacredit.scores import Scores
 from datacredit.sources import Sources
 from datacredit.store import atomic_write_json
 
-__all__ = ["METHODS", "read_jsonl", "run"]
+__all__ = ["METHODS", "combined_noise", "read_jsonl", "run"]
 
 METHODS = ("influence-ekfac", "influence-kfac", "grad-dot", "trak")
+NOISE_RULE = ("sqrt(b^2 + s^2/K), b the bootstrap standard error over the completion's tokens of the averaged credit, "
+              "s the standard deviation (ddof 1) of the K models' credits")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -49,8 +74,18 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise DataError(f"--{name} {getattr(args, name)}: no such file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise DataError(f"--out {args.out} is a file, not a directory")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise DataError(f"--model {args.model}: not a transformers model directory (no config.json)")
+    for model_dir in args.model or ():
+        if not (Path(model_dir) / "config.json").is_file():
+            raise DataError(f"--model {model_dir}: not a transformers model directory (no config.json)")
+    resolved = [Path(d).resolve() for d in args.model or ()]
+    if len(set(resolved)) < len(resolved):
+        twice = next(d for d, r in zip(args.model, resolved, strict=True) if resolved.count(r) > 1)
+        raise DataError(f"--model {twice} is given twice: averaging a model with itself only weights it double")
+    if args.seeds < 1:
+        raise DataError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.model and args.seeds > 1:
+        raise DataError("--seeds trains that many character models; with --model, name each trained model "
+                        "directory instead (--model DIR1 --model DIR2 ...)")
     if args.seq_len < 2 or args.epochs < 1:
         raise DataError(f"need --seq-len >= 2 and --epochs >= 1, got {args.seq_len} and {args.epochs}")
     if not math.isfinite(args.amount) or args.amount < 0:
@@ -83,11 +118,23 @@ def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
     return records
 
 
-class _Tokenizer:
-    """encode(str) -> list[int] and the vocabulary size, over a transformers tokenizer or characters."""
+def _amounts(outputs: Sequence[dict[str, Any]], default: float, path: str) -> list[float]:
+    amounts = []
+    for n, out in enumerate(outputs):
+        amount = out.get("amount", default)
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not math.isfinite(amount) or amount < 0:
+            raise DataError(f"{path}: output {n}: amount must be a number >= 0, got {amount!r}")
+        amounts.append(float(amount))
+    return amounts
 
-    def __init__(self, encode: Callable[[str], list[int]], vocab_size: int, pad_id: int) -> None:
-        self.encode, self.vocab_size, self.pad_id = encode, vocab_size, pad_id
+
+class _Tokenizer:
+    """encode(str) -> list[int] and the vocabulary size, over a transformers tokenizer or characters.
+    ``vocab``: token -> id (transformers; None for characters), to tell two tokenizers apart."""
+
+    def __init__(self, encode: Callable[[str], list[int]], vocab_size: int, pad_id: int,
+                 vocab: dict[str, int] | None = None) -> None:
+        self.encode, self.vocab_size, self.pad_id, self.vocab = encode, vocab_size, pad_id, vocab
 
 
 def _char_tokenizer(texts: Sequence[str], outputs: Sequence[dict[str, Any]]) -> _Tokenizer:
@@ -115,7 +162,40 @@ def _transformers(model_dir: str) -> tuple[nn.Module, _Tokenizer]:
         raise DataError(f"--model {model_dir}: the tokenizer has {len(tok)} tokens but the model only "
                         f"{model.config.vocab_size}: they do not belong together")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return model, _Tokenizer(lambda s: tok.encode(s, add_special_tokens=False), model.config.vocab_size, pad)
+    return model, _Tokenizer(lambda s: tok.encode(s, add_special_tokens=False), model.config.vocab_size, pad,
+                             tok.get_vocab())
+
+
+def _tokenizer_difference(first: _Tokenizer, other: _Tokenizer, texts: Sequence[str]) -> str | None:
+    """How ``other`` differs from ``first`` (vocabulary, padding id, or the ids of one of ``texts``), or None."""
+    if other.vocab != first.vocab:
+        if len(other.vocab) != len(first.vocab):
+            return f"{len(other.vocab)} tokens against {len(first.vocab)}"
+        token = next(t for t in sorted(first.vocab) if other.vocab.get(t) != first.vocab[t])
+        return f"token {token!r} has id {other.vocab.get(token)} against {first.vocab[token]}"
+    if other.pad_id != first.pad_id:
+        return f"padding id {other.pad_id} against {first.pad_id}"
+    for text in texts:
+        if other.encode(text) != first.encode(text):
+            return f"it encodes {text[:40]!r} differently"
+    return None
+
+
+def _load_models(model_dirs: Sequence[str], texts: Sequence[str]) -> tuple[list[nn.Module], _Tokenizer, int | None]:
+    """The models of ``--model`` directories, their one shared tokenizer (DataError naming the first directory whose
+    tokenizer differs from the first's, on ``texts``: all training texts, prompts and completions) and the shortest
+    context. The vocabulary limit is the smallest model's."""
+    models, toks = zip(*(_transformers(d) for d in model_dirs), strict=True)
+    for model_dir, tok in zip(model_dirs[1:], toks[1:], strict=True):
+        why = _tokenizer_difference(toks[0], tok, texts)
+        if why is not None:
+            raise DataError(f"--model {model_dir}: its tokenizer differs from that of --model {model_dirs[0]} "
+                            f"({why}); models averaged together must share one tokenizer")
+    contexts = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
+                for m in models]
+    tok = toks[0]
+    tok.vocab_size = min(t.vocab_size for t in toks)
+    return list(models), tok, None if None in contexts else min(contexts)
 
 
 def windows(records: Sequence[dict[str, Any]], text_field: str, tok: _Tokenizer, seq_len: int
@@ -157,6 +237,8 @@ def train_char_model(train: ArrayDataset, vocab_size: int, seq_len: int, epochs:
 
 
 def _method(name: str, model: nn.Module, task: CompletionTask) -> Any:
+    """One model's method. Every model of an average gets the same settings (TRAK: the same projection seed, as in
+    the measured seed average of benchmarks/SOURCES.md), so K models average exactly K one-model runs."""
     from datacredit.methods import TRAK, GradDot, Influence
 
     if name == "grad-dot":
@@ -164,6 +246,89 @@ def _method(name: str, model: nn.Module, task: CompletionTask) -> Any:
     if name == "trak":
         return TRAK(model, task, projection=512)
     return Influence(model, task, curvature=name.split("-")[1])
+
+
+def _output_totals(scores: Scores, output_of: np.ndarray, sources: Sources, level: str) -> np.ndarray:
+    """Per-token ``scores`` rolled up to ``(n_source, n_output)`` credits (each output's tokens summed)."""
+    values = sources.values(scores, level).values
+    return np.stack([values[:, output_of == n].sum(1) for n in range(int(output_of.max()) + 1)], 1)
+
+
+def combined_noise(token_noise: np.ndarray, member_credit: np.ndarray) -> np.ndarray:
+    """Noise ``(n_source, n_output)`` for the ledger's minimum-evidence rule: ``sqrt(token_noise² + s²/K)``.
+
+    token_noise: ``(n_source, n_output)`` bootstrap standard error over each completion's tokens of the averaged
+        credit (:attr:`CompletionCredit.noise`). member_credit: ``(K, n_source, n_output)`` each model's credit;
+        ``s`` is their standard deviation over the K models (ddof 1), ``s/√K`` the standard error of their mean.
+    Independent sources of error (which tokens, which training seed) add in variance. K = 1: ``token_noise``.
+    """
+    token_noise = np.asarray(token_noise, dtype=np.float64)
+    member_credit = np.asarray(member_credit, dtype=np.float64)
+    if member_credit.ndim != 3 or member_credit.shape[1:] != token_noise.shape:
+        raise DataError(f"member_credit must be (K, *{token_noise.shape}), got {member_credit.shape}")
+    k = member_credit.shape[0]
+    if k == 1:
+        return token_noise
+    return np.sqrt(token_noise**2 + member_credit.var(0, ddof=1) / k)
+
+
+def _attribute(name: str, models: Sequence[nn.Module], task: CompletionTask, train: ArrayDataset,
+               prompts: list[list[int]], completions: list[list[int]], sources: Sources, level: str, seed: int,
+               limits: dict[str, Any], training_seconds: Sequence[float] | None) -> tuple[CompletionCredit, np.ndarray]:
+    """Credit of method ``name`` averaged over ``models``, and each model's credit ``(K, n_source, n_output)``.
+
+    One model: the method itself (the single-model path, unchanged). Several: an IndependentEnsemble over them,
+    fitted one member at a time (``keep=False``: the peak memory of one fitted method), whose mean score matrix is
+    rolled up by :func:`completion_credit` (the ensemble has no task for :func:`attribute_completions` to check;
+    the query set is the same)."""
+    if len(models) == 1:
+        credit = attribute_completions(_method(name, models[0], task).fit(train), prompts, completions, sources,
+                                       level=level, seed=seed, **limits)
+        return credit, credit.outputs.values[None]
+    ensemble = IndependentEnsemble(lambda model, member: _method(name, model, task), models=models,
+                                   training_seconds=training_seconds).fit(train, keep=False)
+    queries, output_of, _ = completion_queries(prompts, completions, per_token=True, **limits)
+    credit = completion_credit(ensemble.score(queries), output_of, sources, level=level, seed=seed)
+    members = np.stack([_output_totals(s, output_of, sources, level) for s in ensemble.member_scores])
+    return credit, members
+
+
+def _audit(args: argparse.Namespace, models: Sequence[nn.Module], model_dirs: Sequence[str], seeds: Sequence[int],
+           train: ArrayDataset, source_field: str, names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The ledger's audit trail and the report's notes. One model: the single-model trail, unchanged. Several:
+    ``model`` is the sha256 of the models' digests in order (space-separated), and ``models`` lists every model's
+    digest, seed (None for a ``--model`` directory: its training seed is not known here) and source."""
+    digests = [model_digest(m) for m in models]
+    one = len(models) == 1
+    audit: dict[str, Any] = {
+        "model": digests[0] if one else hashlib.sha256(" ".join(digests).encode()).hexdigest(),
+        "model_source": (model_dirs[0] if model_dirs else "character TinyGPT") if one else
+        f"mean over {len(models)} " + ("transformers models" if model_dirs else "character TinyGPTs"),
+        "train_file": str(args.train), "train_digest": data_digest(train), "outputs_file": str(args.outputs),
+        "n_train_windows": len(train), "source_field": source_field, "methods_compared": list(names[1:])}
+    if one:
+        return audit, []
+    audit["n_models"] = len(models)
+    audit["models"] = [{"digest": d, "seed": None if model_dirs else seeds[j],
+                        "source": model_dirs[j] if model_dirs else "character TinyGPT"} for j, d in enumerate(digests)]
+    audit["noise_rule"] = NOISE_RULE
+    which = ", ".join(model_dirs) if model_dirs else f"character TinyGPTs trained with seeds {seeds[0]}–{seeds[-1]}"
+    return audit, [f"Scores averaged over {len(models)} models ({which}). Noise for the minimum-evidence rule: "
+                   f"{NOISE_RULE}."]
+
+
+def _train_char_models(train: ArrayDataset, tok: _Tokenizer, args: argparse.Namespace, seeds: Sequence[int]
+                       ) -> tuple[list[nn.Module], list[float]]:
+    """One character model per seed, and the wall seconds each took to train."""
+    many = f"{len(seeds)} character models" if len(seeds) > 1 else "a character model"
+    print(f"training {many} on {len(train)} windows of {args.seq_len} characters ({args.epochs} epochs"
+          + (f", seeds {seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ")"))
+    models, seconds = [], []
+    for s in seeds:
+        start = time.perf_counter()
+        models.append(train_char_model(train, tok.vocab_size, args.seq_len, args.epochs, s))
+        seconds.append(time.perf_counter() - start)
+    return models, seconds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,19 +339,15 @@ def run(args: argparse.Namespace) -> int:
     fields = args.source_field or ["source"]
     records = read_jsonl(args.train, [args.text_field, *fields])
     outputs = read_jsonl(args.outputs, ["prompt", "completion"])
-    amounts = []
-    for n, out in enumerate(outputs):
-        amount = out.get("amount", args.amount)
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not math.isfinite(amount) or amount < 0:
-            raise DataError(f"{args.outputs}: output {n}: amount must be a number >= 0, got {amount!r}")
-        amounts.append(float(amount))
+    amounts = _amounts(outputs, args.amount, args.outputs)
     out_dir = Path(args.out)
-    if args.model is not None:
-        model, tok = _transformers(args.model)
+    model_dirs = list(args.model or [])
+    if model_dirs:
+        texts = [r[args.text_field] for r in records] + [o[k] for o in outputs for k in ("prompt", "completion")]
+        models, tok, max_len = _load_models(model_dirs, texts)
         task = CompletionTask(position_ids=True)
-        max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     else:
-        model, task, max_len = None, CompletionTask(), args.seq_len
+        models, task, max_len = [], CompletionTask(), args.seq_len
         tok = _char_tokenizer([r[args.text_field] for r in records], outputs)
     prompts = [tok.encode(o["prompt"]) for o in outputs]
     completions = [tok.encode(o["completion"]) for o in outputs]
@@ -195,35 +356,32 @@ def run(args: argparse.Namespace) -> int:
     tokens, mask, owner = windows(records, args.text_field, tok, args.seq_len)
     train = ArrayDataset(tokens, mask)
     sources = Sources(np.arange(len(tokens)), {f: [records[r][f] for r in owner] for f in fields})
-    if model is None:
-        print(f"training a character model on {len(tokens)} windows of {args.seq_len} characters "
-              f"({args.epochs} epochs)")
-        model = train_char_model(train, tok.vocab_size, args.seq_len, args.epochs, args.seed)
+    seeds, training_seconds = list(range(args.seed, args.seed + args.seeds)), None
+    if not model_dirs:
+        models, training_seconds = _train_char_models(train, tok, args, seeds)
     names = list(dict.fromkeys(args.method or ["influence-ekfac"]))  # the first one pays; the others check stability
-    by_method = {}
+    by_method, member_credit = {}, {}
     for name in names:
-        method = _method(name, model, task).fit(train)
-        by_method[name] = attribute_completions(method, prompts, completions, sources, level=fields[0],
-                                                seed=args.seed, **limits)
+        by_method[name], member_credit[name] = _attribute(name, models, task, train, prompts, completions, sources,
+                                                          fields[0], args.seed, limits, training_seconds)
     credit = by_method[names[0]]
-    ledger = compensation(credit.outputs, np.asarray(amounts), noise=credit.noise,
-                          rule=PayoutRule(min_evidence=args.min_evidence),
-                          audit={"model": model_digest(model), "model_source": args.model or "character TinyGPT",
-                                 "train_file": str(args.train), "train_digest": data_digest(train),
-                                 "outputs_file": str(args.outputs), "n_train_windows": len(tokens),
-                                 "source_field": fields[0], "methods_compared": names[1:]})
+    audit, notes = _audit(args, models, model_dirs, seeds, train, fields[0], names)
+    ledger = compensation(credit.outputs, np.asarray(amounts), noise=combined_noise(credit.noise,
+                                                                                    member_credit[names[0]]),
+                          rule=PayoutRule(min_evidence=args.min_evidence), audit=audit)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, (name, c) in enumerate(by_method.items()):  # per-token Scores, with their sources
         dataclasses.replace(c.scores, sources=sources).save(out_dir / ("scores" if k == 0 else f"scores-{name}"))
     atomic_write_json(out_dir / "sources.json", sources.to_json())
     ledger.save(out_dir)
     labels = {n: f"{o['prompt']} | {o['completion']}"[:120] for n, o in enumerate(outputs)}
-    report = render_credit_report(out_dir / "credit.html", ledger, labels=labels,
+    report = render_credit_report(out_dir / "credit.html", ledger, labels=labels, notes=notes,
                                   by_method={name: c.outputs for name, c in by_method.items()})
     for n in range(len(outputs)):
         top = credit.outputs.ranking(n)[:3]
         print(f"output {n}: " + ", ".join(f"{s} {v:+.3g}" for s, v in top))
     print("paid: " + ", ".join(f"{s} {v:g}" for s, v in ledger.totals().items()))
+    if len(models) > 1:
+        print(f"credit averaged over {len(models)} models")
     print(f"ledger: {out_dir / 'ledger.json'}, report: {report}")
     return 0
-
