@@ -23,7 +23,7 @@ alike; the reported time is the median over the steps after the warm-up, and the
 After the timed steps, a few more steps of ``new1`` / ``new2`` are instrumented (wrapping functions of ``datacredit``
 in this process only) to report exclusive time per part.
 
-Usage: ``python benchmarks/inrun_overhead.py [--old /tmp/inrun-old] [--quick] [--only gpt|mlp] [--out FILE]``
+Usage: ``python benchmarks/inrun_overhead.py [--old /tmp/inrun-old] [--quick] [--only gpt|gpt32|mlp] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -336,7 +336,8 @@ def main() -> None:
     parser.add_argument("--old", type=Path, default=None, help="another checkout to compare (old1/old2 variants)")
     parser.add_argument("--quick", action="store_true", help="small models and few steps (smoke test)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["mlp", "gpt"], default=None)
+    parser.add_argument("--only", choices=["mlp", "gpt", "gpt32"], default=None,
+                        help="gpt32: only the GPT with the 32-token validation (SGD and Adam)")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -353,6 +354,8 @@ def main() -> None:
     configs = []
     if args.only in (None, "gpt"):
         configs += gpt_configs(args.quick)
+    if args.only == "gpt32":
+        configs += [c for c in gpt_configs(args.quick) if c.name.endswith("tokens")]
     if args.only in (None, "mlp"):
         configs += mlp_configs(args.quick)
     for config in configs:
