@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 # 1e-30 · 1e-10 = 1e-40 is subnormal in float32: zero exactly when this thread flushes
-_PROBE = torch.tensor([1e-30], dtype=torch.float32)
+_PROBE = torch.tensor([1e-30], dtype=torch.float32, device="cpu")  # the CPU thread's mode, whatever the default device
 
 
 def flushing() -> bool:

@@ -849,7 +849,7 @@ class _Validation:
 
     def flat(self, name: str, like: Outer | Dense) -> Tensor:
         """``g_val`` of ``name`` as ``(1, numel)`` in the dtype of the training piece ``like``."""
-        dtype = like.dtype  # a LayerNorm's lazy piece (capture/layernorm.py) is not formed for this
+        dtype = like.dtype
         key = (name, dtype)
         if key not in self._flat:
             self._flat[key] = self.grad(name).reshape(1, -1).to(dtype)
