@@ -168,3 +168,34 @@ def test_resumed_scoring_skips_the_query_gradients_of_finished_rounds(relu_probl
     values = make().score(test).values
     assert calls == {"products": 100 + 6 + 10, "query batches": 2}
     np.testing.assert_allclose(values, fresh.score(test).values, rtol=1e-9, atol=1e-12)
+
+
+def test_one_rounds_prepared_queries_are_alive_at_a_time(relu_problem, monkeypatch):
+    """score and topk release a round's query side before the next round's is built (else peak memory is two
+    rounds' prepared weights, twice the budget the rounds were sized for)."""
+    import weakref
+
+    class Side:  # the returned query side, weakly tracked
+        def __init__(self, f):
+            self.f = f
+
+        def __call__(self, g):
+            return self.f(g)
+
+    alive, overlaps = weakref.WeakSet(), []
+    side = Influence._query_side
+
+    def tracked(self, groups, n):
+        overlaps.append(len(alive))  # another round's query side still referenced while this one is built
+        out = Side(side(self, groups, n))
+        alive.add(out)
+        return out
+
+    model, task, train, test = relu_problem
+    monkeypatch.setattr(Influence, "_query_side", tracked)
+    inf = Influence(model, task, curvature="kfac", damping=DAMPING, batch_size=3, query_batch=3,
+                    progress=False).fit(train)
+    inf.score(test)
+    inf.topk(test, 3)
+    assert len(overlaps) == 8  # 12 queries in rounds of 3, for score and for topk
+    assert overlaps == [0] * 8

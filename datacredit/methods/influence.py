@@ -385,6 +385,7 @@ class Influence(GradientMethod):
                 array[batch.rows, cols] = values
                 if isinstance(out, ChunkedArray):
                     out.mark_done(r * n_train_batches + b)
+            del combine  # this round's prepared queries freed before the next round's are built (one round's memory)
         return self._scores(np.asarray(array), query_ids)
 
     def _rounds(self, queries: Data, per_round: int, n_rounds: int, skip: frozenset[int] = frozenset()
@@ -441,6 +442,7 @@ class Influence(GradientMethod):
             combine = self._query_side(groups, cols.stop - cols.start)
             for _, batch, g in self._grads(self._train, desc="top-k"):
                 acc.add(batch.rows, cols, combine(g).detach().double().cpu().numpy())
+            del combine  # as in score: one round's prepared queries alive at a time
         return acc.result(self.train_ids, query_ids, self._method)
 
     def _blocks(self, queries: Data) -> tuple[np.ndarray, Callable[[slice], np.ndarray], dict[str, Any] | None]:
