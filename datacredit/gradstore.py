@@ -73,7 +73,7 @@ from .errors import DataError, StoreError
 from .lock import BuildLock
 from .scores import Scores
 from .store import Store
-from .task import Task
+from .task import Task, to_device
 
 __all__ = ["DenseProjection", "ExactFeatures", "GradientStore", "SquareKronProjection", "TopK"]
 
@@ -253,15 +253,6 @@ def _source(data: Data, batch_size: int) -> _Source:
     return _Source(data, batch_size, None, 0)
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(x, device) for x in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
 
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
@@ -435,7 +426,7 @@ class GradientStore:
         row = 0
         with _eval(self.model), Capture(self.model, self.modules) as cap:
             for raw in loader:
-                batch = _to(raw, self.device)
+                batch = to_device(raw, self.device)
                 losses = fn(self.model, batch)
                 grads = example_grads(cap, losses, ids[row: row + len(losses)])
                 row += len(losses)

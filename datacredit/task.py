@@ -116,6 +116,17 @@ class LanguageModelingTask(Task):
         return self.modules
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested: tuple, list, dict) batch on ``device``; anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(x, device) for x in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def batch_size(batch: Any) -> int:
     """Number of examples in a batch: the first dimension of its first tensor."""
     first = batch

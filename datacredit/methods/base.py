@@ -44,7 +44,7 @@ from ..digests import model_digest as model_digest
 from ..errors import DataError
 from ..gradstore import MAX_BLOCK_ROWS, DenseProjection, ExactFeatures, GradientStore, SquareKronProjection
 from ..store import Store
-from ..task import Task, batch_size
+from ..task import Task, batch_size, to_device
 from ..trajectory import Trajectory
 
 Data = Dataset | DataLoader
@@ -97,16 +97,6 @@ def _rows_at_once(data: Dataset) -> bool:
     one (``Subset`` maps list indices through)."""
     base = data.dataset if type(data) is Subset else data
     return isinstance(base, ArrayDataset) and type(base).__getitem__ is ArrayDataset.__getitem__
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(x, device) for x in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def batches(data: Data, batch_size_default: int, device: torch.device, desc: str | None = None,

@@ -39,6 +39,7 @@ from torch.utils.data import default_collate
 
 from ..dataset import example_ids
 from ..errors import DataCreditError, DataError
+from ..task import to_device
 from .inrun_batched import PendingStep, Snapshots, _row
 
 if TYPE_CHECKING:
@@ -203,7 +204,8 @@ class Replay:
         if tensors is not None:
             index = torch.from_numpy(rows)
             return tuple(t[index.to(t.device)].to(device) for t in tensors)
-        return _to(_stack([default_collate([self.data[int(r)] for r in step_rows]) for step_rows in rows]), device)
+        stacked = _stack([default_collate([self.data[int(r)] for r in step_rows]) for step_rows in rows])
+        return to_device(stacked, device)
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``data`` holding ``ids`` (any shape); DataError naming an id ``data`` does not have."""
@@ -230,16 +232,6 @@ class Replay:
             for m, flag in now:
                 object.__setattr__(m, "training", flag)
 
-
-def _to(batch: Any, device: torch.device) -> Any:
-    """Every tensor of a (nested) batch on ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(x, device) for x in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _pad_ids(ids: np.ndarray, n: int) -> np.ndarray:
