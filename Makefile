@@ -62,6 +62,10 @@ bench: $(PEERS) fmnist
 	$(BIN)/python benchmarks/source_credit.py --case digits-classes --seeds 10 --halves 40 \
 		--out runs/source-credit-s10 --results benchmarks/results/source-credit-digits-classes.json
 	$(BIN)/python benchmarks/source_credit.py --case text-documents
+	$(BIN)/python benchmarks/source_credit.py --case text-styles --seeds 12 --seed-offset 100 --halves 24 \
+		--halves-seed 2 --model-seeds 5 --methods inrun-1,grad-dot,influence-ekfac,trak,tracin,source \
+		--out runs/source-credit-styles-prereg --results benchmarks/results/source-credit-text-styles-prereg.json
+	$(BIN)/python benchmarks/inrun_demo_overhead.py
 	$(BIN)/python benchmarks/gradstore_methods.py --out benchmarks/results/gradstore_methods.json
 	$(BIN)/python benchmarks/gradstore_scale.py --n-train 1000 10000 --queries 1000 --threads 1
 	$(BIN)/python -m pytest -q -m slow
