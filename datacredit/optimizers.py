@@ -185,8 +185,8 @@ def precondition(opt: torch.optim.Optimizer, vectors: dict[Tensor, Tensor],
     """``factor · s ⊙ vectors[p]`` for every parameter in ``vectors`` that the next step moves (has a gradient).
 
     Same values as ``factor * step_scale(opt)[p] * vectors[p]``, in fewer passes over each parameter for Adam/AdamW:
-    with ``κ = (1−β2)/β2``, ``√(v̂_t) = √(β2/bc2)·√(v + κ·g²)``, so ``s ⊙ d = c·d / (a·√(v + κ g²) + ε)`` is five
-    elementwise passes (addcmul, sqrt, mul+add, div, mul) where ``s`` then ``s ⊙ d`` take nine. Other optimizers:
+    with ``κ = (1−β2)/β2``, ``√(v̂_t) = √(β2/bc2)·√(v + κ·g²)``, so ``s ⊙ d = c·d / (a·√(v + κ g²) + ε)`` is four
+    elementwise passes (addcmul, sqrt, add with alpha, addcdiv) where ``s`` then ``s ⊙ d`` take nine. Other optimizers:
     ``s`` from :func:`step_scale` times ``d``."""
     rule = _rule(opt)
     adam = rule is _RULES[torch.optim.Adam] or rule is _RULES[torch.optim.AdamW]
@@ -221,8 +221,12 @@ def _adam_apply(opt: torch.optim.Optimizer, group: dict, p: Tensor, d: Tensor, f
     if v is None or b2 == 0:  # v̂ = g²/bc2 (first step), or β2 = 0
         denom = (grad * grad).mul_((1 - b2) / bc2).sqrt_().add_(eps)
     else:
-        denom = torch.addcmul(v, grad, grad, value=(1 - b2) / b2).sqrt_().mul_((b2 / bc2) ** 0.5).add_(eps)
-    return torch.div(d, denom).mul_(factor * lr * (1 - b1) / bc1)
+        denom = torch.addcmul(v, grad, grad, value=(1 - b2) / b2).sqrt_()
+        # ε + a·√(...) in one pass (0-dim ε broadcast; alpha scales the other operand), written over the temporary
+        torch.add(denom.new_full((), eps), denom, alpha=(b2 / bc2) ** 0.5, out=denom)
+    # c·d/denom in one pass (0 + value·d/denom: adding a 0-dim zero is exact), again over the temporary: with the
+    # two above, four passes and one allocation where div, mul_, mul_, add_ made six and two (issue 16, MLP Adam)
+    return torch.addcdiv(denom.new_zeros(()), d, denom, value=factor * lr * (1 - b1) / bc1, out=denom)
 
 
 def scalar_preconditioner(opt: torch.optim.Optimizer) -> bool:
