@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import torch
 
-# 1e-30 · 1e-10 = 1e-40 is subnormal in float32: zero exactly when this thread flushes
-_PROBE = torch.tensor([1e-30], dtype=torch.float32, device="cpu")  # the CPU thread's mode, whatever the default device
+# 1e-300 · 1e-10 = 1e-310 is subnormal in float64: zero exactly when this thread flushes. A Python float product is
+# an SSE multiply on this thread (AArch64: an FP multiply under FPCR), so it obeys the same FTZ/DAZ bits that
+# torch.set_flush_denormal sets for torch's CPU kernels on this thread. Module globals: the product is not folded
+# at compile time. (A float32 tensor product measured 3 µs alone and 35-45 µs inside a training step, issue 16.)
+_TINY = 1e-300
+_SCALE = 1e-10
 
 
 def flushing() -> bool:
-    """Whether this thread already flushes subnormal floats to zero (one float32 product, a few µs)."""
-    return float(_PROBE * 1e-10) == 0.0
+    """Whether this thread already flushes subnormal floats to zero (one Python float product, ~50 ns)."""
+    return _TINY * _SCALE == 0.0
 
 
 class Flushed:

@@ -434,9 +434,13 @@ class InRunShapley:
         # over every module, twice)
         streamed = self.order == 1 and not self.targeted and all(m.dots is not None for m in pending)
         try:
-            with (torch.enable_grad(), contextlib.nullcontext() if streamed else self._eval(),
-                  Flushed(not flushing())):
+            if streamed and self.steps > 0 and self._scalar():
+                # s times the dots reduced in the backward, in float64: no autograd, no product worth flushing
                 values = self._step_values(pending, clip)
+            else:
+                with (torch.enable_grad(), contextlib.nullcontext() if streamed else self._eval(),
+                      Flushed(not flushing())):
+                    values = self._step_values(pending, clip)
         finally:
             self._val_state = self._choice = None  # the next step draws (and computes at its θ) afresh
         bad = ~np.isfinite(values).all(axis=1)
@@ -924,9 +928,9 @@ def _streamed_values(dots: dict[str, Tensor], shares: dict) -> np.ndarray:
     if not names:
         n = len(next(iter(dots.values()))) if dots else 0
         return np.zeros((n, 1))
-    stacked = torch.stack([dots[k] for k in names]).to(torch.float64)  # (P, N)
-    s = torch.tensor([float(shares[k]) for k in names], dtype=torch.float64, device=stacked.device)
-    return (s @ stacked).cpu().numpy().reshape(-1, 1)
+    stacked = torch.stack([dots[k] for k in names]).to(torch.float64).cpu().numpy()  # (P, N)
+    s = np.fromiter((float(shares[k]) for k in names), dtype=np.float64, count=len(names))
+    return (s @ stacked).reshape(-1, 1)  # numpy: no tensor built for P numbers (issue 16, per-step overhead)
 
 
 def _ddp(model: nn.Module) -> bool:
