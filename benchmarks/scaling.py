@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scaling.py                    # the sweep below, resumes from results/scaling.json
     .venv/bin/python benchmarks/scaling.py --plot-only        # redraw results/scaling.png and the table
+    .venv/bin/python benchmarks/scaling.py --methods trak --rerun trak   # run one method's points again
 
 Data: Fashion-MNIST (Debian's files, ``load_fashion_mnist``); the training set of a point is the seeded subset of
 ``n_train`` images, the queries the seeded subset of ``n_query`` test images. Model: an MLP 784-``width``-10 trained by
@@ -229,6 +230,15 @@ def sweep(args: argparse.Namespace) -> dict:
     for width in PANELS["width"]:
         train_model(Path(args.root), width)
     methods = args.methods.split(",")
+    if args.rerun:  # drop the cached points named (a method: all its points; a tag: that point) so they run again
+        drop = set(args.rerun.split(","))
+        known = set(OURS + PEERS)
+        bad = [d for d in drop if d not in known and d not in results and "@" not in d]
+        if bad:
+            raise SystemExit(f"--rerun: {bad} are neither methods ({sorted(known)}) nor point tags (method@n…-q…-w…)")
+        for t in [t for t in results if t in drop or t.split("@")[0] in drop]:
+            del results[t]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     scratch = tempfile.mkdtemp(prefix="dc-scaling-")
     for p in points():
         for method in methods:
@@ -240,7 +250,8 @@ def sweep(args: argparse.Namespace) -> dict:
                 res = {"status": "capped", "why": f"not run: {below} was capped", "load_1min": os.getloadavg()[0]}
             else:
                 res = run_point(args, method, p, scratch)
-            results[t] = {**p, "method": method, **res}
+            results[t] = {**p, "method": method, **res, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "commit": commit.stdout.strip() or None}
             print(t, json.dumps(res), flush=True)
             doc["results"] = results
             doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -358,6 +369,8 @@ def main() -> None:
     parser.add_argument("--cap-cpu", type=float, default=100.0, help="CPU seconds per point before it is stopped")
     parser.add_argument("--cap-wall", type=float, default=450.0, help="wall seconds per point before it is stopped")
     parser.add_argument("--retry-errors", action="store_true", help="run again the points that failed")
+    parser.add_argument("--rerun", default="", metavar="METHOD[,METHOD|TAG]",
+                        help="forget these methods' cached points (or single points, by tag) and run them again")
     parser.add_argument("--out", default=str(RESULTS / "scaling.json"))
     parser.add_argument("--png", default=str(RESULTS / "scaling.png"))
     parser.add_argument("--plot-only", action="store_true")
