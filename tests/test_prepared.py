@@ -152,3 +152,19 @@ def test_piece_sums_over_checkpoints_equal_the_sum_of_materialized_products(rota
         assert (s.outer is not None) == (case in ("shared v", "shared index")), case
         expected = sum(p.materialize() for p in pieces) @ full.reshape(m * n, q)
         torch.testing.assert_close(s.scores(Prepared(w, r)), expected, msg=case)
+
+
+@pytest.mark.parametrize("n_examples", [1, 2, 7, 8])
+def test_piece_products_gemm_route_in_chunks_equals_the_explicit_gradients(n_examples, monkeypatch):
+    """The GEMM route materializes chunks of examples into one reused buffer and writes each chunk's rows of the
+    result in place: the same numbers as every example's gradient ``Σ_t u_t v_tᵀ`` formed explicitly, for chunk sizes
+    that divide the examples, do not, and exceed them."""
+    torch.manual_seed(0)
+    u, v = torch.randn(n_examples, 3, 4, dtype=torch.float64), torch.randn(n_examples, 3, 5, dtype=torch.float64)
+    weights = torch.randn(6, 20, dtype=torch.float64)
+    explicit = torch.einsum("ntm,ntk->nmk", u, v).reshape(n_examples, 20) @ weights.T
+    monkeypatch.setattr(base, "val_first_cost", lambda piece, n_query: 10**18)  # force the GEMM route
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 40)  # two examples of 20 entries per chunk
+    got = base.piece_products(Outer(u, v, 4, 5), weights)
+    assert got.shape == (n_examples, 6)
+    torch.testing.assert_close(got, explicit, rtol=1e-12, atol=1e-12)

@@ -67,9 +67,13 @@ class Outer:
         out = torch.zeros(*self.u.shape, self.m, dtype=self.v.dtype, device=self.v.device)
         return out.scatter_(-1, self.u.unsqueeze(-1), 1.0)
 
-    def materialize(self) -> Tensor:
-        """Per-example gradients ``(N, m·n)`` (row-major view of the parameter)."""
+    def materialize(self, out: Tensor | None = None) -> Tensor:
+        """Per-example gradients ``(N, m·n)`` (row-major view of the parameter); written into ``out`` (a contiguous
+        ``(N, m·n)`` tensor of the pieces' dtype) when given and the piece is not indexed."""
         n_ex, t = self.u.shape[:2]
+        if out is not None and not self.indexed:
+            torch.bmm(self.u.transpose(1, 2), self.v, out=out.view(n_ex, self.m, self.n))
+            return out
         if self.indexed:
             # Σ_t e_{idx_t} v_tᵀ: add each v_t into row idx_t.
             out = torch.zeros(n_ex, self.m, self.n, dtype=self.v.dtype, device=self.v.device)

@@ -329,7 +329,20 @@ def piece_products(piece: Piece, weights: Tensor) -> Tensor:
         return val_first_dot(piece, weights.reshape(n_query, piece.m, piece.n))
     step = max(1, CHUNK_ELEMENTS // max(piece.m * piece.n, 1))
     wt = weights.T
-    return torch.cat([piece.select(slice(s, s + step)).materialize() @ wt for s in range(0, piece.n_examples, step)])
+    if piece.n_examples <= step:
+        return piece.materialize() @ wt
+    if piece.indexed:
+        chunks = range(0, piece.n_examples, step)
+        return torch.cat([piece.select(slice(s, s + step)).materialize() @ wt for s in chunks])
+    # one buffer for every chunk: a fresh multi-MB tensor per chunk can land in freshly mapped pages each time (the
+    # allocator returns large blocks to the system), which measured 5x the page faults and 2-3x the time of a score
+    # call in some processes (benchmarks/SCALING.md)
+    buf = torch.empty(step, piece.m * piece.n, dtype=piece.v.dtype, device=piece.v.device)
+    out = torch.empty(piece.n_examples, n_query, dtype=piece.v.dtype, device=piece.v.device)
+    for s in range(0, piece.n_examples, step):
+        chunk = piece.select(slice(s, s + step))
+        torch.matmul(chunk.materialize(buf[: chunk.n_examples]), wt, out=out[s: s + chunk.n_examples])
+    return out
 
 
 def products(grads: ExampleGrads, weights: dict[str, Tensor]) -> Tensor:
