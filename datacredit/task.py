@@ -7,6 +7,7 @@ means the training example lowers the query's loss. To credit an increase of som
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,15 +117,23 @@ class LanguageModelingTask(Task):
         return self.modules
 
 
+def map_tensors(fn: Callable[[Tensor], Any], batch: Any, refuse: str | None = None) -> Any:
+    """``fn`` applied to every tensor of a (nested: tuple, list, dict) batch, the structure kept. Anything else is
+    kept as it is, or, with ``refuse`` (what the caller cannot do), a ValueError naming its type."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, x, refuse) for x in batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(fn, v, refuse) for k, v in batch.items()}
+    if refuse is not None:
+        raise ValueError(f"{refuse} {type(batch).__name__}")
+    return batch
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Every tensor of a (nested: tuple, list, dict) batch on ``device``; anything else as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(x, device) for x in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
+    return map_tensors(lambda t: t.to(device), batch)
 
 
 def batch_size(batch: Any) -> int:

@@ -88,7 +88,7 @@ from ..dataset import example_ids
 from ..errors import DataCreditError, DataError, NonFiniteError
 from ..optimizers import affine_step, precondition, scalar_preconditioner, step_scale
 from ..scores import Scores
-from ..task import Task, batch_size
+from ..task import Task, batch_size, map_tensors
 from .base import batches, configure
 from .inrun_batched import DeferredSteps, PendingStep
 
@@ -912,13 +912,7 @@ def _scaled(piece: Piece, factor: float) -> Piece:
 
 def _take(batch: Any, index: Tensor) -> Any:
     """Rows ``index`` of every tensor in a batch (a tensor, or a tuple/list/dict of tensors with examples first)."""
-    if isinstance(batch, Tensor):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(x, index) for x in batch)
-    if isinstance(batch, dict):
-        return {k: _take(v, index) for k, v in batch.items()}
-    raise ValueError(f"validation_subsample cannot take rows of a {type(batch).__name__}")
+    return map_tensors(lambda t: t[index.to(t.device)], batch, "validation_subsample cannot take rows of a")
 
 
 def _streamed_values(dots: dict[str, Tensor], shares: dict) -> np.ndarray:

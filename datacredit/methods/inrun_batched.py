@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from ..capture.grads import ExampleGrads
 from ..capture.pieces import Dense, Outer
-from ..task import batch_size
+from ..task import batch_size, map_tensors
 
 
 @dataclass
@@ -256,11 +256,7 @@ def draw_samples(steps: int, n: int, k: int, generator: torch.Generator | None) 
 
 def _row(batch: Any, i: int) -> Any:
     """Row ``i`` of every tensor of a batch stacked over steps (a tensor, or a tuple/list/dict of tensors)."""
-    if isinstance(batch, Tensor):
-        return batch[i]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_row(x, i) for x in batch)
-    return {k: _row(v, i) for k, v in batch.items()}
+    return map_tensors(lambda t: t[i], batch, "cannot take a step's row of a")
 
 
 def _step_structure(st: PendingStep) -> tuple | None:

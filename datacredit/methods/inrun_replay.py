@@ -39,7 +39,7 @@ from torch.utils.data import default_collate
 
 from ..dataset import example_ids
 from ..errors import DataCreditError, DataError
-from ..task import to_device
+from ..task import map_tensors, to_device
 from .inrun_batched import PendingStep, Snapshots, _row
 
 if TYPE_CHECKING:
@@ -241,14 +241,8 @@ def _pad_ids(ids: np.ndarray, n: int) -> np.ndarray:
 
 def _pad(batch: Any, n: int) -> Any:
     """Every tensor of a batch padded to n examples with copies of its last row."""
-    if isinstance(batch, Tensor):
-        return batch if len(batch) == n else torch.cat([batch, batch[-1:].expand(n - len(batch), *batch.shape[1:])])
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_pad(x, n) for x in batch)
-    if isinstance(batch, dict):
-        return {k: _pad(v, n) for k, v in batch.items()}
-    raise ValueError(f"replay can stack batches of tensors (a tensor, tuple/list or dict of them), not "
-                     f"{type(batch).__name__}")
+    return map_tensors(lambda t: t if len(t) == n else torch.cat([t, t[-1:].expand(n - len(t), *t.shape[1:])]),
+                       batch, "replay can stack batches of tensors (a tensor, tuple/list or dict of them), not")
 
 
 def _stack(batches: list[Any]) -> Any:
